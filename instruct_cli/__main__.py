@@ -1,0 +1,3 @@
+from instruct_cli.cli import main
+
+main()

@@ -1,0 +1,309 @@
+"""The contract between steps: run folders, data folders, manifests, atomic writes and the metrics log.
+
+Every step writes one folder. Its `manifest.json` says what the folder is (`kind`), whether it is finished
+(`status`), what produced it (resolved config, parents with their hashes, base model, package versions) and
+how it went (final metrics, timings). A folder is valid input to another step only when its status is
+`complete`; that status is written last, atomically, so an interrupted step never looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from instruct_cli.errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+RECIPE = "recipe.yaml"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+STATUS_RUNNING = "running"
+STATUS_INTERRUPTED = "interrupted"
+STATUS_FAILED = "failed"
+STATUS_COMPLETE = "complete"
+
+
+# ----------------------------------------------------------------------------------------- atomic writes
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(path: Path, rows) -> int:
+    """Write rows as JSON lines, atomically; returns how many were written."""
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- hashes
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_folder(folder: Path, skip: tuple[str, ...] = (CHECKPOINTS, METRICS)) -> str:
+    """A content hash of a folder: every file's relative path and bytes, in sorted order.
+
+    Checkpoints and the metrics log are skipped: they describe how the folder was made, not what it holds.
+    The manifest is hashed without its volatile fields (timings), so the hash changes only with content.
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if relative.parts[0] in skip or relative.name.startswith("."):
+            continue
+        digest.update(str(relative).encode())
+        if relative == Path(MANIFEST):
+            manifest = json.loads(path.read_text())
+            for volatile in ("timings", "created", "finished", "command"):
+                manifest.pop(volatile, None)
+            digest.update(json.dumps(manifest, sort_keys=True, default=str).encode())
+        else:
+            digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+# -------------------------------------------------------------------------------------------- manifests
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of a run or data folder, or None when the folder has none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"The manifest is not valid JSON ({exc.msg} at line {exc.lineno})",
+            where=str(path),
+            fix="Rerun the step that made this folder with --force",
+        ) from None
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide a run's numbers, for the manifest."""
+    versions = {"python": platform.python_version()}
+    for name in ("instruct-cli", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def require_complete(folder: Path, kinds: tuple[str, ...] | str, flag: str = "input") -> dict:
+    """Return the manifest of `folder` if it is a complete folder of one of `kinds`; otherwise a UserError.
+
+    The error says how to finish the folder: resume the interrupted command, or run the step that makes it.
+    """
+    kinds = (kinds,) if isinstance(kinds, str) else kinds
+    folder = Path(folder)
+    wanted = " or ".join(kinds)
+    if not folder.exists():
+        raise UserError(f"The {wanted} folder given as {flag} does not exist", where=str(folder),
+                        fix=f"Check the path, or create it with `instruct {kinds[0]}`")
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise UserError(f"{folder} is not an instruct {wanted} folder (it has no {MANIFEST})", where=flag,
+                        fix=f"Pass a folder written by `instruct {kinds[0]}`")
+    if manifest.get("kind") not in kinds:
+        raise UserError(f"{folder} holds a {manifest.get('kind')!r} output, but {flag} needs a {wanted} folder",
+                        where=str(folder / MANIFEST), fix=f"Pass a folder written by `instruct {kinds[0]}`")
+    status = manifest.get("status")
+    if status != STATUS_COMPLETE:
+        command = manifest.get("command") or f"instruct {kinds[0]} ..."
+        resume = command if "--resume" in command else f"{command} --resume"
+        raise UserError(
+            f"{folder} is not complete (status: {status}); a step that did not finish cannot be used as input",
+            where=str(folder / MANIFEST),
+            fix=f"Finish it with `{resume}`, or start it again with --force",
+        )
+    return manifest
+
+
+def parent_record(folder: Path) -> dict:
+    """How a run names one of its inputs: the folder's path, kind and content hash."""
+    manifest = read_manifest(folder) or {}
+    return {"path": str(Path(folder).resolve()), "kind": manifest.get("kind"), "sha256": sha256_folder(folder)}
+
+
+# ------------------------------------------------------------------------------------------ run folders
+class RunFolder:
+    """One step's output folder: its manifest, recipe.yaml, metrics log and checkpoints.
+
+    Use `RunFolder.open(...)` at the start of a step; it refuses to overwrite a complete output without
+    `force`, and refuses to start over an interrupted one unless `resume` or `force` says what to do.
+    `with run.recording():` marks the folder interrupted or failed if the step stops early, and
+    `run.complete(metrics)` writes the final manifest last.
+    """
+
+    def __init__(self, path: Path, manifest: dict, writer: bool = True):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.writer = writer  # False on the non-main processes of a data-parallel run: they write nothing
+        self._started = time.time()
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where checkpoints for --resume live."""
+        return self.path / CHECKPOINTS
+
+    @property
+    def resuming(self) -> bool:
+        """True when this run continues an interrupted one."""
+        return bool(self.manifest.get("resumed"))
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        kind: str,
+        config: dict,
+        *,
+        force: bool = False,
+        resume: bool = False,
+        parents: dict | None = None,
+        extra: dict | None = None,
+        writer: bool = True,
+    ) -> "RunFolder":
+        """Start (or resume) writing a `kind` output at `path`, with the resolved `config`."""
+        path = Path(path)
+        existing = read_manifest(path) if path.exists() else None
+        if path.exists() and not path.is_dir():
+            raise UserError(f"The output path {path} is a file, not a folder", where="--out",
+                            fix="Choose another --out")
+        if existing is not None and not force:
+            if existing.get("status") == STATUS_COMPLETE:
+                raise UserError(f"{path} already holds a complete {existing.get('kind')} output", where="--out",
+                                fix="Pass --force to replace it, or choose another --out")
+            if not resume:
+                raise UserError(
+                    f"{path} holds an unfinished {existing.get('kind')} run (status: {existing.get('status')})",
+                    where="--out", fix="Pass --resume to continue it, or --force to start over")
+            if existing.get("kind") != kind:
+                raise UserError(f"{path} holds a {existing.get('kind')} run, not {kind}", where="--out",
+                                fix="Choose another --out")
+        elif path.exists() and any(path.iterdir()) and not force and existing is None:
+            raise UserError(f"{path} exists and is not empty, and is not an instruct folder", where="--out",
+                            fix="Choose an empty or new folder for --out, or pass --force to replace it")
+        if force and path.exists() and writer:
+            shutil.rmtree(path)
+        resumed = existing is not None and resume and not force
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": kind,
+            "status": STATUS_RUNNING,
+            "command": shlex.join(["instruct", *sys.argv[1:]]) if sys.argv else None,
+            "created": (existing or {}).get("created") if resumed else _now(),
+            "resumed": resumed,
+            "config": config,
+            "parents": parents or {},
+            "packages": package_versions(),
+            **(extra or {}),
+        }
+        run = cls(path, manifest, writer=writer)
+        if writer:
+            path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path / RECIPE, yaml.safe_dump({kind: config}, sort_keys=False))
+            run.write_manifest()
+        return run
+
+    def write_manifest(self) -> None:
+        """Write the manifest as it stands (atomically)."""
+        if self.writer:
+            atomic_write_json(self.path / MANIFEST, self.manifest)
+
+    def update(self, **fields) -> None:
+        """Add fields to the manifest and write it."""
+        self.manifest.update(fields)
+        self.write_manifest()
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Append one JSON line to metrics.jsonl (flushed at once, so a crash loses nothing logged)."""
+        if not self.writer:
+            return
+        row = {"step": step, "time": round(time.time() - self._started, 3), **metrics}
+        with open(self.path / METRICS, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator["RunFolder"]:
+        """Mark the run interrupted (Ctrl-C) or failed (any error) if the block does not finish."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.update(status=STATUS_INTERRUPTED, finished=_now())
+            raise
+        except BaseException as exc:
+            self.update(status=STATUS_FAILED, finished=_now(), error=f"{type(exc).__name__}: {exc}")
+            raise
+
+    def complete(self, metrics: dict | None = None, **fields) -> None:
+        """Record the final metrics and mark the folder complete: the last write of every step."""
+        timings = dict(self.manifest.get("timings") or {})
+        timings["seconds"] = round(time.time() - self._started + timings.get("seconds", 0.0), 2)
+        self.manifest.update(fields)
+        self.manifest.update(metrics=metrics or {}, timings=timings, finished=_now(), status=STATUS_COMPLETE)
+        self.manifest.pop("error", None)
+        self.write_manifest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

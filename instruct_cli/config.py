@@ -1,0 +1,349 @@
+"""Configuration: one dataclass per step, recipe loading, and strict validation.
+
+Each field carries its documentation as an attribute docstring (the string right below it), which is also
+the `--help` text of the matching flag. A recipe is a YAML file with a `model` section shared by every step
+and one section per step; `--recipe FILE` loads the step's section and explicit flags override it.
+Unknown keys, wrong types and bad values are errors that name the file, the key and the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from instruct_cli.errors import UserError
+
+RECIPE_VERSION = 1
+BUILTIN_MODEL = "smollm2-135m"
+QUANTIZATIONS = ("nf4", "int8", "none")
+# keys of a recipe's `model` section that are spelled differently in the step sections
+MODEL_SECTION_ALIASES = {"base": "model"}
+
+
+# ------------------------------------------------------------------------------------- shared field sets
+@dataclass
+class ModelOptions:
+    """Which model to load and how."""
+
+    model: str = BUILTIN_MODEL
+    """Model: `smollm2-135m` (built in), a hub id, a local transformers folder, a .gguf file, or a run folder."""
+    quantization: Literal["nf4", "int8", "none"] = "nf4"
+    """How the frozen base weights are stored: nf4 (4-bit, default), int8, or none (16/32-bit)."""
+    device: str = "auto"
+    """Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+
+
+@dataclass
+class LoraOptions:
+    """The LoRA adapter trained on top of the frozen base."""
+
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get an adapter: `all-linear` (default) or module names such as q_proj, v_proj."""
+
+
+@dataclass
+class OutputOptions:
+    """Where a step writes and what it does with an existing output."""
+
+    out: Optional[Path] = None
+    """Output folder."""
+    force: bool = False
+    """Replace an existing output folder."""
+
+
+# -------------------------------------------------------------------------------------- step configs
+@dataclass
+class PrepareDataConfig(OutputOptions):
+    """`instruct prepare-data`: raw files in common formats -> a data folder of canonical JSONL splits."""
+
+    inputs: list[Path] = field(default_factory=list)
+    """Input files or folders (JSON, JSONL, CSV, Parquet, text, or a `datasets.save_to_disk` folder)."""
+    format: Literal[
+        "auto", "alpaca", "sharegpt", "messages", "prompt-completion", "preference", "hh", "ranked", "text"
+    ] = "auto"
+    """Input format; `auto` detects it from the first rows of each file."""
+    task: Literal["auto", "sft", "prefs", "prompts"] = "auto"
+    """What the rows are for: sft demonstrations, prefs (preference pairs or rankings), prompts; auto infers it."""
+    eval_fraction: float = 0.1
+    """Fraction of rows held out for the eval split."""
+    seed: int = 0
+    """Seed of the train/eval shuffle."""
+    system: Optional[str] = None
+    """System prompt to add to every conversation that has none."""
+    max_tokens: Optional[int] = None
+    """Drop rows longer than this many tokens once the chat template is applied."""
+    model: str = BUILTIN_MODEL
+    """Model whose tokenizer and chat template measure token lengths."""
+    strict: bool = False
+    """Fail on the first malformed row instead of skipping and counting it."""
+
+
+@dataclass
+class GenerateConfig(ModelOptions):
+    """`instruct generate`: answer a prompt (streamed) or a file of prompts (batched) with any model or run."""
+
+    prompt: Optional[str] = None
+    """The prompt; `-` reads it from standard input."""
+    input: Optional[Path] = None
+    """A JSONL file of prompts (`{"prompt": ...}` as text or messages) to answer in batches."""
+    output: Optional[Path] = None
+    """Where the batch answers go (JSONL); standard output when not given."""
+    system: Optional[str] = None
+    """System prompt."""
+    max_new_tokens: int = 256
+    """Most tokens to generate per answer."""
+    temperature: float = 0.7
+    """Sampling temperature."""
+    top_p: float = 0.9
+    """Nucleus sampling: keep the smallest set of tokens whose probability adds up to top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    greedy: bool = False
+    """Always take the most likely token (ignores temperature, top_p, top_k)."""
+    seed: int = 0
+    """Random seed for sampling."""
+    batch_size: int = 8
+    """Prompts per batch with --input."""
+
+
+# ------------------------------------------------------------------------------------- field documentation
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass and its bases: {field name: doc}."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, following in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def doc(cls: type, name: str) -> str:
+    """The help text of one field (for typer options)."""
+    return field_docs(cls)[name]
+
+
+# ------------------------------------------------------------------------------------- building configs
+def build_config(cls: type, step: str, recipe: Path | None, flags: dict[str, Any]):
+    """The resolved config of a step: the recipe's section (if any), overridden by the flags that were given.
+
+    `flags` maps field names to values; None means "not given on the command line".
+    """
+    values: dict[str, Any] = {}
+    source = "command line"
+    if recipe is not None:
+        values.update(load_recipe_section(Path(recipe), step, cls))
+    given = {name: value for name, value in flags.items() if value is not None}
+    values.update(given)
+    return make_config(cls, values, source=str(recipe) if recipe and not given else source)
+
+
+def make_config(cls: type, values: dict[str, Any], source: str):
+    """Check `values` against the fields of `cls` (names, types, allowed values) and build the dataclass."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    checked = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise unknown_key_error(key, known, source)
+        checked[key] = coerce(value, hints[key], key, source)
+    config = cls(**checked)
+    validate(config, source)
+    return config
+
+
+def unknown_key_error(key: str, known: list[str], source: str) -> UserError:
+    """The error for a key that a section does not have, with the nearest valid key."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"Did you mean `{close[0]}`?" if close else f"Valid keys: {', '.join(known)}"
+    return UserError(f"Unknown key `{key}`", where=source, fix=hint)
+
+
+def coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Return `value` as the annotated type, or raise a UserError naming the key and the expected type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], key, source)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"Did you mean `{close[0]}`?" if close else ""
+            raise UserError(f"`{key}` must be one of {', '.join(map(str, args))}, not {value!r}", where=source,
+                            fix=hint or f"Use one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        (item_type,) = args
+        if isinstance(value, (str, Path)):
+            value = [part.strip() for part in str(value).split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise type_error(key, value, "a list", source)
+        return [coerce(item, item_type, key, source) for item in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise type_error(key, value, "true or false", source)
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise type_error(key, value, "a whole number", source)
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise type_error(key, value, "a number", source)
+    if annotation is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise type_error(key, value, "a string", source)
+    if annotation is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise type_error(key, value, "a path", source)
+    return value
+
+
+def type_error(key: str, value: Any, expected: str, source: str) -> UserError:
+    """The error for a value of the wrong type."""
+    return UserError(f"`{key}` must be {expected}, not {value!r}", where=source,
+                     fix=f"Set `{key}` to {expected}")
+
+
+def validate(config: Any, source: str) -> None:
+    """Range checks shared by every step (the dataclass types already passed)."""
+    positive = ("lora_r", "lora_alpha", "max_new_tokens", "batch_size", "max_tokens", "epochs", "max_steps",
+                "grad_accum", "max_length", "eval_every", "save_every", "logging_every")
+    for name in positive:
+        value = getattr(config, name, None)
+        if value is not None and value <= 0:
+            raise UserError(f"`{name}` must be greater than 0, not {value}", where=source,
+                            fix=f"Set `{name}` to a positive number")
+    fractions = ("eval_fraction", "lora_dropout", "top_p")
+    for name in fractions:
+        value = getattr(config, name, None)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise UserError(f"`{name}` must be between 0 and 1, not {value}", where=source,
+                            fix=f"Set `{name}` to a fraction such as 0.1")
+    for name in ("temperature", "lr", "learning_rate"):
+        value = getattr(config, name, None)
+        if value is not None and value <= 0:
+            raise UserError(f"`{name}` must be greater than 0, not {value}", where=source,
+                            fix=f"Set `{name}` to a positive number (use --greedy for deterministic output)"
+                            if name == "temperature" else f"Set `{name}` to a positive number")
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+def read_recipe(path: Path) -> dict:
+    """Read a recipe file and check its top level: a mapping with a supported `version`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"The recipe file does not exist", where=str(path), fix="Check the --recipe path")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark else str(path)
+        raise UserError(f"The recipe is not valid YAML ({getattr(exc, 'problem', exc)})", where=where,
+                        fix="Fix the YAML syntax") from None
+    if not isinstance(recipe, dict):
+        raise UserError("A recipe must be a YAML mapping of sections", where=str(path),
+                        fix="Start from one of the files in recipes/")
+    version = recipe.get("version", RECIPE_VERSION)
+    if version != RECIPE_VERSION:
+        raise UserError(f"Recipe version {version!r} is not supported (this instruct reads version "
+                        f"{RECIPE_VERSION})", where=f"{path}: version", fix="Upgrade instruct or the recipe")
+    return recipe
+
+
+def load_recipe_section(path: Path, step: str, cls: type) -> dict[str, Any]:
+    """The values a recipe gives one step: its `model` section (for fields the step has), then its own section.
+
+    Relative paths are taken relative to the recipe file, so a shared recipe works from any directory.
+    """
+    recipe = read_recipe(path)
+    known = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    model_section = recipe.get("model") or {}
+    if not isinstance(model_section, dict):
+        raise UserError("The `model` section must be a mapping", where=f"{path}: model")
+    for key, value in model_section.items():
+        name = MODEL_SECTION_ALIASES.get(key, key)
+        if name in known:
+            values[name] = value
+    section = recipe.get(step)
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise UserError(f"The `{step}` section must be a mapping of keys to values", where=f"{path}: {step}")
+    for key, value in section.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise unknown_key_error(key, sorted(known), f"{path}: {step}")
+        values[name] = value
+    base = path.resolve().parent
+    for name, value in values.items():
+        values[name] = _relative_to(base, value, hints[name], name)
+    return values
+
+
+def _relative_to(base: Path, value: Any, annotation: Any, name: str) -> Any:
+    """Resolve a recipe's relative paths against the recipe's folder."""
+    text = str(annotation)
+    if isinstance(value, str) and ("Path" in text or name in ("model", "sft", "reward", "data")):
+        if name in ("model", "sft", "reward") and not (value.startswith(".") or (base / value).exists()):
+            return value  # a hub id or the built-in model name
+        if not Path(value).is_absolute():
+            return str(base / value)
+    if isinstance(value, list) and "Path" in text:
+        return [str(base / v) if isinstance(v, str) and not Path(v).is_absolute() else v for v in value]
+    return value
+
+
+def to_recipe_dict(config: Any) -> dict[str, Any]:
+    """A config as plain YAML-able values (what a run writes to its recipe.yaml)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.name in ("force", "resume"):
+            continue  # how to treat an existing output is not part of what the step computes
+        value = getattr(config, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, list):
+            value = [str(v) if isinstance(v, Path) else v for v in value]
+        out[f.name] = value
+    return out

