@@ -28,6 +28,7 @@ console = Console(stderr=True, highlight=False)
 def quiet_libraries() -> None:
     """Silence the libraries' own progress bars and advice so that only our output reaches the user."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter draws its own tqdm bar
     import transformers
     from transformers.utils import logging as hf_logging
 

@@ -234,15 +234,34 @@ def load_base_model(source: ModelSource, quantization: str = "nf4", device: str 
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.load_path, **kwargs)
-    except OSError as exc:
-        raise _load_error(source, exc) from None
+    prequantized = _prequantized_cache(source, quantization, device)
+    if prequantized is not None and (prequantized / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(prequantized, device_map=kwargs["device_map"], dtype=dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.load_path, **kwargs)
+        except OSError as exc:
+            raise _load_error(source, exc) from None
+        if prequantized is not None:
+            with artifacts.atomic_folder(prequantized) as tmp:
+                model.save_pretrained(tmp)
     if bnb is None:
         model.to(device)
     disable_bnb_cpu_repack(model)
     model.eval()
     return model
+
+
+def _prequantized_cache(source: ModelSource, quantization: str, device: torch.device) -> Path | None:
+    """Where the 4-bit weights of a local base are kept after the first CPU load (None: no caching).
+
+    Quantising at load time costs seconds on a CPU (4 s of a 5 s start for the built-in model); loading the
+    saved 4-bit weights is six times faster and gives identical logits. On a GPU quantising is quick, so
+    nothing is cached there (a 7B model would cost 4 GB of disk for little gain).
+    """
+    if quantization != "nf4" or device.type != "cpu" or not Path(source.load_path).is_dir():
+        return None
+    return cache_dir() / "quantized" / f"{Path(source.load_path).name}-{source.fingerprint[:12]}-nf4-cpu"
 
 
 def disable_bnb_cpu_repack(model) -> int:

@@ -1,0 +1,143 @@
+"""`instruct generate`: answer one prompt (streamed to stdout) or a JSONL file of prompts (batched).
+
+Works with any model reference (models.resolve_model): the built-in model, a hub id, a local folder, a
+.gguf file, or an sft/ppo run folder, whose adapter is applied on its base.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from instruct_cli import artifacts, models
+from instruct_cli.config import GenerateConfig
+from instruct_cli.console import console, progress, summary_table
+from instruct_cli.errors import UserError
+
+
+def run(config: GenerateConfig) -> None:
+    """Generate for `config.prompt` (streamed) or for every prompt in `config.input` (batched to JSONL)."""
+    if (config.prompt is None) == (config.input is None):
+        raise UserError("Give either a prompt or --input FILE (one of the two)", where="instruct generate",
+                        fix='Run `instruct generate "your question"` or `instruct generate --input prompts.jsonl`')
+    if config.input is not None:
+        prompts = read_prompts(config.input, config.system)
+    else:
+        text = sys.stdin.read() if config.prompt == "-" else config.prompt
+        if not text.strip():
+            raise UserError("The prompt is empty", where="the prompt argument" if config.prompt != "-" else "stdin",
+                            fix="Pass a non-empty prompt")
+        prompts = [to_messages(text.strip(), config.system)]
+
+    model, tokenizer, _ = models.load_for_inference(config.model, config.quantization, config.device)
+    torch.manual_seed(config.seed)
+    if config.input is None:
+        stream_answer(model, tokenizer, prompts[0], config)
+        return
+    answers = generate_batch(model, tokenizer, prompts, config)
+    rows = [{"prompt": prompt, "response": answer, "model": config.model} for prompt, answer in zip(prompts, answers)]
+    if config.output is None:
+        for row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    else:
+        artifacts.write_jsonl(config.output, rows)
+        summary_table("generate", {"prompts": len(rows), "model": config.model, "output": str(config.output)})
+
+
+def to_messages(prompt, system: str | None = None) -> list[dict]:
+    """A prompt (text or a message list) as chat messages, with `system` first if it has no system message."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def read_prompts(path: Path, system: str | None = None) -> list[list[dict]]:
+    """Read a JSONL file of `{"prompt": text or messages}` rows (or plain text lines in a .txt file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("The prompts file does not exist", where=str(path), fix="Check the --input path")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            prompts.append(to_messages(line.strip(), system))
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"Line {number} is not valid JSON ({exc.msg})", where=f"{path}, line {number}",
+                            fix="Fix the line, or use `instruct prepare-data --task prompts` to clean the file") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt))):
+            raise UserError(f"Line {number} has no `prompt` (text or a list of messages)", where=f"{path}, line {number}",
+                            fix='Write each line as {"prompt": "..."}')
+        prompts.append(to_messages(prompt, system))
+    if not prompts:
+        raise UserError("The prompts file has no prompts", where=str(path), fix="Add one JSON line per prompt")
+    return prompts
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat prompt ending where the assistant's answer starts."""
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+    return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+
+
+def sampling_kwargs(config: GenerateConfig, tokenizer) -> dict:
+    """The keyword arguments of `model.generate` for the sampling flags."""
+    kwargs = dict(max_new_tokens=config.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    if config.greedy:
+        return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {**kwargs, "do_sample": True, "temperature": config.temperature, "top_p": config.top_p,
+            "top_k": config.top_k or None}
+
+
+def stream_answer(model, tokenizer, messages: list[dict], config: GenerateConfig) -> str:
+    """Generate one answer, printing tokens to stdout as they come; returns the whole answer."""
+    from transformers import TextStreamer
+
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([encode_prompt(tokenizer, messages)], device=device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.inference_mode():
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                                **sampling_kwargs(config, tokenizer))
+    sys.stdout.flush()
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def generate_batch(model, tokenizer, prompts: list[list[dict]], config: GenerateConfig) -> list[str]:
+    """Answer many prompts in left-padded batches (sorted by length to waste little on padding)."""
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(tokenizer, messages) for messages in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    with progress("generate", total=len(encoded)) as bar, torch.inference_mode():
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start:start + config.batch_size]
+            input_ids, attention_mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                    **sampling_kwargs(config, tokenizer))
+            for row, index in enumerate(batch):
+                answers[index] = tokenizer.decode(output[row, input_ids.shape[1]:], skip_special_tokens=True).strip()
+            bar.advance(len(batch))
+    return answers
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into (input_ids, attention_mask) tensors, as generation needs."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, width - len(sequence):] = torch.tensor(sequence)
+        attention_mask[row, width - len(sequence):] = 1
+    return input_ids.to(device), attention_mask.to(device)
