@@ -264,6 +264,14 @@ class RunFolder:
             run.write_manifest()
         return run
 
+    @classmethod
+    def follow(cls, path: Path) -> "RunFolder":
+        """The run folder as another process of a data-parallel run sees it: read-only, after the main opened it."""
+        manifest = read_manifest(path)
+        if manifest is None:  # pragma: no cover - the main process writes it before the others get here
+            raise UserError(f"{path} has no manifest", where="--out")
+        return cls(path, manifest, writer=False)
+
     def write_manifest(self) -> None:
         """Write the manifest as it stands (atomically)."""
         if self.writer:

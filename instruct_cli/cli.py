@@ -157,6 +157,180 @@ def generate(
     generate_step.run(config)
 
 
+# --------------------------------------------------------------------------------------------------- sft
+S = cfg.SFTConfig
+
+
+@app.command()
+@handles_user_errors
+def sft(
+    model: Annotated[Optional[str], _opt(S, "model", "--model", "-m")] = None,
+    data: Annotated[Optional[Path], _opt(S, "data", "--data", "-d")] = None,
+    out: Annotated[Optional[Path], _opt(S, "out", "--out", "-o")] = None,
+    quantization: Annotated[Optional[str], _opt(S, "quantization")] = None,
+    device: Annotated[Optional[str], _opt(S, "device")] = None,
+    lora_r: Annotated[Optional[int], _opt(S, "lora_r")] = None,
+    lora_alpha: Annotated[Optional[int], _opt(S, "lora_alpha")] = None,
+    lora_dropout: Annotated[Optional[float], _opt(S, "lora_dropout")] = None,
+    lora_targets: Annotated[Optional[str], _opt(S, "lora_targets")] = None,
+    epochs: Annotated[Optional[int], _opt(S, "epochs")] = None,
+    max_steps: Annotated[Optional[int], _opt(S, "max_steps")] = None,
+    batch_size: Annotated[Optional[int], _opt(S, "batch_size")] = None,
+    grad_accum: Annotated[Optional[int], _opt(S, "grad_accum")] = None,
+    lr: Annotated[Optional[float], _opt(S, "lr")] = None,
+    warmup_ratio: Annotated[Optional[float], _opt(S, "warmup_ratio")] = None,
+    weight_decay: Annotated[Optional[float], _opt(S, "weight_decay")] = None,
+    max_grad_norm: Annotated[Optional[float], _opt(S, "max_grad_norm")] = None,
+    max_length: Annotated[Optional[int], _opt(S, "max_length")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help=cfg.doc(S, "gradient_checkpointing"),
+        show_default=False)] = None,
+    eval_every: Annotated[Optional[int], _opt(S, "eval_every")] = None,
+    save_every: Annotated[Optional[int], _opt(S, "save_every")] = None,
+    keep: Annotated[Optional[str], _opt(S, "keep")] = None,
+    seed: Annotated[Optional[int], _opt(S, "seed")] = None,
+    resume: Annotated[Optional[bool], _opt(S, "resume")] = None,
+    force: ForceOption = None,
+    recipe: RecipeOption = None,
+) -> None:
+    """Supervised fine-tuning: train a LoRA adapter on demonstrations (loss on assistant tokens only).
+
+    [bold]Examples[/bold]
+
+      instruct sft --data data/sft --out runs/sft
+
+      instruct sft --model Qwen/Qwen2.5-0.5B-Instruct --data data/sft --out runs/sft --epochs 2 --lr 1e-4
+
+      instruct sft --recipe recipes/quickstart.yaml --out runs/sft --resume
+    """
+    from instruct_cli import sft as sft_step
+
+    config = cfg.build_config(S, "sft", recipe, dict(
+        model=model, data=data, out=out, quantization=quantization, device=device, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, max_length=max_length,
+        gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, save_every=save_every, keep=keep,
+        seed=seed, resume=resume, force=force))
+    sft_step.run(config)
+
+
+# ---------------------------------------------------------------------------------------------------- rm
+R = cfg.RMConfig
+RS = cfg.RMScoreConfig
+rm_app = typer.Typer(no_args_is_help=False, invoke_without_command=True, rich_markup_mode="rich",
+                     add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(rm_app, name="rm")
+
+
+@rm_app.callback()
+@handles_user_errors
+def rm(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], _opt(R, "model", "--model", "-m")] = None,
+    data: Annotated[Optional[Path], _opt(R, "data", "--data", "-d")] = None,
+    out: Annotated[Optional[Path], _opt(R, "out", "--out", "-o")] = None,
+    quantization: Annotated[Optional[str], _opt(R, "quantization")] = None,
+    device: Annotated[Optional[str], _opt(R, "device")] = None,
+    lora_r: Annotated[Optional[int], _opt(R, "lora_r")] = None,
+    lora_alpha: Annotated[Optional[int], _opt(R, "lora_alpha")] = None,
+    lora_dropout: Annotated[Optional[float], _opt(R, "lora_dropout")] = None,
+    lora_targets: Annotated[Optional[str], _opt(R, "lora_targets")] = None,
+    margin: Annotated[Optional[float], _opt(R, "margin")] = None,
+    epochs: Annotated[Optional[int], _opt(R, "epochs")] = None,
+    max_steps: Annotated[Optional[int], _opt(R, "max_steps")] = None,
+    batch_size: Annotated[Optional[int], _opt(R, "batch_size")] = None,
+    grad_accum: Annotated[Optional[int], _opt(R, "grad_accum")] = None,
+    lr: Annotated[Optional[float], _opt(R, "lr")] = None,
+    warmup_ratio: Annotated[Optional[float], _opt(R, "warmup_ratio")] = None,
+    weight_decay: Annotated[Optional[float], _opt(R, "weight_decay")] = None,
+    max_grad_norm: Annotated[Optional[float], _opt(R, "max_grad_norm")] = None,
+    max_length: Annotated[Optional[int], _opt(R, "max_length")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help=cfg.doc(R, "gradient_checkpointing"),
+        show_default=False)] = None,
+    eval_every: Annotated[Optional[int], _opt(R, "eval_every")] = None,
+    save_every: Annotated[Optional[int], _opt(R, "save_every")] = None,
+    keep: Annotated[Optional[str], _opt(R, "keep")] = None,
+    seed: Annotated[Optional[int], _opt(R, "seed")] = None,
+    resume: Annotated[Optional[bool], _opt(R, "resume")] = None,
+    force: ForceOption = None,
+    recipe: RecipeOption = None,
+) -> None:
+    """Train a reward model (LoRA + scalar head) on preference pairs or K-wise rankings.
+
+    [bold]Examples[/bold]
+
+      instruct rm --model runs/sft --data data/prefs --out runs/rm
+
+      instruct rm --data data/prefs --out runs/rm --margin 0.5 --epochs 2
+
+      instruct rm score --model runs/rm --input answers.jsonl --output scored.jsonl
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from instruct_cli import rm as rm_step
+
+    config = cfg.build_config(R, "rm", recipe, dict(
+        model=model, data=data, out=out, quantization=quantization, device=device, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, margin=margin, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, max_length=max_length,
+        gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, save_every=save_every, keep=keep,
+        seed=seed, resume=resume, force=force))
+    rm_step.run(config)
+
+
+@rm_app.command("score")
+@handles_user_errors
+def rm_score(
+    model: Annotated[Optional[str], _opt(RS, "model", "--model", "-m")] = None,
+    input: Annotated[Optional[Path], _opt(RS, "input", "--input", "-i")] = None,
+    output: Annotated[Optional[Path], _opt(RS, "output", "--output", "-o")] = None,
+    batch_size: Annotated[Optional[int], _opt(RS, "batch_size")] = None,
+    max_length: Annotated[Optional[int], _opt(RS, "max_length")] = None,
+    quantization: Annotated[Optional[str], _opt(RS, "quantization")] = None,
+    device: Annotated[Optional[str], _opt(RS, "device")] = None,
+) -> None:
+    """Score rows of prompt + response with a reward model run; adds a normalised `reward` to each row.
+
+    [bold]Examples[/bold]
+
+      instruct rm score --model runs/rm --input answers.jsonl --output scored.jsonl
+
+      instruct generate -m runs/sft -i prompts.jsonl | instruct rm score -m runs/rm -i -
+    """
+    from instruct_cli import rm as rm_step
+
+    config = cfg.build_config(RS, "rm-score", None, dict(
+        model=model, input=input, output=output, batch_size=batch_size, max_length=max_length,
+        quantization=quantization, device=device))
+    rm_step.score(config)
+
+
+# ------------------------------------------------------------------------------------------------ export
+@app.command()
+@handles_user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="An sft or ppo run folder.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the merged model.")] = None,
+    dtype: Annotated[str, typer.Option(help="Weight dtype of the merged model: bfloat16, float16, float32.")]
+    = "bfloat16",
+    force: ForceOption = None,
+) -> None:
+    """Merge a run's LoRA adapter into a 16-bit copy of its base: a plain transformers folder.
+
+    [bold]Examples[/bold]
+
+      instruct export runs/ppo --out models/my-assistant
+
+      instruct export runs/sft --out models/sft-fp32 --dtype float32
+    """
+    from instruct_cli import export as export_step
+
+    export_step.run(run_dir, out, dtype=dtype, force=bool(force))
+
+
 # ------------------------------------------------------------------------------------- not built yet
 def _not_built(name: str, summary: str) -> None:
     @app.command(name, help=f"{summary} [dim](not built yet)[/dim]",
@@ -166,8 +340,6 @@ def _not_built(name: str, summary: str) -> None:
         raise typer.Exit(2)
 
 
-_not_built("sft", "Supervised fine-tuning of a LoRA adapter on demonstrations.")
-_not_built("rm", "Train a reward model on preference pairs or rankings.")
 _not_built("ppo", "RLHF: optimise the SFT policy against the reward model with PPO.")
 _not_built("eval", "Compare models: reward, win-rate, KL and perplexity report with plots.")
 _not_built("run", "Run every step of a recipe, skipping the ones that are up to date.")

@@ -68,7 +68,71 @@ class OutputOptions:
     """Replace an existing output folder."""
 
 
+@dataclass
+class TrainOptions:
+    """The optimisation settings shared by sft and rm."""
+
+    data: Optional[Path] = None
+    """Data folder written by `instruct prepare-data`."""
+    epochs: int = 1
+    """Passes over the training split (ignored when max_steps is set)."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps."""
+    batch_size: int = 4
+    """Rows per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW), reached after warmup, then cosine decay to 0."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm."""
+    max_length: int = 1024
+    """Longest sequence in tokens; longer rows are truncated (filter them in prepare-data with --max-tokens)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: much less memory, about 30% slower."""
+    eval_every: int = 50
+    """Evaluate on the eval split every this many steps (and at the end)."""
+    save_every: int = 50
+    """Write a checkpoint for --resume every this many steps (and on Ctrl-C)."""
+    keep: Literal["best", "last"] = "best"
+    """Which adapter the run keeps: the one with the best eval metric, or the last."""
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+    resume: bool = False
+    """Continue an interrupted run in --out from its last checkpoint."""
+
+
 # -------------------------------------------------------------------------------------- step configs
+@dataclass
+class SFTConfig(TrainOptions, LoraOptions, ModelOptions, OutputOptions):
+    """`instruct sft`: supervised fine-tuning of a LoRA adapter on demonstrations (loss on assistant tokens)."""
+
+@dataclass
+class RMConfig(TrainOptions, LoraOptions, ModelOptions, OutputOptions):
+    """`instruct rm`: a reward model (LoRA + scalar head) trained on preference pairs or K-wise rankings."""
+
+    margin: float = 0.0
+    """Optional margin in the pairwise loss: -log sigmoid(r_chosen - r_rejected - margin)."""
+
+
+@dataclass
+class RMScoreConfig(ModelOptions):
+    """`instruct rm score`: add a normalised `reward` field to rows of prompt + response."""
+
+    input: Optional[Path] = None
+    """JSONL rows with `prompt` (text or messages) and `response` (text or assistant messages)."""
+    output: Optional[Path] = None
+    """Where the scored rows go (JSONL); standard output when not given."""
+    batch_size: int = 8
+    """Rows scored per forward pass."""
+    max_length: int = 1024
+    """Longest prompt + response in tokens; longer rows are cut from the left of the prompt."""
+
+
 @dataclass
 class PrepareDataConfig(OutputOptions):
     """`instruct prepare-data`: raw files in common formats -> a data folder of canonical JSONL splits."""

@@ -54,6 +54,10 @@ def build_tiny_model(folder: Path, hidden_size: int = 64, layers: int = 2, vocab
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
+    # Larger (tied) embeddings than the 0.02 default: after the final RMSNorm the hidden state has a fixed
+    # norm, so with tiny embeddings no logit could rise far above the others and nothing could be learned.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 0.25)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)

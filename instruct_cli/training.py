@@ -1,0 +1,373 @@
+"""The training loop shared by `sft` and `rm`: batching, accumulation, schedule, eval, checkpoints, resume.
+
+A step supplies what is specific to it — how to encode its rows, the loss of a batch, how to evaluate —
+and `fit` does the rest the same way for both. The loop is built on `accelerate.Accelerator`, so
+`accelerate launch --num_processes N` runs it data-parallel with no code of our own.
+
+Resume is exact: the data order of each epoch is a pure function of (seed, epoch), and a checkpoint holds
+the trainable weights, optimizer, scheduler, step and the RNG states taken at the start of that step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from instruct_cli import artifacts
+from instruct_cli.artifacts import RunFolder
+from instruct_cli.console import info, progress, warn
+from instruct_cli.errors import UserError
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, float]]]
+"""(model, batch) -> (mean loss of the batch, metrics such as {"tokens": n})."""
+
+
+@dataclass
+class Trainable:
+    """A model ready to train, with everything `fit` needs to step, save and resume it."""
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accelerator: Any
+
+
+# ----------------------------------------------------------------------------------------- preparation
+def make_accelerator(seed: int):
+    """An Accelerator with bf16 autocast on GPUs that support it (none on CPU), seeded on every process."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=precision)
+    set_seed(seed)
+    return accelerator
+
+
+def prepare_for_training(model, quantization: str, gradient_checkpointing: bool):
+    """Freeze the base, and enable gradient checkpointing (with input grads, so LoRA still gets gradients)."""
+    if quantization in ("nf4", "int8"):
+        from peft import prepare_model_for_kbit_training
+
+        # also upcasts the few non-quantised weights (norms, embeddings) to fp32 for stable training
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def make_trainable(model, accelerator, lr: float, weight_decay: float, warmup_ratio: float,
+                   total_steps: int) -> Trainable:
+    """AdamW over the trainable parameters with linear warmup and cosine decay; the model wrapped for DDP."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+    # Only the model goes through accelerate: our own step counting keeps the schedule exact across
+    # process counts (accelerate's scheduler wrapper would step once per process).
+    model = accelerator.prepare_model(model)
+    return Trainable(model, optimizer, scheduler, accelerator)
+
+
+def require_data_and_out(config) -> None:
+    """The two flags every training step needs."""
+    if config.data is None:
+        raise UserError("No data folder given", where="--data",
+                        fix="Pass --data DIR (a folder made by `instruct prepare-data`)")
+    if config.out is None:
+        raise UserError("No output folder given", where="--out", fix="Pass --out runs/NAME")
+
+
+def open_run(config, kind: str, accelerator, source, parents: dict | None = None) -> RunFolder:
+    """Open the step's run folder on the main process; the other processes follow once it exists."""
+    from instruct_cli.config import to_recipe_dict
+
+    if accelerator.is_main_process:
+        inputs = {"data": artifacts.parent_record(config.data), **(parents or {})}
+        if source.adapter is not None:
+            inputs["model"] = artifacts.parent_record(Path(config.model))
+        run = RunFolder.open(config.out, kind, to_recipe_dict(config), force=config.force, resume=config.resume,
+                             parents=inputs, extra={"base_model": source.record(),
+                                                    "quantization": config.quantization})
+    accelerator.wait_for_everyone()
+    return run if accelerator.is_main_process else RunFolder.follow(config.out)
+
+
+# --------------------------------------------------------------------------------------------- batching
+def my_batches(accelerator, lengths: Sequence[int], config, epoch: int) -> list[list[int]]:
+    """This process's share of epoch `epoch`'s batches.
+
+    Global batches of batch_size x processes rows are formed exactly as a single process would form them,
+    then split across processes, so N processes see the same rows per step as one process with an N times
+    larger batch (and the loss curves agree).
+    """
+    world = accelerator.num_processes
+    global_batches = length_grouped_batches(lengths, config.batch_size * world, config.seed, epoch)
+    return [batch[accelerator.process_index::world] for batch in global_batches if len(batch) >= world]
+
+
+def total_steps(config, accelerator, rows: int) -> int:
+    """Optimizer steps of the run: --max-steps, or --epochs over the training rows."""
+    if config.max_steps:
+        return config.max_steps
+    batches = math.ceil(rows / (config.batch_size * accelerator.num_processes))
+    return config.epochs * max(1, batches // config.grad_accum)
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of row indices in which rows have similar lengths (little compute lost to padding).
+
+    Rows are shuffled, cut into mega-batches of 32 batches, sorted by length inside each, cut into batches,
+    and the batches shuffled again: similar lengths together, yet a different mix every epoch.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * 32
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def right_pad(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
+    """Right-pad lists of ints into a (batch, longest) tensor."""
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- the loop
+@dataclass
+class FitResult:
+    """What `fit` reports back: the final metrics and the adapter that was kept."""
+
+    metrics: dict[str, float]
+    steps: int
+    kept: str
+
+
+def fit(
+    run: RunFolder,
+    trainable: Trainable,
+    *,
+    batches_for_epoch: Callable[[int], list[Batch]],
+    loss_fn: LossFn,
+    evaluate: Callable[[Any], dict[str, float]],
+    save_adapter: Callable[[Any, Path], None],
+    total_steps: int,
+    grad_accum: int,
+    max_grad_norm: float,
+    eval_every: int,
+    save_every: int,
+    keep: str,
+    eval_key: str,
+    description: str,
+) -> FitResult:
+    """Train for `total_steps` optimizer steps; evaluate every `eval_every`; checkpoint every `save_every`.
+
+    `batches_for_epoch(e)` returns this process's micro-batches of epoch e, always in the same order.
+    `eval_key` is the eval metric to minimise when `keep` is "best".
+    """
+    model, optimizer, scheduler, accelerator = (trainable.model, trainable.optimizer, trainable.scheduler,
+                                                trainable.accelerator)
+    checkpoint = Checkpointer(run, trainable)
+    step, best = checkpoint.restore() if run.resuming else (0, math.inf)
+    if run.resuming:
+        info(f"Resuming from step {step} of {total_steps}")
+    metrics: dict[str, float] = {}
+    tokens_seen, started = 0, time.time()
+    model.train()
+    cached_epoch, batches = 0, batches_for_epoch(0)
+    steps_per_epoch = max(1, len(batches) // grad_accum)
+    with progress(description, total=total_steps) as bar:
+        bar.set_completed(step)
+        try:
+            while step < total_steps:
+                epoch, position = divmod(step, steps_per_epoch)
+                if epoch != cached_epoch:
+                    cached_epoch, batches = epoch, batches_for_epoch(epoch)
+                group = batches[position * grad_accum:(position + 1) * grad_accum]
+                checkpoint.mark_step_start()
+                step_metrics = mean_over_processes(accelerator, accumulate(model, accelerator, loss_fn, group))
+                if not math.isfinite(step_metrics["loss"]):
+                    raise Diverged(step + 1, step_metrics["loss"], checkpoint.latest())
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += step_metrics.pop("tokens", 0)
+                rate = tokens_seen / max(time.time() - started, 1e-6)
+                metrics = {"loss/train": step_metrics.pop("loss"), "train/lr": scheduler.get_last_lr()[0],
+                           "train/grad_norm": float(grad_norm), "train/tokens_per_s": rate,
+                           **{f"train/{k}": v for k, v in step_metrics.items()}}
+                if step % eval_every == 0 or step == total_steps:
+                    metrics.update(evaluate(model))
+                    model.train()
+                    if keep == "best" and metrics[eval_key] < best:
+                        best = metrics[eval_key]
+                        if accelerator.is_main_process:
+                            save_adapter(accelerator.unwrap_model(model), checkpoint.best_dir)
+                run.log_metrics(step, metrics)
+                bar.advance(1, loss=metrics["loss/train"], lr=metrics["train/lr"], tok_s=round(rate),
+                            **({eval_key: metrics[eval_key]} if eval_key in metrics else {}))
+                if step % save_every == 0 and step < total_steps:
+                    checkpoint.save(step, best)
+        except KeyboardInterrupt:
+            checkpoint.save_interrupted(best)
+            raise
+    kept = "best" if keep == "best" and checkpoint.best_dir.exists() else "last"
+    if accelerator.is_main_process:
+        with artifacts.atomic_folder(run.path / "adapter") as tmp:
+            if kept == "best":
+                shutil.copytree(checkpoint.best_dir, tmp, dirs_exist_ok=True)
+            else:
+                save_adapter(accelerator.unwrap_model(model), tmp)
+    accelerator.wait_for_everyone()
+    return FitResult(metrics, step, kept)
+
+
+def accumulate(model, accelerator, loss_fn: LossFn, group: list[Batch]) -> dict[str, float]:
+    """Forward and backward over the micro-batches of one optimizer step; returns their averaged metrics."""
+    totals: dict[str, float] = {}
+    for index, batch in enumerate(group):
+        last = index == len(group) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                loss, metrics = loss_fn(model, batch)
+            accelerator.backward(loss / len(group))
+        totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(group)
+        for name, value in metrics.items():
+            share = 1 if name == "tokens" else len(group)  # tokens add up; other metrics average
+            totals[name] = totals.get(name, 0.0) + value / share
+    return totals
+
+
+def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Average each metric over the processes of a data-parallel run (tokens are summed)."""
+    if accelerator.num_processes == 1:
+        return metrics
+    names = sorted(metrics)
+    values = torch.tensor([metrics[name] for name in names], dtype=torch.float64, device=accelerator.device)
+    summed = accelerator.reduce(values, reduction="sum").tolist()
+    return {name: total if name == "tokens" else total / accelerator.num_processes
+            for name, total in zip(names, summed)}
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite: stop, and say where the last good checkpoint is."""
+
+    def __init__(self, step: int, loss: float, last_good: Path | None):
+        super().__init__(
+            f"Training diverged: the loss became {loss} at step {step}",
+            where=str(last_good) if last_good else "before the first checkpoint",
+            fix="Lower --lr (or raise --warmup-ratio) and rerun with --force; the last good checkpoint is kept",
+        )
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+class Checkpointer:
+    """Saves and restores everything --resume needs; keeps the two newest checkpoints."""
+
+    KEEP = 2
+
+    def __init__(self, run: RunFolder, trainable: Trainable):
+        self.run = run
+        self.trainable = trainable
+        self.folder = run.checkpoints
+        self.best_dir = self.folder / "best-adapter"
+        self._rng_at_step_start: dict | None = None
+
+    def mark_step_start(self) -> None:
+        """Remember the RNG states at the start of a step: a checkpoint of this step must replay it exactly."""
+        self._rng_at_step_start = rng_state()
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint file, if any."""
+        files = sorted(self.folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+        return files[-1] if files else None
+
+    def save(self, step: int, best: float) -> None:
+        """Write checkpoint `step` (after the step's update), atomically."""
+        self._write(step, best, rng_state())
+
+    def save_interrupted(self, best: float) -> None:
+        """On Ctrl-C: save the state after the last finished step, with the RNG as it was when it ended."""
+        step = self.trainable.scheduler.last_epoch  # one scheduler step per optimizer step
+        if step > 0 and self._rng_at_step_start is not None:
+            self._write(step, best, self._rng_at_step_start)
+            info(f"Saved a checkpoint at step {step}; continue with --resume")
+
+    def _write(self, step: int, best: float, rng: dict) -> None:
+        accelerator = self.trainable.accelerator
+        if not accelerator.is_main_process:
+            return
+        model = accelerator.unwrap_model(self.trainable.model)
+        state = {
+            "step": step,
+            "best": best,
+            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": self.trainable.optimizer.state_dict(),
+            "scheduler": self.trainable.scheduler.state_dict(),
+            "rng": rng,
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / f"step-{step}.pt"
+        tmp = target.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        tmp.replace(target)
+        files = sorted(self.folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+        for old in files[:-self.KEEP]:
+            old.unlink()
+
+    def restore(self) -> tuple[int, float]:
+        """Load the newest checkpoint into the trainable; returns (step, best eval value)."""
+        latest = self.latest()
+        if latest is None:
+            warn("No checkpoint to resume from; starting at step 0")
+            return 0, math.inf
+        state = torch.load(latest, map_location="cpu", weights_only=False)
+        model = self.trainable.accelerator.unwrap_model(self.trainable.model)
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                parameters[name].copy_(value)
+        self.trainable.optimizer.load_state_dict(state["optimizer"])
+        self.trainable.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        return state["step"], state["best"]
+
+
+def rng_state() -> dict:
+    """Every RNG a training step draws from."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

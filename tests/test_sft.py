@@ -1,0 +1,156 @@
+"""sft: the label mask, learning a memorisable set, exact resume, export, and the CLI's errors."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from instruct_cli import artifacts, config as cfg, models, sft
+from instruct_cli.cli import app
+
+runner = CliRunner()
+
+FACTS = [
+    ("What colour is the sky?", "blue"),
+    ("What colour is grass?", "green"),
+    ("What colour is an apple?", "red"),
+    ("How many legs has a dog?", "four"),
+    ("Say hello.", "hello world"),
+    ("What is one plus one?", "two"),
+]
+
+
+def conversation(question, answer):
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def make_data(tmp_path, model_dir, rows, name="data"):
+    """A data folder through the real prepare-data command; eval holds the training rows (memorisation)."""
+    raw = tmp_path / f"{name}.jsonl"
+    raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / name
+    result = runner.invoke(app, ["prepare-data", "-i", str(raw), "-o", str(out), "--task", "sft",
+                                 "--eval-fraction", "0", "--model", str(model_dir)])
+    assert result.exit_code == 0, result.output
+    (out / "sft.eval.jsonl").write_text((out / "sft.train.jsonl").read_text())
+    return out
+
+
+def test_label_mask_token_by_token(tiny_model_dir):
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hello world"},
+        {"role": "user", "content": "one two"},
+        {"role": "assistant", "content": "three"},
+    ]
+    input_ids, labels = sft.encode_conversation(tokenizer, messages, max_length=512)
+    kept = [tokenizer.decode([t]) for t, label in zip(input_ids, labels) if label != sft.IGNORE]
+    assert "".join(kept) == "hello world<|im_end|>three<|im_end|>"
+    for token, label in zip(input_ids, labels):
+        assert label in (sft.IGNORE, token)
+    # exactly the assistant contents and their EOS are kept: nothing of the system or user turns
+    masked_text = tokenizer.decode([t for t, label in zip(input_ids, labels) if label == sft.IGNORE])
+    assert "Be brief." in masked_text and "one two" in masked_text and "assistant" in masked_text
+    assert labels.count(tokenizer.eos_token_id) == 2  # both EOS kept (pad is a different token)
+
+
+def sft_config(tmp_path, tiny_model_dir, data, out="sft", **overrides):
+    values = dict(model=str(tiny_model_dir), data=data, out=tmp_path / out, quantization="none", lora_r=16,
+                  lora_alpha=32, lora_dropout=0.0, lr=1e-2, batch_size=3, max_steps=300, eval_every=50,
+                  save_every=100, warmup_ratio=0.0, gradient_checkpointing=False, seed=0)
+    values.update(overrides)
+    return cfg.build_config(cfg.SFTConfig, "sft", None, values)
+
+
+def eval_losses(run_dir):
+    return [row["eval/loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "eval/loss" in row]
+
+
+def test_sft_memorises_and_generate_reproduces(tmp_path, tiny_model_dir):
+    data = make_data(tmp_path, tiny_model_dir, [conversation(q, a) for q, a in FACTS])
+    out = sft.run(sft_config(tmp_path, tiny_model_dir, data))
+    manifest = artifacts.require_complete(out, "sft")
+    assert manifest["parents"]["data"]["sha256"] == artifacts.sha256_folder(data)
+    losses = eval_losses(out)
+    assert losses[-1] < 0.1 * losses[0] or losses[-1] < 0.05, losses
+    result = runner.invoke(app, ["generate", "--model", str(out), "--quantization", "none", "--greedy",
+                                 "--max-new-tokens", "8", "What colour is grass?"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "green"
+
+
+def test_sft_on_4bit_base_learns(tmp_path, tiny_model_dir):
+    data = make_data(tmp_path, tiny_model_dir, [conversation(q, a) for q, a in FACTS])
+    out = sft.run(sft_config(tmp_path, tiny_model_dir, data, quantization="nf4", max_steps=60, eval_every=20,
+                             gradient_checkpointing=True))
+    losses = eval_losses(out)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
+    data = make_data(tmp_path, tiny_model_dir, [conversation(q, a) for q, a in FACTS])
+    settings = dict(max_steps=8, save_every=3, eval_every=4, lora_dropout=0.1, keep="last")
+    straight = sft.run(sft_config(tmp_path, tiny_model_dir, data, out="straight", **settings))
+
+    calls = {"n": 0}
+    real_loss = sft.sft_loss
+
+    def interrupting_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:  # during step 6: checkpoints exist for step 3, and Ctrl-C saves step 5
+            raise KeyboardInterrupt
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(sft, "sft_loss", interrupting_loss)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(sft_config(tmp_path, tiny_model_dir, data, out="resumed", **settings))
+    assert artifacts.read_manifest(tmp_path / "resumed")["status"] == "interrupted"
+    monkeypatch.setattr(sft, "sft_loss", real_loss)
+    resumed = sft.run(sft_config(tmp_path, tiny_model_dir, data, out="resumed", resume=True, **settings))
+
+    from safetensors.torch import load_file
+
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_export_loads_without_peft_and_matches(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = make_data(tmp_path, tiny_model_dir, [conversation(q, a) for q, a in FACTS])
+    run = sft.run(sft_config(tmp_path, tiny_model_dir, data, max_steps=5))
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "merged"), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not hasattr(merged, "peft_config")
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
+    ids = torch.tensor([[1, 20, 30, 40, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "merged" / "chat_template.jinja").exists() or "chat_template" in (
+        tmp_path / "merged" / "tokenizer_config.json").read_text()
+
+
+def test_cli_errors(tmp_path, tiny_model_dir):
+    data = make_data(tmp_path, tiny_model_dir, [conversation(q, a) for q, a in FACTS])
+    base = ["sft", "--model", str(tiny_model_dir), "--quantization", "none", "--max-steps", "1"]
+    cases = [
+        (base + ["--out", str(tmp_path / "x")], "--data"),
+        (base + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x")], "does not exist"),
+        (base + ["--data", str(data), "--out", str(tmp_path / "x"), "--lr", "0"], "lr"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output, result.output
+    ok = runner.invoke(app, base + ["--data", str(data), "--out", str(tmp_path / "done")])
+    assert ok.exit_code == 0, ok.output
+    again = runner.invoke(app, base + ["--data", str(data), "--out", str(tmp_path / "done")])
+    assert again.exit_code == 2 and "--force" in again.output
