@@ -308,6 +308,74 @@ def rm_score(
     rm_step.score(config)
 
 
+# --------------------------------------------------------------------------------------------------- ppo
+PP = cfg.PPOConfig
+
+
+@app.command()
+@handles_user_errors
+def ppo(
+    sft: Annotated[Optional[Path], _opt(PP, "sft")] = None,
+    reward: Annotated[Optional[Path], _opt(PP, "reward")] = None,
+    data: Annotated[Optional[Path], _opt(PP, "data", "--data", "-d")] = None,
+    out: Annotated[Optional[Path], _opt(PP, "out", "--out", "-o")] = None,
+    quantization: Annotated[Optional[str], _opt(PP, "quantization")] = None,
+    device: Annotated[Optional[str], _opt(PP, "device")] = None,
+    iterations: Annotated[Optional[int], _opt(PP, "iterations")] = None,
+    rollout_batch_size: Annotated[Optional[int], _opt(PP, "rollout_batch_size")] = None,
+    minibatch_size: Annotated[Optional[int], _opt(PP, "minibatch_size")] = None,
+    ppo_epochs: Annotated[Optional[int], _opt(PP, "ppo_epochs")] = None,
+    lr: Annotated[Optional[float], _opt(PP, "lr")] = None,
+    max_new_tokens: Annotated[Optional[int], _opt(PP, "max_new_tokens")] = None,
+    max_prompt_length: Annotated[Optional[int], _opt(PP, "max_prompt_length")] = None,
+    temperature: Annotated[Optional[float], _opt(PP, "temperature")] = None,
+    kl_coef: Annotated[Optional[float], _opt(PP, "kl_coef")] = None,
+    target_kl: Annotated[Optional[float], _opt(PP, "target_kl")] = None,
+    kl_horizon: Annotated[Optional[int], _opt(PP, "kl_horizon")] = None,
+    gamma: Annotated[Optional[float], _opt(PP, "gamma")] = None,
+    lam: Annotated[Optional[float], _opt(PP, "lam")] = None,
+    clip_range: Annotated[Optional[float], _opt(PP, "clip_range")] = None,
+    value_clip_range: Annotated[Optional[float], _opt(PP, "value_clip_range")] = None,
+    vf_coef: Annotated[Optional[float], _opt(PP, "vf_coef")] = None,
+    missing_eos_penalty: Annotated[Optional[float], _opt(PP, "missing_eos_penalty")] = None,
+    ptx_coef: Annotated[Optional[float], _opt(PP, "ptx_coef")] = None,
+    ptx_data: Annotated[Optional[Path], _opt(PP, "ptx_data")] = None,
+    max_grad_norm: Annotated[Optional[float], _opt(PP, "max_grad_norm")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help=cfg.doc(PP, "gradient_checkpointing"),
+        show_default=False)] = None,
+    eval_every: Annotated[Optional[int], _opt(PP, "eval_every")] = None,
+    eval_prompts: Annotated[Optional[int], _opt(PP, "eval_prompts")] = None,
+    save_every: Annotated[Optional[int], _opt(PP, "save_every")] = None,
+    seed: Annotated[Optional[int], _opt(PP, "seed")] = None,
+    resume: Annotated[Optional[bool], _opt(PP, "resume")] = None,
+    force: ForceOption = None,
+    recipe: RecipeOption = None,
+) -> None:
+    """RLHF with PPO: optimise the SFT policy against the reward model, on one shared base model.
+
+    [bold]Examples[/bold]
+
+      instruct ppo --sft runs/sft --reward runs/rm --data data/prompts --out runs/ppo
+
+      instruct ppo --sft runs/sft --reward runs/rm --data data/prompts --out runs/ppo --target-kl 6 --iterations 200
+
+      instruct ppo --recipe recipes/quickstart.yaml --resume
+    """
+    from instruct_cli import ppo as ppo_step
+
+    config = cfg.build_config(PP, "ppo", recipe, dict(
+        sft=sft, reward=reward, data=data, out=out, quantization=quantization, device=device, iterations=iterations,
+        rollout_batch_size=rollout_batch_size, minibatch_size=minibatch_size, ppo_epochs=ppo_epochs, lr=lr,
+        max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length, temperature=temperature,
+        kl_coef=kl_coef, target_kl=target_kl, kl_horizon=kl_horizon, gamma=gamma, lam=lam, clip_range=clip_range,
+        value_clip_range=value_clip_range, vf_coef=vf_coef, missing_eos_penalty=missing_eos_penalty,
+        ptx_coef=ptx_coef, ptx_data=ptx_data, max_grad_norm=max_grad_norm,
+        gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, eval_prompts=eval_prompts,
+        save_every=save_every, seed=seed, resume=resume, force=force))
+    ppo_step.run(config)
+
+
 # ------------------------------------------------------------------------------------------------ export
 @app.command()
 @handles_user_errors
@@ -340,7 +408,6 @@ def _not_built(name: str, summary: str) -> None:
         raise typer.Exit(2)
 
 
-_not_built("ppo", "RLHF: optimise the SFT policy against the reward model with PPO.")
 _not_built("eval", "Compare models: reward, win-rate, KL and perplexity report with plots.")
 _not_built("run", "Run every step of a recipe, skipping the ones that are up to date.")
 

@@ -120,6 +120,78 @@ class RMConfig(TrainOptions, LoraOptions, ModelOptions, OutputOptions):
 
 
 @dataclass
+class PPOConfig(OutputOptions):
+    """`instruct ppo`: optimise the SFT policy against the reward model with PPO, on one shared base model.
+
+    Defaults follow InstructGPT (Ouyang et al. 2022) and "The N Implementation Details of RLHF with PPO"
+    (Huang et al. 2024) unless noted; the learning rate is higher than theirs because only LoRA weights train.
+    """
+
+    sft: Optional[Path] = None
+    """SFT run folder: the policy and the KL reference start from its adapter."""
+    reward: Optional[Path] = None
+    """Reward-model run folder: the reward (frozen) and the value function (trained) start from it."""
+    data: Optional[Path] = None
+    """Data folder with prompts (prompts.train/eval; an sft folder works too: its conversations minus the answer)."""
+    quantization: Literal["nf4", "int8", "none"] = "nf4"
+    """How the shared frozen base is stored: nf4 (4-bit, default), int8, or none."""
+    device: str = "auto"
+    """Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    iterations: int = 100
+    """PPO iterations: each samples a rollout batch, scores it, and updates policy and value."""
+    rollout_batch_size: int = 16
+    """Prompts sampled per iteration."""
+    minibatch_size: int = 4
+    """Rollouts per gradient step in the update."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch in the update (InstructGPT: 4)."""
+    lr: float = 5e-5
+    """Learning rate of the policy and value adapters (AdamW), decayed linearly to 0."""
+    max_new_tokens: int = 64
+    """Longest response sampled in a rollout."""
+    max_prompt_length: int = 512
+    """Prompts longer than this many tokens are cut from the left."""
+    temperature: float = 0.7
+    """Sampling temperature of rollouts; the log-probs of the update use the same one."""
+    kl_coef: float = 0.05
+    """Initial KL coefficient beta (reward = score - beta * KL per token)."""
+    target_kl: Optional[float] = None
+    """Adaptive beta: target KL per response (e.g. 6.0); None keeps beta fixed."""
+    kl_horizon: int = 10000
+    """Adaptive beta: the horizon of the proportional controller (Ziegler et al. 2019)."""
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """PPO clipping of the policy ratio."""
+    value_clip_range: float = 0.2
+    """Clipping of the value function around its rollout-time values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the score of a response that hits max_new_tokens without an EOS."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: weight of a log-likelihood term on SFT demonstrations (0 = off)."""
+    ptx_data: Optional[Path] = None
+    """Data folder with the sft split used by PPO-ptx (defaults to the SFT run's data)."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (less memory, slower)."""
+    eval_every: int = 10
+    """Evaluate on held-out prompts every this many iterations (and at the end)."""
+    eval_prompts: int = 16
+    """Held-out prompts used per evaluation."""
+    save_every: int = 10
+    """Write a checkpoint for --resume every this many iterations (and on Ctrl-C)."""
+    seed: int = 0
+    """Seed for sampling, data order and initialisation."""
+    resume: bool = False
+    """Continue an interrupted run in --out from its last checkpoint."""
+
+
+@dataclass
 class RMScoreConfig(ModelOptions):
     """`instruct rm score`: add a normalised `reward` field to rows of prompt + response."""
 
@@ -310,13 +382,14 @@ def type_error(key: str, value: Any, expected: str, source: str) -> UserError:
 def validate(config: Any, source: str) -> None:
     """Range checks shared by every step (the dataclass types already passed)."""
     positive = ("lora_r", "lora_alpha", "max_new_tokens", "batch_size", "max_tokens", "epochs", "max_steps",
-                "grad_accum", "max_length", "eval_every", "save_every", "logging_every")
+                "grad_accum", "max_length", "eval_every", "save_every", "iterations", "rollout_batch_size",
+                "minibatch_size", "ppo_epochs", "max_prompt_length", "eval_prompts", "kl_horizon", "target_kl")
     for name in positive:
         value = getattr(config, name, None)
         if value is not None and value <= 0:
             raise UserError(f"`{name}` must be greater than 0, not {value}", where=source,
                             fix=f"Set `{name}` to a positive number")
-    fractions = ("eval_fraction", "lora_dropout", "top_p")
+    fractions = ("eval_fraction", "lora_dropout", "top_p", "gamma", "lam", "warmup_ratio")
     for name in fractions:
         value = getattr(config, name, None)
         if value is not None and not 0.0 <= value <= 1.0:

@@ -290,9 +290,10 @@ class Checkpointer:
 
     KEEP = 2
 
-    def __init__(self, run: RunFolder, trainable: Trainable):
+    def __init__(self, run: RunFolder, trainable: Trainable, extra=None):
         self.run = run
         self.trainable = trainable
+        self.extra = extra  # anything else with state_dict/load_state_dict (PPO's KL controller)
         self.folder = run.checkpoints
         self.best_dir = self.folder / "best-adapter"
         self._rng_at_step_start: dict | None = None
@@ -321,11 +322,11 @@ class Checkpointer:
         accelerator = self.trainable.accelerator
         if not accelerator.is_main_process:
             return
-        model = accelerator.unwrap_model(self.trainable.model)
         state = {
             "step": step,
             "best": best,
-            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "trainable": {name: p.detach().cpu() for name, p in self._optimized_parameters().items()},
+            "extra": self.extra.state_dict() if self.extra is not None else None,
             "optimizer": self.trainable.optimizer.state_dict(),
             "scheduler": self.trainable.scheduler.state_dict(),
             "rng": rng,
@@ -346,15 +347,23 @@ class Checkpointer:
             warn("No checkpoint to resume from; starting at step 0")
             return 0, math.inf
         state = torch.load(latest, map_location="cpu", weights_only=False)
-        model = self.trainable.accelerator.unwrap_model(self.trainable.model)
-        parameters = dict(model.named_parameters())
+        parameters = self._optimized_parameters()
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 parameters[name].copy_(value)
         self.trainable.optimizer.load_state_dict(state["optimizer"])
         self.trainable.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
+        if self.extra is not None and state.get("extra") is not None:
+            self.extra.load_state_dict(state["extra"])
         return state["step"], state["best"]
+
+    def _optimized_parameters(self) -> dict[str, torch.nn.Parameter]:
+        # the parameters the optimizer updates, by name (requires_grad is not a guide: peft's set_adapter
+        # switches it per active adapter)
+        model = self.trainable.accelerator.unwrap_model(self.trainable.model)
+        optimized = {id(p) for group in self.trainable.optimizer.param_groups for p in group["params"]}
+        return {name: p for name, p in model.named_parameters() if id(p) in optimized}
 
 
 def rng_state() -> dict:

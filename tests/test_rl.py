@@ -1,0 +1,112 @@
+"""PPO maths against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from instruct_cli import rl
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5]])
+    mask = torch.ones(1, 3)
+    gamma, lam = 0.9, 0.8
+    d2 = 2.0 - 1.5
+    d1 = 0.0 + 0.9 * 1.5 - 1.0
+    d0 = 1.0 + 0.9 * 1.0 - 0.5
+    a2 = d2
+    a1 = d1 + gamma * lam * a2
+    a0 = d0 + gamma * lam * a1
+    advantages, returns = rl.gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(advantages, torch.tensor([[a0, a1, a2]]))
+    torch.testing.assert_close(returns, torch.tensor([[a0 + 0.5, a1 + 1.0, a2 + 1.5]]))
+
+
+def test_gae_stops_at_the_last_real_token():
+    rewards = torch.tensor([[1.0, 2.0, 99.0]])
+    values = torch.tensor([[0.5, 1.0, 77.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    advantages, _ = rl.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # A1 = 2 - 1 (no bootstrap past the end); A0 = 1 + 1 - 0.5 + A1
+    torch.testing.assert_close(advantages, torch.tensor([[2.5, 1.0, 0.0]]))
+
+
+def test_whiten():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    out = rl.whiten(values, mask)
+    torch.testing.assert_close(out, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4, rtol=0)
+    kept = rl.whiten(values, mask, shift_mean=False)
+    torch.testing.assert_close(kept[0, :3], torch.tensor([1.0, 2.0, 3.0]), atol=1e-4, rtol=0)
+
+
+def test_kl_shaping_score_only_at_last_token():
+    scores = torch.tensor([2.0, -1.0])
+    policy = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    reference = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, -5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards, kl = rl.shaped_rewards(scores, policy, reference, mask, beta=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0, -1.0], [1.0, 0.0, 0.0]]))
+    expected = torch.tensor([[-0.05, 0.0, 0.1 + 2.0], [-0.1, 0.0 - 1.0, 0.0]])
+    torch.testing.assert_close(rewards, expected)
+
+
+def test_adaptive_beta():
+    controller = rl.KLController(beta=0.1, target=6.0, horizon=10000)
+    controller.update(current_kl=9.0, batch_size=100)  # error 0.5 clipped to 0.2
+    assert controller.beta == pytest.approx(0.1 * (1 + 0.2 * 100 / 10000))
+    controller.update(current_kl=5.4, batch_size=100)  # error -0.1
+    assert controller.beta == pytest.approx(0.1 * (1 + 0.2 * 0.01) * (1 - 0.1 * 0.01))
+    fixed = rl.KLController(beta=0.05)
+    fixed.update(100.0, 64)
+    assert fixed.beta == 0.05
+
+
+def test_clipped_policy_loss():
+    old = torch.log(torch.tensor([[0.5, 0.5]]))
+    new = torch.log(torch.tensor([[0.75, 0.25]]))  # ratios 1.5 and 0.5
+    advantages = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    loss, stats = rl.policy_loss(new, old, advantages, mask, clip_range=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(0.5, 0.8) = 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert stats["policy/clipfrac"] == pytest.approx(1.0)
+    log_ratio = torch.log(torch.tensor([1.5, 0.5]))
+    assert stats["policy/approxkl"] == pytest.approx(0.5 * (log_ratio ** 2).mean().item())
+
+
+def test_clipped_value_loss():
+    old = torch.tensor([[1.0, 1.0]])
+    new = torch.tensor([[2.0, 1.1]])
+    returns = torch.tensor([[3.0, 0.0]])
+    loss, _ = rl.value_loss(new, old, returns, torch.ones(1, 2), clip_range=0.2)
+    # token 0: clipped V = 1.2: max((2-3)^2, (1.2-3)^2) = 3.24; token 1: max(1.21, 1.21) = 1.21
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 1.21) / 2)
+
+
+def test_masking_after_eos():
+    tokens = torch.tensor([[5, 6, 2, 7, 8], [5, 6, 7, 8, 9], [2, 3, 3, 3, 3]])
+    mask, ended = rl.truncate_after_eos(tokens, eos_id=2)
+    torch.testing.assert_close(mask, torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]))
+    assert ended.tolist() == [True, False, True]
+    # nothing after the EOS counts in a masked mean
+    values = torch.tensor([[1.0, 1, 1, 50, 50], [1, 1, 1, 1, 1], [1, 50, 50, 50, 50]])
+    assert rl.masked_mean(values, mask).item() == pytest.approx(1.0)
+
+
+def test_logprobs_use_the_temperature():
+    logits = torch.tensor([[[2.0, 0.0]]])
+    tokens = torch.tensor([[0]])
+    at_1 = rl.token_logprobs(logits, tokens, 1.0).item()
+    at_2 = rl.token_logprobs(logits, tokens, 2.0).item()
+    assert at_1 == pytest.approx(-math.log(1 + math.exp(-2)))
+    assert at_2 == pytest.approx(-math.log(1 + math.exp(-1)))
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    mask = torch.ones(1, 4)
+    assert rl.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert rl.explained_variance(torch.zeros(1, 4) + 2.5, returns, mask) == pytest.approx(0.0)
