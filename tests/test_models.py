@@ -14,6 +14,11 @@ def make_run_folder(tmp_path, tiny_model_dir, kind="sft"):
     source = models.resolve_model(str(tiny_model_dir))
     base = models.load_base_model(source, "none", "cpu")
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a strong random adapter, so that it visibly changes what the model says
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 1.0)
     run = artifacts.RunFolder.open(tmp_path / kind, kind, {}, extra={"base_model": source.record()})
     peft_model.save_pretrained(run.path / models.ADAPTER_DIR)
     run.complete()

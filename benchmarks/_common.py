@@ -1,0 +1,308 @@
+"""Shared pieces of the instruct-vs-TRL benchmarks: the model, the synthetic data, TRL, measurement, tables.
+
+Nothing here is part of the `instruct_cli` package; TRL is installed into benchmarks/.trl (git-ignored) and
+only ever imported by the TRL worker subprocess, through PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+INSTRUCT = str(VENV_BIN / "instruct") if (VENV_BIN / "instruct").exists() else shutil.which("instruct") or "instruct"
+TRL_DIR = BENCH_DIR / ".trl"
+TRL_VERSION = "1.16.0"
+
+
+# ------------------------------------------------------------------------------------------------- TRL
+def ensure_trl() -> None:
+    """Install TRL into benchmarks/.trl (no dependencies: transformers, accelerate, datasets are already there)."""
+    if (TRL_DIR / "trl" / "__init__.py").is_file():
+        return
+    print(f"[bench] TRL is not installed for the benchmark: installing trl=={TRL_VERSION} into {TRL_DIR} "
+          "(--no-deps; the project's venv is not changed)", flush=True)
+    subprocess.run([PYTHON, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
+                    "--target", str(TRL_DIR), f"trl=={TRL_VERSION}"], check=True)
+
+
+def base_env(work: Path) -> dict[str, str]:
+    """The environment both sides run in: offline, caches inside the work folder, no tokenizer threads."""
+    env = dict(os.environ)
+    env.update({
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(work / "hf-home"),
+        "HF_DATASETS_CACHE": str(work / "hf-datasets"), "INSTRUCT_CACHE": str(work / "instruct-cache"),
+        "WANDB_DISABLED": "true", "PYTHONUNBUFFERED": "1",
+    })
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def trl_env(work: Path) -> dict[str, str]:
+    """base_env plus TRL on the import path."""
+    env = base_env(work)
+    env["PYTHONPATH"] = str(TRL_DIR)
+    return env
+
+
+# ----------------------------------------------------------------------------------------------- model
+def build_model(folder: Path, *, hidden: int, layers: int, intermediate: int, heads: int, vocab_size: int = 0,
+                seed: int = 0) -> Path:
+    """A random Llama with the tokenizer (and ChatML template) of `instruct_cli.tiny`, saved to `folder`.
+
+    `vocab_size` > the tokenizer's pads the embedding and LM head (like real checkpoints, whose matrices are
+    rounded up), so the cost of the vocabulary-sized logits can be made realistic; 0 keeps the tokenizer's 384.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from instruct_cli.tiny import build_tiny_model
+
+    tiny = build_tiny_model(folder.parent / (folder.name + "-tokenizer"), seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    vocab = max(len(tokenizer), vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # as in instruct_cli.tiny: larger embeddings so logits are not all alike
+        model.model.embed_tokens.weight.normal_(0.0, 0.25)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    shutil.rmtree(tiny, ignore_errors=True)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"[bench] built a random Llama in {folder}: hidden {hidden}, {layers} layers, intermediate "
+          f"{intermediate}, {heads} heads, vocab {vocab}, {params / 1e6:.1f}M parameters", flush=True)
+    return folder
+
+
+def default_model(work: Path, args) -> Path:
+    """--model if given, else a random Llama built from the --hidden/--layers/... flags."""
+    if args.model:
+        return Path(args.model).resolve()
+    return build_model(work / "model", hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
+                       heads=args.heads, vocab_size=args.vocab_size, seed=args.seed)
+
+
+def add_model_flags(parser) -> None:
+    """Flags shared by both benchmarks: the model, the data size, and the training shape."""
+    parser.add_argument("--model", help="A transformers chat-model folder (with a chat template) to use instead of "
+                        "the random Llama built at run time")
+    parser.add_argument("--hidden", type=int, default=256, help="Hidden size of the random Llama")
+    parser.add_argument("--layers", type=int, default=4, help="Layers of the random Llama")
+    parser.add_argument("--intermediate", type=int, default=688, help="MLP size of the random Llama")
+    parser.add_argument("--heads", type=int, default=8, help="Attention heads of the random Llama")
+    parser.add_argument("--vocab-size", type=int, default=0,
+                        help="Pad the random Llama's vocabulary to this size (0: the tokenizer's 384 tokens; "
+                        "e.g. 32000 makes the LM head as costly as in a real model)")
+    parser.add_argument("--rows", type=int, default=200, help="Synthetic rows to generate")
+    parser.add_argument("--batch-size", type=int, default=4, help="Rows per optimizer step (no accumulation)")
+    parser.add_argument("--max-steps", type=int, default=40, help="Optimizer steps on each side")
+    parser.add_argument("--max-length", type=int, default=512, help="Longest sequence in tokens")
+    parser.add_argument("--lr", type=float, default=2e-4, help="Learning rate on both sides")
+    parser.add_argument("--quantization", choices=("none", "nf4"), default="none",
+                        help="none: fp32 base on CPU (default); nf4: 4-bit base via bitsandbytes on both sides")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="Turn gradient checkpointing on for both sides (off by default)")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the data, the model and both trainings")
+    parser.add_argument("--work", type=Path, help="Folder for the model, data and runs (default: a fresh "
+                        "folder under /tmp, removed at the end unless --keep)")
+    parser.add_argument("--keep", action="store_true", help="Keep the work folder")
+    parser.add_argument("--only", choices=("instruct", "trl"), help="Run one side only")
+
+
+# ------------------------------------------------------------------------------------------------- data
+def _words() -> list[str]:
+    from instruct_cli.tiny import _CORPUS
+
+    return sorted(set(re.findall(r"[A-Za-z]+", _CORPUS)))
+
+
+def _sentence(rng: random.Random, words: list[str], low: int, high: int) -> str:
+    text = " ".join(rng.choice(words) for _ in range(rng.randint(low, high)))
+    return text[0].upper() + text[1:] + rng.choice([".", "?", "!"])
+
+
+def sft_rows(n: int, seed: int) -> list[dict]:
+    """`n` single-turn conversations of random words with varying lengths (a third with a system message).
+
+    Single-turn, so "loss on the assistant turn" (instruct) and "loss on the completion" (TRL) are the same
+    tokens; typical lengths with the tiny tokenizer: 30-450 tokens.
+    """
+    rng, words = random.Random(seed), _words()
+    rows = []
+    for _ in range(n):
+        messages = []
+        if rng.random() < 1 / 3:
+            messages.append({"role": "system", "content": _sentence(rng, words, 3, 10)})
+        messages.append({"role": "user", "content": _sentence(rng, words, 4, 40)})
+        messages.append({"role": "assistant", "content": _sentence(rng, words, 6, 130)})
+        rows.append({"messages": messages})
+    return rows
+
+
+def preference_rows(n: int, seed: int) -> list[dict]:
+    """`n` rows of {prompt, chosen, rejected} text with varying lengths (chosen and rejected differ)."""
+    rng, words = random.Random(seed), _words()
+    rows = []
+    for _ in range(n):
+        rows.append({"prompt": _sentence(rng, words, 4, 40), "chosen": _sentence(rng, words, 6, 100),
+                     "rejected": _sentence(rng, words, 6, 100)})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def prepare_data(raw: Path, out: Path, task: str, model: Path, env: dict) -> Path:
+    """`instruct prepare-data` (the CLI, as a subprocess); the data folder both sides train on."""
+    cmd = [INSTRUCT, "prepare-data", "-i", str(raw), "-o", str(out), "--task", task, "--model", str(model),
+           "--eval-fraction", "0.05", "--force"]
+    print("[bench] $ " + " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"[bench] prepare-data failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ measurement
+# Runs the command as its only child, so RUSAGE_CHILDREN is that command's (and its children's) alone.
+_MEASURE = r"""
+import json, resource, subprocess, sys, time
+out, cmd = sys.argv[1], sys.argv[2:]
+start = time.perf_counter()
+rc = subprocess.call(cmd)
+wall = time.perf_counter() - start
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(out, "w") as handle:
+    json.dump({"rc": rc, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}, handle)
+"""
+
+
+def measure(cmd: list[str], env: dict, log: Path, label: str) -> dict:
+    """Run `cmd` in its own subprocess; returns exit code, wall seconds and peak RSS (MB) of that subprocess."""
+    result_file = log.with_suffix(".rusage.json")
+    print(f"[bench] {label}: $ {' '.join(cmd)}", flush=True)
+    print(f"[bench] {label}: log in {log}", flush=True)
+    with open(log, "w") as handle:
+        subprocess.run([sys.executable, "-c", _MEASURE, str(result_file), *cmd], env=env, stdout=handle,
+                       stderr=subprocess.STDOUT, check=False)
+    result = json.loads(result_file.read_text())
+    if result["rc"] != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        print(f"[bench] {label} FAILED with exit code {result['rc']}; last lines of {log}:\n{tail}", flush=True)
+    return result
+
+
+def step_timer_callback():
+    """A transformers TrainerCallback recording when training starts and when each optimizer step ends."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begin = None
+            self.step_ends: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_ends.append(time.perf_counter())
+
+    return StepTimer()
+
+
+class CountingCollator:
+    """Wraps a data collator and records, per batch, its rows, non-pad tokens and padded size.
+
+    With num_workers=0 the DataLoader collates batches in order (accelerate fetches one ahead), so the first
+    N records are the batches of optimizer steps 1..N.
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.batches: list[dict] = []
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        mask = batch["attention_mask"]
+        self.batches.append({"rows": len(examples), "tokens": int(mask.sum()), "padded": int(mask.numel())})
+        return batch
+
+
+def steady(step_ends: list[float]) -> tuple[float, int]:
+    """(seconds, steps) of steps 2..N-1: from the end of step 1 to the end of step N-1.
+
+    The first step carries one-off warm-up costs, and on the instruct side the last step's metrics row is
+    written after the end-of-run evaluation, so both are left out on both sides.
+    """
+    if len(step_ends) < 3:
+        return float("nan"), 0
+    return step_ends[-2] - step_ends[0], len(step_ends) - 2
+
+
+def median_step(step_ends: list[float]) -> float:
+    """Median seconds of steps 2..N-1."""
+    gaps = [b - a for a, b in zip(step_ends[:-2], step_ends[1:-1])]
+    return statistics.median(gaps) if gaps else float("nan")
+
+
+def instruct_step_ends(run: Path) -> list[float]:
+    """Per-step `time` of an instruct run's metrics.jsonl (seconds since the run folder was opened)."""
+    rows = read_jsonl(run / "metrics.jsonl")
+    return [row["time"] for row in sorted(rows, key=lambda r: r["step"])]
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def fmt(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    """A plain fixed-width table (stdout)."""
+    cells = [header] + [[fmt(c) if not isinstance(c, str) else c for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    line = "+".join("-" * (w + 2) for w in widths)
+    print(f"\n{title}")
+    print(line)
+    for index, row in enumerate(cells):
+        print(" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if index == 0:
+            print(line)
+    print(line)
+
+
+def ratio(a, b) -> float:
+    try:
+        return a / b
+    except (TypeError, ZeroDivisionError):
+        return float("nan")
