@@ -81,8 +81,8 @@ def build_model(folder: Path, *, hidden: int, layers: int, intermediate: int, he
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    with torch.no_grad():  # as in instruct_cli.tiny: larger embeddings so logits are not all alike
-        model.model.embed_tokens.weight.normal_(0.0, 0.25)
+    with torch.no_grad():  # as instruct_cli.tiny does (0.25 at hidden 64), scaled so logits stay of order 10
+        model.model.embed_tokens.weight.normal_(0.0, 2.0 / hidden ** 0.5)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
