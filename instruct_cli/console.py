@@ -6,7 +6,9 @@ everything meant for the person at the terminal goes to stderr through `console`
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Mapping
 
@@ -29,6 +31,12 @@ def quiet_libraries() -> None:
     """Silence the libraries' own progress bars and advice so that only our output reaches the user."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter draws its own tqdm bar
+    # library deprecation notices and bitsandbytes' advice to install optional CPU kernels are for the
+    # developers of this tool, not its users
+    for library in ("transformers", "peft", "accelerate", "bitsandbytes", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=library)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=library)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import transformers
     from transformers.utils import logging as hf_logging
 
