@@ -14,7 +14,7 @@ import typer
 
 from instruct_cli import __version__
 from instruct_cli import config as cfg
-from instruct_cli.console import console, error
+from instruct_cli.console import console, error, quiet_warnings
 from instruct_cli.errors import UserError
 
 app = typer.Typer(
@@ -414,4 +414,5 @@ _not_built("run", "Run every step of a recipe, skipping the ones that are up to 
 
 def main() -> None:
     """Entry point of the `instruct` console script."""
+    quiet_warnings()
     app()

@@ -24,19 +24,26 @@ from rich.progress import (
 )
 from rich.table import Table
 
-console = Console(stderr=True, highlight=False)
+# Under `accelerate launch` / torchrun every process runs the same command; only the first one talks.
+MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
+console = Console(stderr=True, highlight=False, quiet=not MAIN_PROCESS)
+_errors = Console(stderr=True, highlight=False)
+
+
+def quiet_warnings() -> None:
+    """Hide library deprecation notices and bitsandbytes' advice to install optional CPU kernels: they are
+    for the developers of this tool, not its users. Cheap; runs before any library is imported."""
+    for library in ("transformers", "peft", "accelerate", "bitsandbytes", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=library)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=library)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def quiet_libraries() -> None:
     """Silence the libraries' own progress bars and advice so that only our output reaches the user."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter draws its own tqdm bar
-    # library deprecation notices and bitsandbytes' advice to install optional CPU kernels are for the
-    # developers of this tool, not its users
-    for library in ("transformers", "peft", "accelerate", "bitsandbytes", "torch"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=library)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=library)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    quiet_warnings()
     import transformers
     from transformers.utils import logging as hf_logging
 
@@ -128,4 +135,4 @@ def warn(message: str) -> None:
 
 def error(message: str) -> None:
     """The one-paragraph error a command ends with."""
-    console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+    _errors.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)

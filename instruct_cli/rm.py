@@ -145,6 +145,11 @@ def collate(groups: list[Group], pad_id: int, device) -> training.Batch:
 
 
 # ------------------------------------------------------------------------------------------------ losses
+def prompts_in(batch: training.Batch) -> float:
+    """How many prompts (groups) the batch holds: what its loss is a mean over (pair weights sum to it)."""
+    return float(batch["pair_weight"].sum())
+
+
 def pairwise_loss(better: torch.Tensor, worse: torch.Tensor, weight: torch.Tensor | None = None,
                   margin: float = 0.0) -> torch.Tensor:
     """Weighted mean of -log sigmoid(r_better - r_worse - margin) over pairs (unweighted mean by default)."""
@@ -303,7 +308,8 @@ def run(config: RMConfig) -> Path:
             evaluate=(lambda m: evaluate(m, eval_batches, config.margin)) if eval_batches else (lambda m: {}),
             save_adapter=heads.save_adapter, total_steps=total_steps, grad_accum=config.grad_accum,
             max_grad_norm=config.max_grad_norm, eval_every=config.eval_every, save_every=config.save_every,
-            keep=config.keep if eval_batches else "last", eval_key="eval/loss", description="rm")
+            keep=config.keep if eval_batches else "last", eval_key="eval/loss", description="rm",
+            weight_of=prompts_in)
         # 4. normalise: gain and bias over the kept model's rewards of every training response
         norm = None
         if accelerator.is_main_process:

@@ -79,6 +79,11 @@ def token_nll(model, batch: training.Batch) -> tuple[torch.Tensor, int]:
     return total, int((labels != IGNORE).sum())
 
 
+def labelled_tokens(batch: training.Batch) -> int:
+    """How many tokens of the batch carry a label (what `sft_loss` is a mean over)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def sft_loss(model, batch: training.Batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean NLL over the batch's assistant tokens (the training loss)."""
     total, count = token_nll(model, batch)
@@ -159,7 +164,8 @@ def run(config: SFTConfig) -> Path:
             evaluate=(lambda m: evaluate(m, eval_batches)) if eval_batches else (lambda m: {}),
             save_adapter=save_adapter, total_steps=total_steps, grad_accum=config.grad_accum,
             max_grad_norm=config.max_grad_norm, eval_every=config.eval_every, save_every=config.save_every,
-            keep=config.keep if eval_batches else "last", eval_key="eval/loss", description="sft")
+            keep=config.keep if eval_batches else "last", eval_key="eval/loss", description="sft",
+            weight_of=labelled_tokens)
         run_folder.complete(result.metrics, steps=result.steps, kept_adapter=result.kept)
     if accelerator.is_main_process:
         summary_table("sft", {"output": str(config.out), "steps": result.steps, "adapter kept": result.kept,

@@ -48,7 +48,9 @@ def make_accelerator(seed: int):
     from accelerate.utils import set_seed
 
     precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=precision)
+    # without cpu=True, Accelerator ignores the torchrun environment on a machine with no GPU and every
+    # process would train alone; with it, several CPU processes form a gloo group (DistributedType.MULTI_CPU)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     set_seed(seed)
     return accelerator
 
@@ -181,11 +183,14 @@ def fit(
     keep: str,
     eval_key: str,
     description: str,
+    weight_of: Callable[[Batch], float] | None = None,
 ) -> FitResult:
     """Train for `total_steps` optimizer steps; evaluate every `eval_every`; checkpoint every `save_every`.
 
     `batches_for_epoch(e)` returns this process's micro-batches of epoch e, always in the same order.
-    `eval_key` is the eval metric to minimise when `keep` is "best".
+    `eval_key` is the eval metric to minimise when `keep` is "best". `weight_of(batch)` is how many items
+    the batch's loss is a mean over (e.g. labelled tokens); given, each step's loss is the exact mean over
+    all items of all micro-batches on all processes, so N processes train like one with an N times larger batch.
     """
     model, optimizer, scheduler, accelerator = (trainable.model, trainable.optimizer, trainable.scheduler,
                                                 trainable.accelerator)
@@ -207,7 +212,8 @@ def fit(
                     cached_epoch, batches = epoch, batches_for_epoch(epoch)
                 group = batches[position * grad_accum:(position + 1) * grad_accum]
                 checkpoint.mark_step_start()
-                step_metrics = mean_over_processes(accelerator, accumulate(model, accelerator, loss_fn, group))
+                step_metrics = mean_over_processes(accelerator, accumulate(model, accelerator, loss_fn, group,
+                                                                             weight_of))
                 if not math.isfinite(step_metrics["loss"]):
                     raise Diverged(step + 1, step_metrics["loss"], checkpoint.latest())
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -246,16 +252,28 @@ def fit(
     return FitResult(metrics, step, kept)
 
 
-def accumulate(model, accelerator, loss_fn: LossFn, group: list[Batch]) -> dict[str, float]:
-    """Forward and backward over the micro-batches of one optimizer step; returns their averaged metrics."""
+def accumulate(model, accelerator, loss_fn: LossFn, group: list[Batch],
+               weight_of: Callable[[Batch], float] | None = None) -> dict[str, float]:
+    """Forward and backward over the micro-batches of one optimizer step; returns their averaged metrics.
+
+    Micro-batch i's loss (a mean over w_i items) is scaled by w_i / W, W the sum of all w over the step's
+    micro-batches on every process, times the number of processes because DDP averages gradients over them.
+    With no `weight_of`, every micro-batch weighs the same.
+    """
+    weights = [float(weight_of(batch)) if weight_of else 1.0 for batch in group]
+    world = accelerator.num_processes
+    total_weight = sum(weights)
+    if world > 1:
+        total_weight = float(accelerator.reduce(torch.tensor(total_weight, device=accelerator.device), "sum"))
     totals: dict[str, float] = {}
-    for index, batch in enumerate(group):
+    for index, (batch, weight) in enumerate(zip(group, weights)):
         last = index == len(group) - 1
+        scale = weight / max(total_weight, 1e-12) * world
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
                 loss, metrics = loss_fn(model, batch)
-            accelerator.backward(loss / len(group))
-        totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(group)
+            accelerator.backward(loss * scale)
+        totals["loss"] = totals.get("loss", 0.0) + loss.item() * scale  # averaged over processes: the exact mean
         for name, value in metrics.items():
             share = 1 if name == "tokens" else len(group)  # tokens add up; other metrics average
             totals[name] = totals.get(name, 0.0) + value / share

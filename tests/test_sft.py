@@ -154,3 +154,38 @@ def test_cli_errors(tmp_path, tiny_model_dir):
     assert ok.exit_code == 0, ok.output
     again = runner.invoke(app, base + ["--data", str(data), "--out", str(tmp_path / "done")])
     assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_scale_out_on_two_processes_matches_one(tmp_path, tiny_model_dir):
+    """`accelerate launch` with 2 CPU processes of batch 2 follows the loss curve of 1 process of batch 4."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = make_data(tmp_path, tiny_model_dir, [conversation(q, a) for q, a in FACTS * 3])
+    flags = ["--model", str(tiny_model_dir), "--data", str(data), "--quantization", "none", "--max-steps", "8",
+             "--lr", "5e-3", "--no-gradient-checkpointing", "--lora-dropout", "0", "--eval-every", "4",
+             "--warmup-ratio", "0"]
+    single = runner.invoke(app, ["sft", *flags, "--batch-size", "4", "--out", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    # --multi_gpu selects accelerate's torchrun launcher, which on a machine without GPUs forms a CPU (gloo)
+    # group; `--cpu` alone starts a single process unless MPI is installed
+    accelerate = Path(sys.executable).parent / "accelerate"
+    launched = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+         "-m", "instruct_cli", "sft", *flags, "--batch-size", "2", "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stderr.count("steps of 4 rows") == 1  # one global batch of 4, one process talking
+
+    def curve(run, key):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [row[key] for row in rows if key in row]
+
+    for key in ("loss/train", "eval/loss"):
+        one, two = curve(tmp_path / "one", key), curve(tmp_path / "two", key)
+        assert len(one) == len(two) > 0
+        for a, b in zip(one, two):
+            assert b == pytest.approx(a, rel=0.02), (key, one, two)
