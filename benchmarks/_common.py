@@ -127,6 +127,13 @@ def add_model_flags(parser) -> None:
                         "folder under /tmp, removed at the end unless --keep)")
     parser.add_argument("--keep", action="store_true", help="Keep the work folder")
     parser.add_argument("--only", choices=("instruct", "trl"), help="Run one side only")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="Runs per side, interleaved; the table shows each side's fastest run")
+    parser.add_argument("--trl-group-by-length", action="store_true",
+                        help="Give TRL length-grouped batches (train_sampling_strategy=group_by_length), as instruct "
+                        "always batches; by default TRL keeps its random sampler")
+    parser.add_argument("--prewarm-gib", type=float, default=16,
+                        help="GiB of memory to touch once before timing (0: off); see README")
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -191,6 +198,37 @@ def prepare_data(raw: Path, out: Path, task: str, model: Path, env: dict) -> Pat
 
 
 # ------------------------------------------------------------------------------------------ measurement
+def prewarm_memory(gib: float) -> None:
+    """Touch `gib` GiB of memory once, all held at the same time, then free it.
+
+    On a freshly started virtual machine whose memory the host backs lazily, the first touch of each page
+    is slow (seconds per GiB), so whichever side runs first, or allocates more, would be charged for it.
+    Touching the memory up front makes the sides' timings comparable; on a warm machine it takes a second.
+    """
+    if gib <= 0:
+        return
+    import numpy as np
+
+    try:
+        available = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+        gib = min(gib, available / 2**20 - 3)
+    except (OSError, StopIteration):
+        pass
+    start, chunks = time.perf_counter(), []
+    for _ in range(int(gib)):
+        chunks.append(np.ones(2**30, dtype=np.uint8))
+    del chunks
+    print(f"[bench] pre-touched {int(gib)} GiB of memory in {time.perf_counter() - start:.1f} s "
+          "(slow only the first time on a fresh virtual machine)", flush=True)
+
+
+def load_average() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 # Runs the command as its only child, so RUSAGE_CHILDREN is that command's (and its children's) alone.
 _MEASURE = r"""
 import json, resource, subprocess, sys, time
@@ -278,6 +316,40 @@ def instruct_step_ends(run: Path) -> list[float]:
     return [row["time"] for row in sorted(rows, key=lambda r: r["step"])]
 
 
+def summarise(result: dict) -> dict:
+    """A side's numbers from its step end times and per-step batches ({rows, tokens, padded} per step).
+
+    rows_per_s / tokens_per_s: steps 2..N-1 (see `steady`); loop_rows_per_s: all N steps, over the loop time
+    (TRL: on_train_begin to the end of step N; instruct: its own final tokens/s counter, converted with the
+    recomputed token count); padding: share of batch positions that were padding, over all N steps.
+    """
+    nan = float("nan")
+    ends, batches = result.get("step_ends") or [], result.get("batches")
+    seconds, steps = steady(ends)
+    out = {"steps": len(ends) or None, "median_step_s": median_step(ends), "rows_per_s": nan, "tokens_per_s": nan,
+           "padding": nan, "tokens_per_step": nan, "loop_rows_per_s": nan,
+           "loop_tokens_per_s": result.get("loop_tokens_per_s", nan)}
+    if batches and steps:
+        middle = batches[1:len(ends) - 1]
+        out["rows_per_s"] = sum(b["rows"] for b in middle) / seconds
+        out["tokens_per_s"] = sum(b["tokens"] for b in middle) / seconds
+        out["padding"] = 100 * (1 - sum(b["tokens"] for b in batches) / sum(b["padded"] for b in batches))
+        out["tokens_per_step"] = sum(b["tokens"] for b in batches) / len(batches)
+        loop_s = result.get("loop_s")
+        if loop_s is None and out["loop_tokens_per_s"] == out["loop_tokens_per_s"]:  # instruct: from its counter
+            loop_s = sum(b["tokens"] for b in batches) / out["loop_tokens_per_s"]
+        if loop_s:
+            out["loop_rows_per_s"] = sum(b["rows"] for b in batches) / loop_s
+    return out
+
+
+def best_run(results: list[dict], key: str) -> dict:
+    """Of repeated runs of one side, the fastest by `key` of its summary (noise on a shared machine only
+    ever slows a run down)."""
+    ok = [r for r in results if r["rc"] == 0 and summarise(r)[key] == summarise(r)[key]]
+    return max(ok, key=lambda r: summarise(r)[key]) if ok else results[-1]
+
+
 # ------------------------------------------------------------------------------------------------ tables
 def fmt(value, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and value != value):
@@ -299,6 +371,11 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
         if index == 0:
             print(line)
     print(line)
+
+
+def ratio_row(a: list, b: list, skip=()) -> list:
+    """The "instruct / TRL" row of two table rows (first column a label; columns in `skip` left blank)."""
+    return ["instruct / TRL"] + ["" if i in skip else ratio(x, y) for i, (x, y) in enumerate(zip(a, b)) if i > 0]
 
 
 def ratio(a, b) -> float:

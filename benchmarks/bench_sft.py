@@ -2,24 +2,24 @@
 
 Both sides train a LoRA adapter (r=16, alpha=32, dropout 0, every linear layer of the decoder) on the same
 data folder (made by `instruct prepare-data` from synthetic single-turn conversations), with the same batch
-size, number of optimizer steps, max length, learning rate, seed, no gradient accumulation, no evaluation
-during training, no checkpoints, and (by default) an fp32 base with gradient checkpointing off. Each side runs
-in its own subprocess: `instruct sft ...` through the real CLI, and a TRL worker (this file with
---trl-worker) that imports TRL from benchmarks/.trl.
+size, number of optimizer steps, max length, learning rate and schedule, seed, no gradient accumulation, no
+evaluation during training, no checkpoints, and (by default) an fp32 base with gradient checkpointing off.
+Each side runs in its own subprocess: `instruct sft ...` through the real CLI, and a TRL worker (this file
+with --trl-worker) that imports TRL 1.16 from benchmarks/.trl (installed there on first use).
 
 Printed for each side:
-  * tokens/s: non-pad tokens (attention-mask ones) of steps 2..N-1 divided by the time from the end of step 1
-    to the end of step N-1 (model loading, data tokenisation, the first step's warm-up and anything after the
-    last step are excluded on both sides). instruct's per-step token counts are recomputed with the CLI's own
-    encoder and batcher; TRL's come from the batches its collator built.
-  * loop tokens/s: all N steps, as each side itself reports it (instruct: the last `train/tokens_per_s` of
-    metrics.jsonl; TRL: its token count over the time from on_train_begin to the end of step N).
-  * padding: the share of batch positions that were padding.
-  * peak RSS: the maximum resident set size of that side's process (getrusage(RUSAGE_CHILDREN) measured in a
-    separate wrapper process per side, so nothing else is counted).
-  * wall: the whole subprocess, model loading and tokenisation included.
+  * tokens/s: non-pad (attention-mask) tokens of steps 2..N-1 divided by the time from the end of step 1 to
+    the end of step N-1 -- model loading, tokenisation, the first step's warm-up and anything after the last
+    step (instruct's final evaluation) are left out on both sides. instruct's per-step token counts are
+    recomputed with the CLI's own encoder and length-grouped batcher; TRL's are counted in its collator.
+  * loop tokens/s: all N steps, from each side's own clock (instruct: the final `train/tokens_per_s` of
+    metrics.jsonl; TRL: tokens over the time from on_train_begin to the end of step N).
+  * padding: the share of batch positions that were padding (instruct groups rows by length, TRL's default
+    sampler is random; --trl-group-by-length gives TRL length grouping too).
+  * peak RSS: the largest resident set of that side's process, from getrusage(RUSAGE_CHILDREN) in a wrapper
+    process per side (so nothing else is counted); cpu s and wall s: the whole process, loading included.
 
-Usage: .venv/bin/python benchmarks/bench_sft.py [--max-steps 40] [--batch-size 4] [--model DIR] ...
+Usage: .venv/bin/python benchmarks/bench_sft.py [--max-steps 40] [--batch-size 4] [--repeats 2] [--model DIR]
 """
 
 from __future__ import annotations
@@ -60,42 +60,40 @@ def instruct_batches(model: Path, data: Path, args) -> list[dict]:
     return batches
 
 
-def run_instruct(model: Path, data: Path, work: Path, args) -> dict:
+def run_instruct(model: Path, data: Path, work: Path, args, index: int) -> dict:
     """`instruct sft` through the real CLI, in its own subprocess; its numbers from metrics.jsonl."""
-    run = work / "instruct-sft-run"
+    run = work / f"instruct-sft-run-{index}"
     cmd = [common.INSTRUCT, "sft", "--model", str(model), "--data", str(data), "--out", str(run),
            "--quantization", args.quantization, "--device", "cpu", "--lora-r", "16", "--lora-alpha", "32",
            "--lora-dropout", "0", "--lora-targets", "all-linear", "--batch-size", str(args.batch_size),
            "--grad-accum", "1", "--max-steps", str(args.max_steps), "--max-length", str(args.max_length),
-           "--lr", str(args.lr), "--seed", str(args.seed), "--eval-every", "100000", "--save-every", "100000",
+           "--lr", str(args.lr), "--warmup-ratio", "0.03", "--weight-decay", "0", "--max-grad-norm", "1.0",
+           "--seed", str(args.seed), "--eval-every", "100000", "--save-every", "100000",
            "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing", "--force"]
-    usage = common.measure(cmd, common.base_env(work), work / "instruct-sft.log", "instruct sft")
+    usage = common.measure(cmd, common.base_env(work), work / f"instruct-sft-{index}.log", "instruct sft")
     result = {"side": "instruct", **usage}
     if usage["rc"] != 0 or not (run / "metrics.jsonl").is_file():
         return result
     rows = common.read_jsonl(run / "metrics.jsonl")
-    step_ends = common.instruct_step_ends(run)
-    result.update(steps=len(rows), step_ends=step_ends, loop_tokens_per_s=rows[-1].get("train/tokens_per_s"))
+    result.update(step_ends=common.instruct_step_ends(run), loop_tokens_per_s=rows[-1].get("train/tokens_per_s"))
     try:
-        batches = instruct_batches(model, data, args)
+        result["batches"] = instruct_batches(model, data, args)
     except Exception as exc:  # the CLI's internals moved: keep the numbers that do not need them
         print(f"[bench] could not recompute instruct's batches ({type(exc).__name__}: {exc}); "
-              "steady-state tokens/s and padding are n/a for instruct", flush=True)
-        batches = None
-    result["batches"] = batches
+              "tokens/s and padding are n/a for instruct", flush=True)
     return result
 
 
 # --------------------------------------------------------------------------------------------------- TRL
-def run_trl(model: Path, data: Path, work: Path, args) -> dict:
+def run_trl(model: Path, data: Path, work: Path, args, index: int) -> dict:
     """TRL's SFTTrainer in its own subprocess (this file with --trl-worker), with TRL on PYTHONPATH."""
     spec = {**{k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-            "model": str(model), "data": str(data), "out": str(work / "trl-sft-run"),
-            "result": str(work / "trl-sft-result.json")}
-    spec_file = work / "trl-sft-spec.json"
+            "model": str(model), "data": str(data), "out": str(work / f"trl-sft-run-{index}"),
+            "result": str(work / f"trl-sft-result-{index}.json")}
+    spec_file = work / f"trl-sft-spec-{index}.json"
     spec_file.write_text(json.dumps(spec, indent=2))
     cmd = [common.PYTHON, str(Path(__file__).resolve()), "--trl-worker", str(spec_file)]
-    usage = common.measure(cmd, common.trl_env(work), work / "trl-sft.log", "TRL SFTTrainer")
+    usage = common.measure(cmd, common.trl_env(work), work / f"trl-sft-{index}.log", "TRL SFTTrainer")
     result = {"side": "TRL", **usage}
     if usage["rc"] == 0:
         result.update(json.loads(Path(spec["result"]).read_text()))
@@ -103,7 +101,7 @@ def run_trl(model: Path, data: Path, work: Path, args) -> dict:
 
 
 def trl_worker(spec_file: str) -> None:
-    """Inside the TRL subprocess: train with SFTTrainer and write step timings and batch counts as JSON."""
+    """Inside the TRL subprocess: train with SFTTrainer; write step end times and per-step batches as JSON."""
     spec = json.loads(Path(spec_file).read_text())
     import torch
     from datasets import Dataset
@@ -113,13 +111,13 @@ def trl_worker(spec_file: str) -> None:
     import trl
     from trl import SFTConfig, SFTTrainer
 
-    # The same rows instruct trains on (the data folder's train split), as conversational prompt/completion:
-    # the loss is on the completion (the assistant turn), as instruct's is on the assistant turn.
+    # The rows instruct trains on (the data folder's train split), as conversational prompt/completion: the
+    # loss is on the completion (the assistant turn), as instruct's is on the assistant turns.
     rows = common.read_jsonl(Path(spec["data"]) / "sft.train.jsonl")
     dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     kwargs = {"dtype": torch.float32}
-    if spec["quantization"] == "nf4":  # as instruct loads it on a CPU
+    if spec["quantization"] == "nf4":  # the 4-bit config instruct uses on a CPU
         kwargs.update(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32))
@@ -130,7 +128,8 @@ def trl_worker(spec_file: str) -> None:
         weight_decay=0.0, max_grad_norm=1.0, max_length=spec["max_length"], packing=False,
         completion_only_loss=True, gradient_checkpointing=spec["gradient_checkpointing"], logging_steps=1,
         report_to="none", save_strategy="no", eval_strategy="no", use_cpu=True, bf16=False, fp16=False,
-        seed=spec["seed"], data_seed=spec["seed"], dataloader_num_workers=0, disable_tqdm=True)
+        seed=spec["seed"], dataloader_num_workers=0, disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if spec["trl_group_by_length"] else "random")
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none",
                       task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -139,55 +138,54 @@ def trl_worker(spec_file: str) -> None:
     trainer.add_callback(timer)
     trainer.data_collator = counter = common.CountingCollator(trainer.data_collator)
     output = trainer.train()
-    reported = [log["num_tokens"] for log in trainer.state.log_history if "num_tokens" in log]
+    steps = len(timer.step_ends)
+    batches = counter.batches[:steps]
     loop_s = timer.step_ends[-1] - timer.begin
-    tokens = sum(b["tokens"] for b in counter.batches[:len(timer.step_ends)])
-    result = {"trl_version": trl.__version__, "steps": len(timer.step_ends), "step_ends": timer.step_ends,
-              "batches": counter.batches[:len(timer.step_ends)], "loop_tokens_per_s": tokens / loop_s,
+    reported = [log["num_tokens"] for log in trainer.state.log_history if "num_tokens" in log]
+    result = {"trl_version": trl.__version__, "step_ends": timer.step_ends, "batches": batches, "loop_s": loop_s,
+              "loop_tokens_per_s": sum(b["tokens"] for b in batches) / loop_s,
               "trl_num_tokens": reported[-1] if reported else None, "train_runtime": output.metrics["train_runtime"]}
     Path(spec["result"]).write_text(json.dumps(result))
 
 
 # ------------------------------------------------------------------------------------------------ report
-def summarise(result: dict, batch_size: int) -> dict:
-    """Steady-state numbers over steps 2..N-1 from a side's step end times and per-step batches."""
-    ends, batches = result.get("step_ends") or [], result.get("batches")
-    seconds, steps = common.steady(ends)
-    summary = {"median_step_s": common.median_step(ends), "tokens_per_s": float("nan"), "padding": float("nan")}
-    if batches and steps:
-        middle = batches[1:len(ends) - 1]
-        summary["tokens_per_s"] = sum(b["tokens"] for b in middle) / seconds
-        summary["padding"] = 100 * (1 - sum(b["tokens"] for b in batches) / sum(b["padded"] for b in batches))
-        summary["tokens_per_step"] = sum(b["tokens"] for b in batches) / len(batches)
-    return summary
+HEADER = ["side", "steps", "tokens/step", "padding %", "tokens/s", "loop tokens/s", "median s/step",
+          "peak RSS MB", "cpu s", "wall s"]
 
 
-def report(results: list[dict], args) -> None:
-    header = ["side", "steps", "tokens/step", "padding %", "tokens/s", "loop tokens/s", "median s/step",
-              "peak RSS MB", "wall s"]
-    rows, summaries = [], {}
-    for result in results:
-        s = summaries[result["side"]] = summarise(result, args.batch_size)
-        rows.append([result["side"], result.get("steps", "failed"), s.get("tokens_per_step", float("nan")),
-                     s["padding"], s["tokens_per_s"], result.get("loop_tokens_per_s", float("nan")),
-                     s["median_step_s"], result["peak_rss_mb"], result["wall_s"]])
-    if len(results) == 2:
-        a, b = results
-        sa, sb = summaries[a["side"]], summaries[b["side"]]
-        rows.append(["instruct / TRL", "", common.ratio(sa.get("tokens_per_step"), sb.get("tokens_per_step")),
-                     "", common.ratio(sa["tokens_per_s"], sb["tokens_per_s"]),
-                     common.ratio(a.get("loop_tokens_per_s"), b.get("loop_tokens_per_s")),
-                     common.ratio(sa["median_step_s"], sb["median_step_s"]),
-                     common.ratio(a["peak_rss_mb"], b["peak_rss_mb"]), common.ratio(a["wall_s"], b["wall_s"])])
+def table_row(label: str, result: dict) -> list:
+    s = common.summarise(result)
+    return [label, s["steps"] or "failed", s["tokens_per_step"], s["padding"], s["tokens_per_s"],
+            s["loop_tokens_per_s"], s["median_step_s"], result["peak_rss_mb"], result["cpu_s"], result["wall_s"]]
+
+
+def report(runs: dict[str, list[dict]], args) -> None:
+    """Every run (when repeated), then the table of each side's fastest run and the instruct/TRL ratios."""
+    if args.repeats > 1:
+        rows = [table_row(f"{side} #{i + 1}", r) for side, results in runs.items() for i, r in enumerate(results)]
+        common.print_table("SFT, every run", HEADER, rows)
+    best = {side: common.best_run(results, "tokens_per_s") for side, results in runs.items()}
+    rows = [table_row(side, result) for side, result in best.items()]
+    if len(best) == 2:
+        rows.append(common.ratio_row(*rows, skip=(1, 3)))  # no ratio of step counts or padding shares
     common.print_table(
-        f"SFT: {args.max_steps} steps x {args.batch_size} rows, max length {args.max_length}, "
-        f"quantization {args.quantization}, gradient checkpointing "
-        f"{'on' if args.gradient_checkpointing else 'off'}, LoRA r=16 alpha=32 all-linear", header, rows)
-    print("tokens/s: non-pad tokens of steps 2..N-1 / time from the end of step 1 to the end of step N-1.\n"
-          "loop tokens/s: all N steps, as each side reports it (instruct: metrics.jsonl train/tokens_per_s; TRL: "
-          "non-pad tokens / time from on_train_begin to the end of step N).\n"
-          "padding: share of batch positions that are padding (instruct batches by length; TRL samples at random).\n"
-          "peak RSS: max resident memory of the side's process; wall: the whole process, loading included.")
+        f"SFT ({'fastest of ' + str(args.repeats) + ' runs per side' if args.repeats > 1 else 'one run per side'})"
+        f": {args.max_steps} steps x {args.batch_size} rows, max length {args.max_length}, quantization "
+        f"{args.quantization}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+        "LoRA r=16 alpha=32 dropout 0 all-linear", HEADER, rows)
+    trl_run = best.get("TRL", {})
+    if trl_run.get("trl_num_tokens") is not None:
+        print(f"(TRL's own num_tokens after the last step: {trl_run['trl_num_tokens']:,}; counted in its collator: "
+              f"{sum(b['tokens'] for b in trl_run['batches']):,})")
+    print("tokens/s: non-pad tokens of steps 2..N-1 / time from the end of step 1 to the end of step N-1 "
+          "(loading, step 1 and instruct's final eval excluded).\n"
+          "loop tokens/s: all N steps by each side's own clock (instruct: metrics.jsonl train/tokens_per_s; TRL: "
+          "on_train_begin to the end of step N).\n"
+          "padding: share of batch positions that are padding (instruct batches by length; TRL samples "
+          f"{'by length' if args.trl_group_by_length else 'at random'}).\n"
+          "peak RSS: largest resident set of the side's process; cpu s / wall s: the whole process, loading "
+          "included. Ratios are instruct / TRL: above 1 means instruct is faster (tokens/s) or larger "
+          "(RSS, s/step).")
 
 
 def main() -> None:
@@ -205,15 +203,19 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     try:
+        common.prewarm_memory(args.prewarm_gib)
         model = common.default_model(work, args)
         raw = common.write_jsonl(work / "raw-sft.jsonl", common.sft_rows(args.rows, args.seed))
         data = common.prepare_data(raw, work / "data-sft", "sft", model, common.base_env(work))
-        results = []
-        if args.only != "trl":
-            results.append(run_instruct(model, data, work, args))
-        if args.only != "instruct":
-            results.append(run_trl(model, data, work, args))
-        report(results, args)
+        runs: dict[str, list[dict]] = {}
+        for index in range(args.repeats):  # interleaved, so slow spells of a shared machine hit both sides
+            if args.only != "trl":
+                print(f"[bench] load average {common.load_average()}", flush=True)
+                runs.setdefault("instruct", []).append(run_instruct(model, data, work, args, index))
+            if args.only != "instruct":
+                print(f"[bench] load average {common.load_average()}", flush=True)
+                runs.setdefault("TRL", []).append(run_trl(model, data, work, args, index))
+        report(runs, args)
         print(f"[bench] done in {time.time() - started:.0f} s; work folder {work}"
               + ("" if args.keep or args.work else " (removed)"))
     finally:
