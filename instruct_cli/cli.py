@@ -107,10 +107,14 @@ def prepare_data(
     """
     from instruct_cli import data
 
-    config = cfg.build_config(P, "prepare-data", recipe, dict(
-        inputs=inputs, out=out, format=format, task=task, eval_fraction=eval_fraction, seed=seed, system=system,
-        max_tokens=max_tokens, model=model, strict=strict, force=force))
-    data.run(config)
+    flags = dict(inputs=inputs, out=out, format=format, task=task, eval_fraction=eval_fraction, seed=seed,
+                 system=system, max_tokens=max_tokens, model=model, strict=strict, force=force)
+    entries = len(cfg.recipe_entries(recipe, "prepare-data", P)) if recipe else 1
+    if entries > 1 and (inputs or out):
+        raise UserError(f"The recipe's prepare-data section lists {entries} data sets; --input and --out cannot "
+                        "apply to all of them", where="--recipe", fix="Drop --input/--out, or edit the recipe")
+    for entry in range(entries):  # a recipe may list several data sets (sft, prefs, prompts)
+        data.run(cfg.build_config(P, "prepare-data", recipe, flags, entry=entry if recipe else None))
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -408,8 +412,94 @@ def _not_built(name: str, summary: str) -> None:
         raise typer.Exit(2)
 
 
-_not_built("eval", "Compare models: reward, win-rate, KL and perplexity report with plots.")
-_not_built("run", "Run every step of a recipe, skipping the ones that are up to date.")
+# ------------------------------------------------------------------------------------------------- eval
+E = cfg.EvalConfig
+
+
+@app.command("eval")
+@handles_user_errors
+def eval_(
+    models: Annotated[Optional[list[str]], _opt(E, "models", "--models", "-m")] = None,
+    baseline: Annotated[Optional[str], _opt(E, "baseline")] = None,
+    reward: Annotated[Optional[Path], _opt(E, "reward")] = None,
+    data: Annotated[Optional[Path], _opt(E, "data", "--data", "-d")] = None,
+    sft_data: Annotated[Optional[Path], _opt(E, "sft_data")] = None,
+    prefs_data: Annotated[Optional[Path], _opt(E, "prefs_data")] = None,
+    generations: Annotated[Optional[Path], _opt(E, "generations")] = None,
+    out: Annotated[Optional[Path], _opt(E, "out", "--out", "-o")] = None,
+    quantization: Annotated[Optional[str], _opt(E, "quantization")] = None,
+    device: Annotated[Optional[str], _opt(E, "device")] = None,
+    max_new_tokens: Annotated[Optional[int], _opt(E, "max_new_tokens")] = None,
+    temperature: Annotated[Optional[float], _opt(E, "temperature")] = None,
+    top_p: Annotated[Optional[float], _opt(E, "top_p")] = None,
+    seed: Annotated[Optional[int], _opt(E, "seed")] = None,
+    max_prompts: Annotated[Optional[int], _opt(E, "max_prompts")] = None,
+    batch_size: Annotated[Optional[int], _opt(E, "batch_size")] = None,
+    max_length: Annotated[Optional[int], _opt(E, "max_length")] = None,
+    bootstrap: Annotated[Optional[int], _opt(E, "bootstrap")] = None,
+    compare: Annotated[Optional[tuple[Path, Path]], _opt(E, "compare", metavar="REPORT_A REPORT_B")] = None,
+    force: ForceOption = None,
+    recipe: RecipeOption = None,
+) -> None:
+    """Compare models on held-out prompts: reward, win-rate, KL and perplexity, as a report with plots.
+
+    Writes report.md (verdict, table, samples, plots), report.json, samples.jsonl and PNG plots to --out.
+
+    [bold]Examples[/bold]
+
+      instruct eval --models runs/sft,runs/ppo --reward runs/rm --data data/prompts --out reports/ppo
+
+      instruct eval --models runs/ppo --baseline base --reward runs/rm --data data/sft --out reports/vs-base
+
+      instruct eval --models runs/sft,runs/ppo --reward runs/rm2 --generations reports/ppo/samples.jsonl --out reports/rm2
+
+      instruct eval --compare reports/ppo reports/ppo-beta-0.1
+    """
+    from instruct_cli import evaluate
+
+    config = cfg.build_config(E, "eval", recipe, dict(
+        models=",".join(models) if models else None, baseline=baseline, reward=reward, data=data,
+        sft_data=sft_data, prefs_data=prefs_data, generations=generations, out=out, quantization=quantization,
+        device=device, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        max_prompts=max_prompts, batch_size=batch_size, max_length=max_length, bootstrap=bootstrap,
+        compare=list(compare) if compare else None, force=force))
+    if config.compare:
+        evaluate.compare(config.compare)
+    else:
+        evaluate.run(config)
+
+
+
+
+# --------------------------------------------------------------------------------------------------- run
+@app.command("run")
+@handles_user_errors
+def run_recipe(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML to run.", show_default=False)],
+    start: Annotated[Optional[str], typer.Option("--from", help="Start at this step (earlier ones are left "
+                                                 "as they are).", show_default=False)] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="Run only this step.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (each step, its inputs and output, "
+                                          "and whether it would run, resume or be skipped, and why); run nothing.")
+                       ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rerun the selected steps even when up to date.")] = False,
+) -> None:
+    """Run every step of a recipe in order, skipping those whose output is complete and up to date.
+
+    A step is skipped when its output folder is complete, was made with the same resolved settings and its
+    inputs still hash the same; an interrupted step is resumed from its checkpoints; anything else is run.
+
+    [bold]Examples[/bold]
+
+      instruct run recipes/quickstart.yaml
+
+      instruct run recipes/quickstart.yaml --dry-run
+
+      instruct run recipes/quickstart.yaml --from ppo
+    """
+    from instruct_cli import pipeline
+
+    pipeline.run(recipe, start=start, only=only, dry_run=dry_run, force=force)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import functools
+import os
 import inspect
 import textwrap
 import types
@@ -259,6 +260,50 @@ class GenerateConfig(ModelOptions):
     """Prompts per batch with --input."""
 
 
+@dataclass
+class EvalConfig(OutputOptions):
+    """`instruct eval`: compare models on held-out prompts by reward, win-rate, KL and perplexity."""
+
+    models: list[str] = field(default_factory=list)
+    """Models to evaluate, comma-separated: sft/ppo run folders, `base` (the bare base model of the SFT run),
+    or any model reference."""
+    baseline: Optional[str] = None
+    """Model the others are judged against, prompt by prompt (default: the first of --models; may be `base`)."""
+    reward: Optional[Path] = None
+    """Reward-model run folder that scores every response."""
+    data: Optional[Path] = None
+    """Data folder whose eval split gives the prompts (a prompts, sft or prefs folder)."""
+    sft_data: Optional[Path] = None
+    """SFT data folder for perplexity (default: --data if it is one, else the SFT run's own data)."""
+    prefs_data: Optional[Path] = None
+    """Preference data folder for the reward model's accuracy (default: --data if it is one, else the RM's own)."""
+    generations: Optional[Path] = None
+    """Score these responses instead of generating: JSONL from `instruct generate --output` (a `model` field per
+    row) or a report's samples.jsonl."""
+    quantization: Literal["nf4", "int8", "none"] = "nf4"
+    """How the frozen base weights are stored: nf4 (4-bit, default), int8, or none."""
+    device: str = "auto"
+    """Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    max_new_tokens: int = 128
+    """Longest response sampled per prompt."""
+    temperature: float = 0.7
+    """Sampling temperature (the same for every model; the KL is measured at it too)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0 = off, which keeps the KL estimate exact in expectation)."""
+    seed: int = 0
+    """Sampling seed, reset before each model so that all of them draw the same random numbers."""
+    max_prompts: int = 64
+    """Most held-out rows used per measurement: prompts answered, conversations for perplexity, preference rows."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    max_length: int = 1024
+    """Longest prompt + response in tokens for scoring and perplexity (longer ones lose the start of the prompt)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of the prompts for the win-rate's 95% interval."""
+    compare: list[Path] = field(default_factory=list)
+    """Two report folders: print the differences between them instead of evaluating."""
+
+
 # ------------------------------------------------------------------------------------- field documentation
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
@@ -287,15 +332,20 @@ def doc(cls: type, name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- building configs
-def build_config(cls: type, step: str, recipe: Path | None, flags: dict[str, Any]):
+def build_config(cls: type, step: str, recipe: Path | None, flags: dict[str, Any], entry: int | None = None):
     """The resolved config of a step: the recipe's section (if any), overridden by the flags that were given.
 
-    `flags` maps field names to values; None means "not given on the command line".
+    `flags` maps field names to values; None means "not given on the command line". `entry` picks one
+    entry of a section that is a list (prepare-data may list several data sets).
     """
     values: dict[str, Any] = {}
     source = "command line"
     if recipe is not None:
-        values.update(load_recipe_section(Path(recipe), step, cls))
+        entries = recipe_entries(Path(recipe), step, cls)
+        if entry is None and len(entries) > 1:
+            raise UserError(f"The `{step}` section of the recipe lists {len(entries)} entries", where=str(recipe),
+                            fix=f"Run them all with `instruct run {recipe} --only {step}`")
+        values.update(entries[entry or 0])
     given = {name: value for name, value in flags.items() if value is not None}
     values.update(given)
     return make_config(cls, values, source=str(recipe) if recipe and not given else source)
@@ -426,48 +476,75 @@ def read_recipe(path: Path) -> dict:
     return recipe
 
 
-def load_recipe_section(path: Path, step: str, cls: type) -> dict[str, Any]:
-    """The values a recipe gives one step: its `model` section (for fields the step has), then its own section.
+def declared_outputs(recipe: dict) -> set[str]:
+    """The `out` values of every section of a recipe: names that are paths even before they exist."""
+    outputs = set()
+    for section in recipe.values():
+        for entry in section if isinstance(section, list) else [section]:
+            if isinstance(entry, dict) and isinstance(entry.get("out"), str):
+                outputs.add(entry["out"].rstrip("/"))
+    return outputs
+
+
+def recipe_entries(path: Path, step: str, cls: type) -> list[dict[str, Any]]:
+    """The values a recipe gives one step, one dict per entry of its section (a section is a mapping, or
+    a list of mappings for several runs of the same step): the `model` section (for fields the step has),
+    then the entry's own keys.
 
     Relative paths are taken relative to the recipe file, so a shared recipe works from any directory.
     """
     recipe = read_recipe(path)
     known = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
+    model_values: dict[str, Any] = {}
     model_section = recipe.get("model") or {}
     if not isinstance(model_section, dict):
         raise UserError("The `model` section must be a mapping", where=f"{path}: model")
     for key, value in model_section.items():
-        name = MODEL_SECTION_ALIASES.get(key, key)
+        name = MODEL_SECTION_ALIASES.get(key, key).replace("-", "_")
         if name in known:
-            values[name] = value
+            model_values[name] = value
     section = recipe.get(step)
-    if section is None:
-        section = {}
-    if not isinstance(section, dict):
-        raise UserError(f"The `{step}` section must be a mapping of keys to values", where=f"{path}: {step}")
-    for key, value in section.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise unknown_key_error(key, sorted(known), f"{path}: {step}")
-        values[name] = value
-    base = path.resolve().parent
-    for name, value in values.items():
-        values[name] = _relative_to(base, value, hints[name], name)
-    return values
+    sections = section if isinstance(section, list) else [section or {}]
+    base, outputs = path.resolve().parent, declared_outputs(recipe)
+    entries = []
+    for number, entry in enumerate(sections, start=1):
+        where = f"{path}: {step}" + (f" (entry {number})" if isinstance(section, list) else "")
+        if not isinstance(entry, dict):
+            raise UserError(f"The `{step}` section must be a mapping of keys to values", where=where,
+                            fix="Write it as `key: value` lines (a list of such mappings for several entries)")
+        values = dict(model_values)
+        for key, value in entry.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise unknown_key_error(key, sorted(known), where)
+            values[name] = value
+        entries.append({name: _relative_to(base, value, hints[name], name, outputs) for name, value in values.items()})
+    return entries
 
 
-def _relative_to(base: Path, value: Any, annotation: Any, name: str) -> Any:
-    """Resolve a recipe's relative paths against the recipe's folder."""
-    text = str(annotation)
-    if isinstance(value, str) and ("Path" in text or name in ("model", "sft", "reward", "data")):
-        if name in ("model", "sft", "reward") and not (value.startswith(".") or (base / value).exists()):
-            return value  # a hub id or the built-in model name
-        if not Path(value).is_absolute():
-            return str(base / value)
-    if isinstance(value, list) and "Path" in text:
-        return [str(base / v) if isinstance(v, str) and not Path(v).is_absolute() else v for v in value]
+def load_recipe_section(path: Path, step: str, cls: type) -> dict[str, Any]:
+    """The values a recipe gives one step whose section is a single mapping (see `recipe_entries`)."""
+    return recipe_entries(path, step, cls)[0]
+
+
+def _relative_to(base: Path, value: Any, annotation: Any, name: str, outputs: set[str] = frozenset()) -> Any:
+    """Resolve a recipe's relative paths against the recipe's folder.
+
+    A model-like value (`model`, `sft`, `reward`, `models`, `baseline`) is a path only when it starts with
+    `.`, exists, or is the `out` of a section of the recipe; otherwise it is a hub id or a built-in name.
+    """
+    if isinstance(value, list):
+        return [_relative_to(base, item, annotation, name, outputs) for item in value]
+    if not isinstance(value, str) or Path(value).is_absolute():
+        return value
+    model_like = name in ("model", "sft", "reward", "models", "baseline")
+    if model_like:
+        if value.startswith(".") or (base / value).exists() or value.rstrip("/") in outputs:
+            return os.path.normpath(base / value)
+        return value
+    if "Path" in str(annotation) or name == "data" or value.rstrip("/") in outputs:
+        return os.path.normpath(base / value)
     return value
 
 

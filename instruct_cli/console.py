@@ -117,7 +117,7 @@ def print_table(title: str, columns: list[str], rows: list[list[object]]) -> Non
     """Print a table with a header row."""
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*(format_value(cell) for cell in row))
     console.print(table)

@@ -1,0 +1,247 @@
+"""`instruct run recipe.yaml`: every step of a recipe in order, skipping what is already up to date.
+
+A recipe has a section per step (`prepare-data`, `sft`, `rm`, `ppo`, `eval`), each mapping 1:1 to that
+command's flags (`prepare-data` may list several data sets). For each step the runner decides, from the
+step's output folder alone:
+
+    run      no output yet
+    skip     the output is complete, was made with the same resolved config, and its inputs still hash
+             the same (and none of them is rebuilt by an earlier step of this run)
+    resume   the output was interrupted, with the same config: continue from its checkpoints
+    rerun    anything else (config changed, an input changed, --force): start the step over
+
+The same rules make `--dry-run` a faithful plan. Steps talk only through their folders, so running them
+here is exactly running the commands by hand.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from instruct_cli import artifacts
+from instruct_cli import config as cfg
+from instruct_cli.console import console, info, print_table
+from instruct_cli.errors import UserError
+
+STEP_NAMES = ("prepare-data", "sft", "rm", "ppo", "eval")
+RESUMABLE = ("sft", "rm", "ppo")
+INPUT_FIELDS = {"prepare-data": ("inputs",), "sft": ("model", "data"), "rm": ("model", "data"),
+                "ppo": ("sft", "reward", "data"), "eval": ("models", "reward", "data")}
+
+
+@dataclass
+class Task:
+    """One command the recipe asks for, with its resolved config and what the runner will do with it."""
+
+    step: str
+    config: Any
+    action: str = "run"
+    reason: str = ""
+    seconds: float = 0.0
+    headline: str = ""
+
+    @property
+    def out(self) -> Path:
+        """The folder the task writes."""
+        return Path(self.config.out)
+
+    @property
+    def label(self) -> str:
+        """The step name, with the data task for prepare-data (there may be several)."""
+        return f"{self.step} ({self.config.task})" if self.step == "prepare-data" else self.step
+
+
+def step_runner(step: str) -> tuple[type, Callable[[Any], Path]]:
+    """The config class and the `run(config)` function of a step (imported only when needed)."""
+    if step == "prepare-data":
+        from instruct_cli import data
+        return cfg.PrepareDataConfig, data.run
+    if step == "sft":
+        from instruct_cli import sft
+        return cfg.SFTConfig, sft.run
+    if step == "rm":
+        from instruct_cli import rm
+        return cfg.RMConfig, rm.run
+    if step == "ppo":
+        from instruct_cli import ppo
+        return cfg.PPOConfig, ppo.run
+    from instruct_cli import evaluate
+    return cfg.EvalConfig, evaluate.run
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def read_tasks(recipe_path: Path) -> list[Task]:
+    """Every command of the recipe, in pipeline order, with its config resolved and validated."""
+    recipe = cfg.read_recipe(recipe_path)
+    unknown = [key for key in recipe if key not in (*STEP_NAMES, "model", "version")]
+    if unknown:
+        close = cfg.unknown_key_error(unknown[0], [*STEP_NAMES, "model", "version"], str(recipe_path))
+        raise UserError(f"Unknown section `{unknown[0]}`", where=str(recipe_path), fix=close.fix)
+    tasks = []
+    for step in STEP_NAMES:
+        if step not in recipe:
+            continue
+        config_cls = step_config_class(step)
+        for entry in range(len(cfg.recipe_entries(Path(recipe_path), step, config_cls))):
+            config = cfg.build_config(config_cls, step, Path(recipe_path), {}, entry=entry)
+            if getattr(config, "out", None) is None:
+                raise UserError(f"The `{step}` section has no `out`", where=f"{recipe_path}: {step}",
+                                fix="Every step of a recipe names the folder it writes with `out:`")
+            tasks.append(Task(step, config))
+    if not tasks:
+        raise UserError("The recipe has no step sections", where=str(recipe_path),
+                        fix=f"Add one or more of: {', '.join(STEP_NAMES)}")
+    return tasks
+
+
+def step_config_class(step: str) -> type:
+    """The config dataclass of a step (without importing the step's heavy module)."""
+    return {"prepare-data": cfg.PrepareDataConfig, "sft": cfg.SFTConfig, "rm": cfg.RMConfig,
+            "ppo": cfg.PPOConfig, "eval": getattr(cfg, "EvalConfig", None)}[step]
+
+
+def decide(task: Task, rebuilt: set[Path], force: bool) -> tuple[str, str]:
+    """(action, reason) for one task, given the outputs that earlier tasks of this run will rebuild."""
+    manifest = artifacts.read_manifest(task.out) if task.out.is_dir() else None
+    if manifest is None:
+        return "run", "no output yet"
+    same_config = manifest.get("config") == cfg.to_recipe_dict(task.config)
+    if manifest.get("status") != artifacts.STATUS_COMPLETE:
+        if task.step in RESUMABLE and same_config and not force:
+            return "resume", f"the last run stopped ({manifest.get('status')})"
+        return "rerun", f"the last run did not finish ({manifest.get('status')})"
+    if force:
+        return "rerun", "--force"
+    if not same_config:
+        changed = sorted(key for key, value in cfg.to_recipe_dict(task.config).items()
+                         if (manifest.get("config") or {}).get(key) != value)
+        return "rerun", f"the recipe changed ({', '.join(changed) or 'config'})"
+    stale = stale_input(manifest, rebuilt)
+    if stale:
+        return "rerun", stale
+    return "skip", "up to date"
+
+
+def stale_input(manifest: dict, rebuilt: set[Path]) -> str | None:
+    """Why a complete output's inputs are no longer the ones it was made from (None when they are)."""
+    for source in manifest.get("sources") or []:  # a data folder's raw files
+        path = Path(source["path"])
+        current = (artifacts.sha256_file(path) if path.is_file() else
+                   artifacts.sha256_folder(path) if path.is_dir() else None)
+        if current != source.get("sha256"):
+            return f"{path.name} changed"
+    for name, parent in (manifest.get("parents") or {}).items():
+        path = Path(parent["path"])
+        if path.resolve() in rebuilt:
+            return f"its input {path.name} is rebuilt"
+        if not path.is_dir() or artifacts.sha256_folder(path) != parent.get("sha256"):
+            return f"its input {path.name} changed"
+    return None
+
+
+def plan(tasks: list[Task], selected: set[str], force: bool) -> list[Task]:
+    """Decide every task's action; tasks of steps not selected are skipped."""
+    rebuilt: set[Path] = set()
+    for task in tasks:
+        if task.step not in selected:
+            task.action, task.reason = "skip", "not selected (--from/--only)"
+            continue
+        task.action, task.reason = decide(task, rebuilt, force)
+        if task.action != "skip":
+            rebuilt.add(task.out.resolve())
+    return tasks
+
+
+def selected_steps(tasks: list[Task], start: str | None, only: str | None) -> set[str]:
+    """The steps `--from` / `--only` select (all by default)."""
+    present = [step for step in STEP_NAMES if any(t.step == step for t in tasks)]
+    for flag, value in (("--from", start), ("--only", only)):
+        if value is not None and value not in present:
+            raise UserError(f"{flag} {value}: the recipe has no such step", where=flag,
+                            fix=f"Use one of: {', '.join(present)}")
+    if only is not None:
+        return {only}
+    if start is not None:
+        return set(present[present.index(start):])
+    return set(present)
+
+
+# ---------------------------------------------------------------------------------------------- running
+def run(recipe_path: Path, start: str | None = None, only: str | None = None, dry_run: bool = False,
+        force: bool = False) -> list[Task]:
+    """Plan the recipe, then (unless `dry_run`) run each task that is not up to date; returns the tasks."""
+    tasks = plan(read_tasks(Path(recipe_path)), selected_steps(read_tasks(Path(recipe_path)), start, only), force)
+    if dry_run:
+        show_plan(tasks)
+        return tasks
+    for number, task in enumerate(tasks, start=1):
+        console.rule(f"[bold]{number}/{len(tasks)} {task.label}[/bold] — {task.action}: {task.reason}")
+        if task.action == "skip":
+            task.headline = headline(task)
+            continue
+        _, runner = step_runner(task.step)
+        config = replace(task.config, force=task.action == "rerun" or task.config.force)
+        if task.action == "resume":
+            config = replace(config, resume=True)
+        started = time.time()
+        try:
+            runner(config)
+        except UserError as exc:
+            raise UserError(f"Step {number} ({task.label}) failed: {exc.what}", where=exc.where, fix=exc.fix) from None
+        task.seconds = time.time() - started
+        task.headline = headline(task)
+    show_summary(tasks)
+    return tasks
+
+
+def headline(task: Task) -> str:
+    """The one number that says how a finished step went, read from its manifest."""
+    manifest = artifacts.read_manifest(task.out) or {}
+    metrics = manifest.get("metrics") or {}
+    if task.step == "prepare-data":
+        counts = manifest.get("counts") or {}
+        return f"{counts.get('train', '?')} train / {counts.get('eval', '?')} eval rows"
+    wanted = {"sft": ("eval/loss", "loss/train"), "rm": ("eval/accuracy", "train/accuracy"),
+              "ppo": ("eval/reward", "objective/score"), "eval": ()}[task.step]
+    for key in wanted:
+        if key in metrics:
+            return f"{key} {metrics[key]:.4g}"
+    wins = [f"{k} {v:.3g}" for k, v in metrics.items() if "win" in k and isinstance(v, (int, float))]
+    return ", ".join(wins[:2])
+
+
+def shown(path) -> str:
+    """A path as the user would type it: relative to the working directory when it is below it."""
+    path = Path(str(path))
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def show_plan(tasks: list[Task]) -> None:
+    """The --dry-run table: each task, its inputs and output, and what would happen and why."""
+    rows = []
+    for task in tasks:
+        inputs = []
+        for key in INPUT_FIELDS[task.step]:
+            value = getattr(task.config, key, None)
+            inputs += [shown(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+        rows.append([task.label, "\n".join(inputs), shown(task.out), task.action, task.reason])
+    print_table("plan", ["step", "inputs", "output", "action", "why"], rows)
+
+
+def show_summary(tasks: list[Task]) -> None:
+    """The final table: each task's action, time and headline metric; then the eval report's table."""
+    rows = [[t.label, t.action, f"{t.seconds:.0f} s" if t.seconds else "-", t.headline, shown(t.out)] for t in tasks]
+    print_table("instruct run", ["step", "action", "time", "headline", "output"], rows)
+    reports = [t for t in tasks if t.step == "eval"]
+    if reports:
+        from instruct_cli import evaluate
+
+        evaluate.show(evaluate.load_report(reports[-1].out))
+    else:
+        info("Done.")
