@@ -222,11 +222,29 @@ def prewarm_memory(gib: float) -> None:
           "(slow only the first time on a fresh virtual machine)", flush=True)
 
 
-def load_average() -> str:
+# ------------------------------------------------------------------------------------------ measurement
+def prewarm_memory(gib: float) -> None:
+    """Touch `gib` GiB of memory once, all held at the same time, then free it.
+
+    On a freshly started virtual machine whose memory the host backs lazily, the first touch of each page
+    is slow (seconds per GiB), so whichever side runs first, or allocates more, would be charged for it.
+    Touching the memory up front makes the sides' timings comparable; on a warm machine it takes a second.
+    """
+    if gib <= 0:
+        return
+    import numpy as np
+
     try:
-        return "/".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+        available = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+        gib = min(gib, available / 2**20 - 3)
+    except (OSError, StopIteration):
+        pass
+    start, chunks = time.perf_counter(), []
+    for _ in range(int(gib)):
+        chunks.append(np.ones(2**30, dtype=np.uint8))
+    del chunks
+    print(f"[bench] pre-touched {int(gib)} GiB of memory in {time.perf_counter() - start:.1f} s "
+          "(slow only the first time on a fresh virtual machine)", flush=True)
 
 
 # Runs the command as its only child, so RUSAGE_CHILDREN is that command's (and its children's) alone.
@@ -242,15 +260,36 @@ with open(out, "w") as handle:
 """
 
 
+def gauge() -> float:
+    """GFLOP/s of a small fp32 matmul right now (best of 5): how fast this machine is at the moment.
+
+    Virtual machines on a shared host can run several times slower for a while; a run whose gauge is far
+    below the others' was measured in such a spell.
+    """
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        best = min(best, time.perf_counter() - start)
+    return 10 * 2 * 512 ** 3 / best / 1e9
+
+
 def measure(cmd: list[str], env: dict, log: Path, label: str) -> dict:
-    """Run `cmd` in its own subprocess; returns exit code, wall seconds and peak RSS (MB) of that subprocess."""
+    """Run `cmd` in its own subprocess; returns exit code, wall seconds, CPU seconds and peak RSS (MB) of that
+    subprocess, and the machine gauge taken just before."""
     result_file = log.with_suffix(".rusage.json")
+    speed = gauge()
     print(f"[bench] {label}: $ {' '.join(cmd)}", flush=True)
     print(f"[bench] {label}: log in {log}", flush=True)
     with open(log, "w") as handle:
         subprocess.run([sys.executable, "-c", _MEASURE, str(result_file), *cmd], env=env, stdout=handle,
                        stderr=subprocess.STDOUT, check=False)
     result = json.loads(result_file.read_text())
+    result["gauge_gflops"] = speed
     if result["rc"] != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         print(f"[bench] {label} FAILED with exit code {result['rc']}; last lines of {log}:\n{tail}", flush=True)
@@ -319,7 +358,8 @@ def instruct_step_ends(run: Path) -> list[float]:
 def summarise(result: dict) -> dict:
     """A side's numbers from its step end times and per-step batches ({rows, tokens, padded} per step).
 
-    rows_per_s / tokens_per_s: steps 2..N-1 (see `steady`); loop_rows_per_s: all N steps, over the loop time
+    rows_per_s / tokens_per_s: steps 2..N-1 (see `steady`); median_step_*: the median over those steps of each
+    step's own rate (robust to a slow spell of the machine); loop_rows_per_s: all N steps, over the loop time
     (TRL: on_train_begin to the end of step N; instruct: its own final tokens/s counter, converted with the
     recomputed token count); padding: share of batch positions that were padding, over all N steps.
     """
@@ -328,9 +368,13 @@ def summarise(result: dict) -> dict:
     seconds, steps = steady(ends)
     out = {"steps": len(ends) or None, "median_step_s": median_step(ends), "rows_per_s": nan, "tokens_per_s": nan,
            "padding": nan, "tokens_per_step": nan, "loop_rows_per_s": nan,
-           "loop_tokens_per_s": result.get("loop_tokens_per_s", nan)}
+           "loop_tokens_per_s": result.get("loop_tokens_per_s", nan), "median_step_tokens_per_s": nan,
+           "median_step_rows_per_s": nan}
     if batches and steps:
         middle = batches[1:len(ends) - 1]
+        gaps = [b - a for a, b in zip(ends[:-2], ends[1:-1])]
+        out["median_step_tokens_per_s"] = statistics.median(b["tokens"] / g for b, g in zip(middle, gaps))
+        out["median_step_rows_per_s"] = statistics.median(b["rows"] / g for b, g in zip(middle, gaps))
         out["rows_per_s"] = sum(b["rows"] for b in middle) / seconds
         out["tokens_per_s"] = sum(b["tokens"] for b in middle) / seconds
         out["padding"] = 100 * (1 - sum(b["tokens"] for b in batches) / sum(b["padded"] for b in batches))

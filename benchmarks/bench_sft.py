@@ -149,14 +149,15 @@ def trl_worker(spec_file: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ report
-HEADER = ["side", "steps", "tokens/step", "padding %", "tokens/s", "loop tokens/s", "median s/step",
-          "peak RSS MB", "cpu s", "wall s"]
+HEADER = ["side", "steps", "tokens/step", "padding %", "tokens/s", "median step tokens/s", "loop tokens/s",
+          "peak RSS MB", "cpu s", "wall s", "gauge GFLOP/s"]
 
 
 def table_row(label: str, result: dict) -> list:
     s = common.summarise(result)
     return [label, s["steps"] or "failed", s["tokens_per_step"], s["padding"], s["tokens_per_s"],
-            s["loop_tokens_per_s"], s["median_step_s"], result["peak_rss_mb"], result["cpu_s"], result["wall_s"]]
+            s["median_step_tokens_per_s"], s["loop_tokens_per_s"], result["peak_rss_mb"], result["cpu_s"],
+            result["wall_s"], result["gauge_gflops"]]
 
 
 def report(runs: dict[str, list[dict]], args) -> None:
@@ -167,7 +168,7 @@ def report(runs: dict[str, list[dict]], args) -> None:
     best = {side: common.best_run(results, "tokens_per_s") for side, results in runs.items()}
     rows = [table_row(side, result) for side, result in best.items()]
     if len(best) == 2:
-        rows.append(common.ratio_row(*rows, skip=(1, 3)))  # no ratio of step counts or padding shares
+        rows.append(common.ratio_row(*rows, skip=(1, 3, 10)))  # no ratio of steps, padding, gauge
     common.print_table(
         f"SFT ({'fastest of ' + str(args.repeats) + ' runs per side' if args.repeats > 1 else 'one run per side'})"
         f": {args.max_steps} steps x {args.batch_size} rows, max length {args.max_length}, quantization "
@@ -183,9 +184,11 @@ def report(runs: dict[str, list[dict]], args) -> None:
           "on_train_begin to the end of step N).\n"
           "padding: share of batch positions that are padding (instruct batches by length; TRL samples "
           f"{'by length' if args.trl_group_by_length else 'at random'}).\n"
+          "median step tokens/s: the median over steps 2..N-1 of each step's tokens / its duration (robust to a "
+          "slow spell of the machine).\n"
           "peak RSS: largest resident set of the side's process; cpu s / wall s: the whole process, loading "
-          "included. Ratios are instruct / TRL: above 1 means instruct is faster (tokens/s) or larger "
-          "(RSS, s/step).")
+          "included; gauge: GFLOP/s of a small matmul just before the run (a low one marks a slow spell).\n"
+          "Ratios are instruct / TRL: above 1 means instruct is faster (tokens/s) or uses more (RSS, seconds).")
 
 
 def main() -> None:
@@ -210,10 +213,8 @@ def main() -> None:
         runs: dict[str, list[dict]] = {}
         for index in range(args.repeats):  # interleaved, so slow spells of a shared machine hit both sides
             if args.only != "trl":
-                print(f"[bench] load average {common.load_average()}", flush=True)
                 runs.setdefault("instruct", []).append(run_instruct(model, data, work, args, index))
             if args.only != "instruct":
-                print(f"[bench] load average {common.load_average()}", flush=True)
                 runs.setdefault("TRL", []).append(run_trl(model, data, work, args, index))
         report(runs, args)
         print(f"[bench] done in {time.time() - started:.0f} s; work folder {work}"

@@ -7,8 +7,8 @@ Reading happens in three small stages, each with one owner:
 2. `detect_format` + `CONVERTERS`: one raw row -> one canonical record, by input format:
    sft `{"messages"}`, prefs `{"prompt", "chosen", "rejected"}` or `{"prompt", "responses", "ranking"}`,
    prompts `{"prompt"}`. A row that cannot be converted raises `Malformed`.
-3. `run`: converts every row, turns records into the requested task, drops empty, duplicate, too long and
-   malformed rows (counted by reason), splits train/eval with a seed, and writes the folder atomically
+3. `run`: converts every row, turns records into the requested task, drops empty, duplicate, too long,
+   malformed and flagged (by a labeler) rows, counted by reason, splits train/eval with a seed, and writes the folder atomically
    with a manifest (sources + sha256, format, counts, drops, token-length statistics).
 
 Every training step reads a data folder through `read_split`, which refuses an incomplete folder and says
@@ -429,6 +429,9 @@ def run(config: PrepareDataConfig) -> Path:
         rows_read = 0
         for raw, where in read_source(path):
             rows_read += 1
+            if isinstance(raw, dict) and (raw.get("flagged") or raw.get("skipped")):
+                dropped["flagged"] += 1  # a labeler marked it unusable (instruct label)
+                continue
             fmt = fmt or detect_format(raw)
             try:
                 if fmt is None:
