@@ -33,6 +33,8 @@ _errors = Console(stderr=True, highlight=False)
 def quiet_warnings() -> None:
     """Hide library deprecation notices and bitsandbytes' advice to install optional CPU kernels: they are
     for the developers of this tool, not its users. Cheap; runs before any library is imported."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported: the GGUF converter's own bar
     for library in ("transformers", "peft", "accelerate", "bitsandbytes", "torch"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=library)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=library)
@@ -41,8 +43,6 @@ def quiet_warnings() -> None:
 
 def quiet_libraries() -> None:
     """Silence the libraries' own progress bars and advice so that only our output reaches the user."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter draws its own tqdm bar
     quiet_warnings()
     import transformers
     from transformers.utils import logging as hf_logging
