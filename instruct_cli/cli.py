@@ -380,6 +380,61 @@ def ppo(
     ppo_step.run(config)
 
 
+# ------------------------------------------------------------------------------------------------- label
+L = cfg.LabelConfig
+
+
+@app.command()
+@handles_user_errors
+def label(
+    model: Annotated[Optional[str], _opt(L, "model", "--model", "-m")] = None,
+    prompts: Annotated[Optional[Path], _opt(L, "prompts", "--prompts", "-p")] = None,
+    out: Annotated[Optional[Path], _opt(L, "out", "--out", "-o")] = None,
+    k: Annotated[Optional[int], _opt(L, "k", "--k", "-k")] = None,
+    labeler: Annotated[Optional[str], _opt(L, "labeler")] = None,
+    split: Annotated[Optional[str], _opt(L, "split")] = None,
+    max_prompts: Annotated[Optional[int], _opt(L, "max_prompts")] = None,
+    max_new_tokens: Annotated[Optional[int], _opt(L, "max_new_tokens")] = None,
+    temperature: Annotated[Optional[float], _opt(L, "temperature")] = None,
+    top_p: Annotated[Optional[float], _opt(L, "top_p")] = None,
+    top_k: Annotated[Optional[int], _opt(L, "top_k")] = None,
+    seed: Annotated[Optional[int], _opt(L, "seed")] = None,
+    batch_size: Annotated[Optional[int], _opt(L, "batch_size")] = None,
+    quantization: Annotated[Optional[str], _opt(L, "quantization")] = None,
+    device: Annotated[Optional[str], _opt(L, "device")] = None,
+    stats: Annotated[Optional[Path], _opt(L, "stats", metavar="LABELS_DIR")] = None,
+    recipe: RecipeOption = None,
+) -> None:
+    """Rank K sampled responses per prompt in the terminal: human preference data for `instruct rm`.
+
+    Type the order best first ([bold]2 1 4 3[/bold] or [bold]2>1>4>3[/bold], ties [bold]2 1=4 3[/bold]), or
+    [bold]s[/bold] skip, [bold]f[/bold] flag, [bold]u[/bold] undo, [bold]v N[/bold] view, [bold]m[/bold] more, [bold]q[/bold] quit.
+
+    Each judgment is saved at once to OUT/rankings.jsonl; the same command resumes at your next unlabelled prompt.
+
+    [bold]Examples[/bold]
+
+      instruct label --model runs/sft --prompts data/prompts --k 4 --out labels/
+
+      instruct label --model runs/sft --prompts data/prompts --out labels/ --labeler alice
+
+      printf '2 1 3 4\\nq\\n' | instruct label --model runs/sft --prompts data/prompts --out labels/
+
+      instruct label --stats labels/
+
+      instruct prepare-data -i labels/ --task prefs -o data/labelled && instruct rm --data data/labelled --out runs/rm
+    """
+    from instruct_cli import label as label_step
+
+    config = cfg.build_config(L, "label", recipe, dict(
+        model=model, prompts=prompts, out=out, k=k, labeler=labeler, split=split, max_prompts=max_prompts,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        batch_size=batch_size, quantization=quantization, device=device, stats=stats))
+    session = label_step.run(config)
+    if session is not None and session.interrupted:
+        raise typer.Exit(130)
+
+
 # ------------------------------------------------------------------------------------------------ export
 @app.command()
 @handles_user_errors

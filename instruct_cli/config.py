@@ -449,8 +449,9 @@ def validate(config: Any, source: str) -> None:
         value = getattr(config, name, None)
         if value is not None and value <= 0:
             raise UserError(f"`{name}` must be greater than 0, not {value}", where=source,
-                            fix=f"Set `{name}` to a positive number (use --greedy for deterministic output)"
-                            if name == "temperature" else f"Set `{name}` to a positive number")
+                            fix=f"Set `{name}` to a positive number" + (
+                                " (use --greedy for deterministic output)"
+                                if name == "temperature" and hasattr(config, "greedy") else ""))
 
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -561,3 +562,35 @@ def to_recipe_dict(config: Any) -> dict[str, Any]:
             value = [str(v) if isinstance(v, Path) else v for v in value]
         out[f.name] = value
     return out
+
+
+@dataclass
+class LabelConfig(ModelOptions):
+    """`instruct label`: sample K responses per prompt and collect a person's ranking of them in the terminal."""
+
+    prompts: Optional[Path] = None
+    """Data folder from `instruct prepare-data` whose prompts are labelled (a prompts, sft or prefs folder)."""
+    split: Literal["train", "eval"] = "train"
+    """Which split of the data folder gives the prompts."""
+    out: Optional[Path] = None
+    """Labels folder (rankings.jsonl, samples.jsonl); running the command again resumes where you stopped."""
+    k: int = 4
+    """Responses sampled per prompt and ranked (InstructGPT used 4 to 9)."""
+    labeler: Optional[str] = None
+    """Who is labelling; each labeler resumes at their own next unlabelled prompt (default: $USER)."""
+    max_prompts: Optional[int] = None
+    """Label only the first N prompts of the split."""
+    max_new_tokens: int = 256
+    """Longest response sampled, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (1.0 keeps the K responses varied, as ranking needs)."""
+    top_p: float = 0.95
+    """Nucleus sampling: keep the smallest set of tokens whose probability adds up to top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    seed: int = 0
+    """Sampling seed (each batch is seeded from it and the index of its first prompt)."""
+    batch_size: int = 4
+    """Prompts sampled together ahead of the labeler (each is K sequences)."""
+    stats: Optional[Path] = None
+    """Print counts, time per judgment and agreement between labelers for this labels folder, and exit."""

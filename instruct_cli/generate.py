@@ -97,7 +97,7 @@ def sampling_kwargs(config: GenerateConfig, tokenizer) -> dict:
     if config.greedy:
         return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     return {**kwargs, "do_sample": True, "temperature": config.temperature, "top_p": config.top_p,
-            "top_k": config.top_k or None}
+            "top_k": config.top_k}  # 0 turns top-k off (None would fall back to the model's own setting)
 
 
 def stream_answer(model, tokenizer, messages: list[dict], config: GenerateConfig) -> str:

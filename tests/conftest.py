@@ -26,3 +26,15 @@ def isolated_cache(tmp_path_factory):
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama chat model folder, built once per test session."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from several threads, and on a busy 2-core machine idle OpenMP threads
+    spinning against other processes make them many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
