@@ -278,7 +278,13 @@ def from_ranked(row: dict) -> tuple[str, dict]:
     if (not isinstance(ranking, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ranking)
             or sorted(ranking) != list(range(len(responses)))):
         raise Malformed(f"`ranking` {ranking!r} is not a permutation of 0..{len(responses) - 1}")
-    return "prefs", {"prompt": prompt, "responses": responses, "ranking": ranking}
+    record = {"prompt": prompt, "responses": responses, "ranking": ranking}
+    ties = row.get("ties") or []
+    if ties:  # groups of responses judged equal (instruct label): rm trains no pair inside a group
+        if not all(isinstance(g, list) and len(g) >= 2 and all(i in ranking for i in g) for g in ties):
+            raise Malformed(f"`ties` {ties!r} should be groups of response indices")
+        record["ties"] = ties
+    return "prefs", record
 
 
 def from_text(row: dict) -> tuple[str, dict]:

@@ -28,6 +28,7 @@ from instruct_cli.errors import UserError
 
 STEP_NAMES = ("prepare-data", "sft", "rm", "ppo", "eval")
 RESUMABLE = ("sft", "rm", "ppo")
+OTHER_SECTIONS = ("label", "generate")  # sections for commands that `run` does not run (they read them with --recipe)
 INPUT_FIELDS = {"prepare-data": ("inputs",), "sft": ("model", "data"), "rm": ("model", "data"),
                 "ppo": ("sft", "reward", "data"), "eval": ("models", "reward", "data")}
 
@@ -76,7 +77,7 @@ def step_runner(step: str) -> tuple[type, Callable[[Any], Path]]:
 def read_tasks(recipe_path: Path) -> list[Task]:
     """Every command of the recipe, in pipeline order, with its config resolved and validated."""
     recipe = cfg.read_recipe(recipe_path)
-    unknown = [key for key in recipe if key not in (*STEP_NAMES, "model", "version")]
+    unknown = [key for key in recipe if key not in (*STEP_NAMES, "model", "version", *OTHER_SECTIONS)]
     if unknown:
         close = cfg.unknown_key_error(unknown[0], [*STEP_NAMES, "model", "version"], str(recipe_path))
         raise UserError(f"Unknown section `{unknown[0]}`", where=str(recipe_path), fix=close.fix)

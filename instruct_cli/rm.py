@@ -38,9 +38,12 @@ from instruct_cli.sft import template_ids
 
 
 # ------------------------------------------------------------------------------------------------- rows
-def ranking_pairs(ranking: list[int]) -> list[tuple[int, int]]:
-    """All C(K, 2) (better, worse) pairs of a ranking listed best first: [2, 0, 1] -> (2,0), (2,1), (0,1)."""
-    return [(ranking[i], ranking[j]) for i, j in itertools.combinations(range(len(ranking)), 2)]
+def ranking_pairs(ranking: list[int], ties: list[list[int]] = ()) -> list[tuple[int, int]]:
+    """All C(K, 2) (better, worse) pairs of a ranking listed best first: [2, 0, 1] -> (2,0), (2,1), (0,1),
+    less the pairs inside a group of `ties` (responses a labeler judged equal teach no preference)."""
+    group = {index: number for number, tied in enumerate(ties) for index in tied}
+    return [(ranking[i], ranking[j]) for i, j in itertools.combinations(range(len(ranking)), 2)
+            if ranking[i] not in group or group[ranking[i]] != group.get(ranking[j])]
 
 
 def as_messages(value, role: str, where: str, field: str) -> list[dict]:
@@ -55,8 +58,8 @@ def as_messages(value, role: str, where: str, field: str) -> list[dict]:
                     fix="Clean the file with `instruct prepare-data --task prefs`")
 
 
-def preference_group(row: dict, where: str) -> tuple[list[dict], list[list[dict]], list[int]]:
-    """(prompt messages, K responses as message lists, ranking best first) of a pair row or a ranked row."""
+def preference_group(row: dict, where: str) -> tuple[list[dict], list[list[dict]], list[int], list[list[int]]]:
+    """(prompt messages, K responses as message lists, ranking best first, tied groups) of a pair or ranked row."""
     if not isinstance(row, dict) or "prompt" not in row:
         raise UserError("A preference row needs a `prompt`", where=where,
                         fix='Rows look like {"prompt", "chosen", "rejected"} or {"prompt", "responses", "ranking"}')
@@ -71,13 +74,17 @@ def preference_group(row: dict, where: str) -> tuple[list[dict], list[list[dict]
             raise UserError(f"The ranking {ranking} is not a permutation of the response indices "
                             f"0..{len(responses) - 1}", where=where,
                             fix="List every response index exactly once, best first (ties are not supported)")
-        return prompt, [as_messages(r, "assistant", where, "responses") for r in responses], list(ranking)
+        ties = row.get("ties") or []
+        if not (isinstance(ties, list) and all(isinstance(g, list) and all(i in ranking for i in g) for g in ties)):
+            raise UserError(f"`ties` {ties!r} should be groups of response indices", where=where,
+                            fix='Write ties as [[1, 3]] (responses 1 and 3 judged equal), or leave them out')
+        return prompt, [as_messages(r, "assistant", where, "responses") for r in responses], list(ranking), ties
     if "chosen" not in row or "rejected" not in row:
         raise UserError("A preference row needs `chosen` and `rejected` (or `responses` and `ranking`)", where=where,
                         fix="Clean the file with `instruct prepare-data --task prefs`")
     chosen = as_messages(row["chosen"], "assistant", where, "chosen")
     rejected = as_messages(row["rejected"], "assistant", where, "rejected")
-    return prompt, [chosen, rejected], [0, 1]
+    return prompt, [chosen, rejected], [0, 1], []
 
 
 def encode_response(tokenizer, prompt: list[dict], response: list[dict], max_length: int) -> list[int]:
@@ -113,11 +120,13 @@ def encode_rows(tokenizer, rows: list[dict], max_length: int, where: str) -> tup
                         where="--model", fix="Use an instruct/chat model, whose tokenizer has a chat template")
     groups, cut = [], 0
     for number, row in enumerate(rows, start=1):
-        prompt, responses, ranking = preference_group(row, f"{where}, row {number}")
+        prompt, responses, ranking, ties = preference_group(row, f"{where}, row {number}")
         full = [template_ids(tokenizer, prompt + r) for r in responses]
         encoded = [encode_response(tokenizer, prompt, r, max_length) for r in responses]
         cut += sum(len(f) > max_length and len(e) == max_length for f, e in zip(full, encoded))
-        groups.append(Group(encoded, ranking_pairs(ranking)))
+        pairs = ranking_pairs(ranking, ties)
+        if pairs:  # a row whose responses are all tied teaches nothing
+            groups.append(Group(encoded, pairs))
     return groups, cut
 
 

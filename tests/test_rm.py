@@ -27,6 +27,7 @@ def test_pairwise_loss_matches_hand_computed_values():
 def test_k_wise_expansion_and_per_prompt_weighting():
     assert rm.ranking_pairs([2, 0, 1]) == [(2, 0), (2, 1), (0, 1)]
     assert len(rm.ranking_pairs([3, 1, 0, 2])) == 6  # C(4, 2)
+    assert rm.ranking_pairs([3, 1, 0, 2], ties=[[1, 0]]) == [(3, 1), (3, 0), (3, 2), (1, 2), (0, 2)]
     # one K=3 group (3 pairs) and one pair group: the loss is the mean over the two prompts of their mean loss
     groups = [rm.Group([[5, 6], [5, 7], [5]], rm.ranking_pairs([2, 0, 1])), rm.Group([[8], [9, 9]], [(0, 1)])]
     batch = rm.collate(groups, pad_id=0, device="cpu")
