@@ -16,6 +16,7 @@ here is exactly running the commands by hand.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -194,6 +195,7 @@ def run(recipe_path: Path, start: str | None = None, only: str | None = None, dr
             raise UserError(f"Step {number} ({task.label}) failed: {exc.what}", where=exc.where, fix=exc.fix) from None
         task.seconds = time.time() - started
         task.headline = headline(task)
+        gc.collect()  # the step's model is garbage now: free it before the next step loads its own
     show_summary(tasks)
     return tasks
 
