@@ -557,6 +557,53 @@ def run_recipe(
     pipeline.run(recipe, start=start, only=only, dry_run=dry_run, force=force)
 
 
+# -------------------------------------------------------------------------------------------------- plan
+@app.command("plan")
+@handles_user_errors
+def plan_(
+    recipe: Annotated[Optional[Path], typer.Argument(help="The recipe YAML to plan (default: the default settings "
+                                                     "of sft, rm, ppo and eval).", show_default=False)] = None,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="A known card, e.g. 'RTX 3060', rtx-4090, 'A100 80GB', "
+                                               "T4.", show_default=False)] = None,
+    gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", help="The card's memory, e.g. 12GB or 11.5GiB "
+                                                      "(GB = 2^30 bytes, as spec sheets count).",
+                                                      show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Plan this model instead of the recipe's: the "
+                                                 "built-in name, a hub id (only config.json is fetched), a folder or "
+                                                 "a run folder.", show_default=False)] = None,
+    model_config: Annotated[Optional[Path], typer.Option("--model-config", help="Plan the model of this "
+                                                         "config.json (works offline for any model size).",
+                                                         show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="Plan for cuda (bf16 compute) or cpu (fp32).")] = "cuda",
+    table: Annotated[bool, typer.Option("--table", help="Print the README's markdown table of which steps fit on "
+                                        "8/12/16/24 GB for common model sizes, and exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the breakdown as JSON on stdout.")] = False,
+) -> None:
+    """Will it fit? Estimate each step's peak GPU memory from the model's config alone (no weights loaded).
+
+    For every step of the recipe: base weights at its quantisation, LoRA adapters with their gradients and
+    AdamW states, activations (with and without gradient checkpointing), logits, the KV cache of PPO
+    rollouts and eval sampling; with --gpu or --gpu-memory, a fit verdict per step and the changes that
+    would make a step fit.
+
+    [bold]Examples[/bold]
+
+      instruct plan recipes/gpu/llama3.1-8b-16gb.yaml --gpu "RTX 4080"
+
+      instruct plan recipes/quickstart.yaml --gpu-memory 8GB
+
+      instruct plan --model Qwen/Qwen2.5-1.5B-Instruct --gpu rtx-3060
+
+      instruct plan recipes/gpu/qwen2.5-1.5b-8gb.yaml --model-config ~/models/qwen-7b/config.json --gpu-memory 24GB
+
+      instruct plan --table
+    """
+    from instruct_cli import plan
+
+    plan.run(recipe, gpu=gpu, gpu_memory=gpu_memory, model=model, model_config=model_config, device=device,
+             table=table, as_json=as_json)
+
+
 def main() -> None:
     """Entry point of the `instruct` console script."""
     quiet_warnings()
