@@ -755,9 +755,10 @@ def estimate_ppo(shape: ModelShape, config: cfg.PPOConfig, policy: Lora, value: 
         # 2. score / 4. values: the body over prompt + response without gradients
         Moment("scoring", activations=inference_layer_bytes(shape, plain, rollouts, full),
                gradients=False),
-        # 3. log-probs and entropy: the policy's logits of the response positions (+1), then the scaled fp32
-        #    copy, log-softmax, its exp and the product for the entropy
-        Moment("rollout log-probs", logits=rollouts * (new + 1) * shape.vocab * (plain.stream + 12),
+        # 3. log-probs and entropy, a minibatch of rollouts at a time: the policy's logits of the response
+        #    positions (+1), then the scaled fp32 copy, log-softmax, its exp and the product for the entropy
+        Moment("rollout log-probs",
+               logits=min(rollouts, config.minibatch_size) * (new + 1) * shape.vocab * (plain.stream + 12),
                gradients=False),
     ]
     # 5. update: a minibatch of prompt + response sequences with gradients through the policy

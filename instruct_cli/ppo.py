@@ -188,13 +188,20 @@ def make_trajectory(roles: Roles, tokenizer, prompts: list[list[int]], config: P
     """Steps 1-4 for one batch of prompts: the trajectory the update learns from, and its statistics."""
     query, query_mask, response, mask, ended = rollout(roles, tokenizer, prompts, config, device)
     scores = score(roles, query, query_mask, response, mask, ended, config.missing_eos_penalty)
-    policy_logits = response_logits(roles, POLICY, query, query_mask, response, mask)
-    logprobs = rl.token_logprobs(policy_logits, response, config.temperature) * mask
-    entropy = rl.masked_mean(rl.entropy_from_logits(policy_logits, config.temperature), mask).item()
-    del policy_logits
-    ref_logprobs = rl.token_logprobs(response_logits(roles, REFERENCE, query, query_mask, response, mask),
-                                     response, config.temperature) * mask
-    values = response_values(roles, query, query_mask, response, mask) * mask
+    # log-probs, entropy and values in chunks of a minibatch: full-vocabulary logits for the whole rollout
+    # batch at once would be the largest tensor of the run (B x T x vocab floats)
+    logprobs, ref_logprobs, values, entropies = [], [], [], []
+    for rows in torch.arange(len(prompts), device=query.device).split(config.minibatch_size):
+        chunk = (query[rows], query_mask[rows], response[rows], mask[rows])
+        policy_logits = response_logits(roles, POLICY, *chunk)
+        logprobs.append(rl.token_logprobs(policy_logits, response[rows], config.temperature) * mask[rows])
+        entropies.append(rl.entropy_from_logits(policy_logits, config.temperature))
+        del policy_logits
+        ref_logprobs.append(rl.token_logprobs(response_logits(roles, REFERENCE, *chunk), response[rows],
+                                              config.temperature) * mask[rows])
+        values.append(response_values(roles, *chunk) * mask[rows])
+    logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+    entropy = rl.masked_mean(torch.cat(entropies), mask).item()
     rewards, kl = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, beta)
     advantages, returns = rl.gae(rewards, values, mask, config.gamma, config.lam)
     advantages = rl.whiten(advantages, mask)
