@@ -132,7 +132,9 @@ def add_model_flags(parser) -> None:
     parser.add_argument("--trl-group-by-length", action="store_true",
                         help="Give TRL length-grouped batches (train_sampling_strategy=group_by_length), as instruct "
                         "always batches; by default TRL keeps its random sampler")
-    parser.add_argument("--prewarm-gib", type=float, default=16,
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="Before each run, wait up to this long for other work to leave the CPUs (0: do not wait)")
+    parser.add_argument("--prewarm-gib", type=float, default=0,
                         help="GiB of memory to touch once before timing (0: off); see README")
 
 
@@ -222,31 +224,6 @@ def prewarm_memory(gib: float) -> None:
           "(slow only the first time on a fresh virtual machine)", flush=True)
 
 
-# ------------------------------------------------------------------------------------------ measurement
-def prewarm_memory(gib: float) -> None:
-    """Touch `gib` GiB of memory once, all held at the same time, then free it.
-
-    On a freshly started virtual machine whose memory the host backs lazily, the first touch of each page
-    is slow (seconds per GiB), so whichever side runs first, or allocates more, would be charged for it.
-    Touching the memory up front makes the sides' timings comparable; on a warm machine it takes a second.
-    """
-    if gib <= 0:
-        return
-    import numpy as np
-
-    try:
-        available = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
-        gib = min(gib, available / 2**20 - 3)
-    except (OSError, StopIteration):
-        pass
-    start, chunks = time.perf_counter(), []
-    for _ in range(int(gib)):
-        chunks.append(np.ones(2**30, dtype=np.uint8))
-    del chunks
-    print(f"[bench] pre-touched {int(gib)} GiB of memory in {time.perf_counter() - start:.1f} s "
-          "(slow only the first time on a fresh virtual machine)", flush=True)
-
-
 # Runs the command as its only child, so RUSAGE_CHILDREN is that command's (and its children's) alone.
 _MEASURE = r"""
 import json, resource, subprocess, sys, time
@@ -258,6 +235,33 @@ usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 with open(out, "w") as handle:
     json.dump({"rc": rc, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}, handle)
 """
+
+
+def busy_cpus(seconds: float = 3.0) -> float:
+    """How many CPUs were busy (not idle) over the next `seconds`, from /proc/stat."""
+    def sample():
+        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> None:
+    """Wait (up to `max_wait` seconds) until other work leaves the CPUs alone: fewer than `threshold` CPUs busy."""
+    if max_wait <= 0:
+        return
+    start = time.perf_counter()
+    while (busy := busy_cpus()) >= threshold:
+        if time.perf_counter() - start > max_wait:
+            print(f"[bench] still {busy:.1f} CPUs busy with other work after {max_wait:.0f} s; timing anyway",
+                  flush=True)
+            return
+    waited = time.perf_counter() - start
+    if waited > 4:
+        print(f"[bench] waited {waited:.0f} s for other work to leave the CPUs", flush=True)
 
 
 def gauge() -> float:
@@ -278,10 +282,11 @@ def gauge() -> float:
     return 10 * 2 * 512 ** 3 / best / 1e9
 
 
-def measure(cmd: list[str], env: dict, log: Path, label: str) -> dict:
+def measure(cmd: list[str], env: dict, log: Path, label: str, wait: float = 0) -> dict:
     """Run `cmd` in its own subprocess; returns exit code, wall seconds, CPU seconds and peak RSS (MB) of that
     subprocess, and the machine gauge taken just before."""
     result_file = log.with_suffix(".rusage.json")
+    wait_for_quiet(wait)
     speed = gauge()
     print(f"[bench] {label}: $ {' '.join(cmd)}", flush=True)
     print(f"[bench] {label}: log in {log}", flush=True)
@@ -290,6 +295,7 @@ def measure(cmd: list[str], env: dict, log: Path, label: str) -> dict:
                        stderr=subprocess.STDOUT, check=False)
     result = json.loads(result_file.read_text())
     result["gauge_gflops"] = speed
+    result["load"] = os.getloadavg()[0]  # runnable processes, 1-minute average: above 2 on 2 cores = contention
     if result["rc"] != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         print(f"[bench] {label} FAILED with exit code {result['rc']}; last lines of {log}:\n{tail}", flush=True)
@@ -361,7 +367,8 @@ def summarise(result: dict) -> dict:
     rows_per_s / tokens_per_s: steps 2..N-1 (see `steady`); median_step_*: the median over those steps of each
     step's own rate (robust to a slow spell of the machine); loop_rows_per_s: all N steps, over the loop time
     (TRL: on_train_begin to the end of step N; instruct: its own final tokens/s counter, converted with the
-    recomputed token count); padding: share of batch positions that were padding, over all N steps.
+    recomputed token count); padding: share of batch positions that were padding, over all N steps;
+    positions_per_s: batch positions, padding included, per second over steps 2..N-1 (raw compute speed).
     """
     nan = float("nan")
     ends, batches = result.get("step_ends") or [], result.get("batches")
@@ -369,7 +376,7 @@ def summarise(result: dict) -> dict:
     out = {"steps": len(ends) or None, "median_step_s": median_step(ends), "rows_per_s": nan, "tokens_per_s": nan,
            "padding": nan, "tokens_per_step": nan, "loop_rows_per_s": nan,
            "loop_tokens_per_s": result.get("loop_tokens_per_s", nan), "median_step_tokens_per_s": nan,
-           "median_step_rows_per_s": nan}
+           "median_step_rows_per_s": nan, "positions_per_s": nan}
     if batches and steps:
         middle = batches[1:len(ends) - 1]
         gaps = [b - a for a, b in zip(ends[:-2], ends[1:-1])]
@@ -379,6 +386,7 @@ def summarise(result: dict) -> dict:
         out["tokens_per_s"] = sum(b["tokens"] for b in middle) / seconds
         out["padding"] = 100 * (1 - sum(b["tokens"] for b in batches) / sum(b["padded"] for b in batches))
         out["tokens_per_step"] = sum(b["tokens"] for b in batches) / len(batches)
+        out["positions_per_s"] = sum(b["padded"] for b in middle) / seconds
         loop_s = result.get("loop_s")
         if loop_s is None and out["loop_tokens_per_s"] == out["loop_tokens_per_s"]:  # instruct: from its counter
             loop_s = sum(b["tokens"] for b in batches) / out["loop_tokens_per_s"]

@@ -70,7 +70,7 @@ def run_instruct(model: Path, data: Path, work: Path, args, index: int) -> dict:
            "--lr", str(args.lr), "--warmup-ratio", "0.03", "--weight-decay", "0", "--max-grad-norm", "1.0",
            "--seed", str(args.seed), "--eval-every", "100000", "--save-every", "100000",
            "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing", "--force"]
-    usage = common.measure(cmd, common.base_env(work), work / f"instruct-sft-{index}.log", "instruct sft")
+    usage = common.measure(cmd, common.base_env(work), work / f"instruct-sft-{index}.log", "instruct sft", args.wait_quiet)
     result = {"side": "instruct", **usage}
     if usage["rc"] != 0 or not (run / "metrics.jsonl").is_file():
         return result
@@ -93,7 +93,7 @@ def run_trl(model: Path, data: Path, work: Path, args, index: int) -> dict:
     spec_file = work / f"trl-sft-spec-{index}.json"
     spec_file.write_text(json.dumps(spec, indent=2))
     cmd = [common.PYTHON, str(Path(__file__).resolve()), "--trl-worker", str(spec_file)]
-    usage = common.measure(cmd, common.trl_env(work), work / f"trl-sft-{index}.log", "TRL SFTTrainer")
+    usage = common.measure(cmd, common.trl_env(work), work / f"trl-sft-{index}.log", "TRL SFTTrainer", args.wait_quiet)
     result = {"side": "TRL", **usage}
     if usage["rc"] == 0:
         result.update(json.loads(Path(spec["result"]).read_text()))
@@ -150,14 +150,15 @@ def trl_worker(spec_file: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ report
 HEADER = ["side", "steps", "tokens/step", "padding %", "tokens/s", "median step tokens/s", "loop tokens/s",
-          "peak RSS MB", "cpu s", "wall s", "gauge GFLOP/s"]
+          "positions/s", "peak RSS MB", "cpu s", "wall s", "gauge GFLOP/s", "load"]
 
 
 def table_row(label: str, result: dict) -> list:
     s = common.summarise(result)
     return [label, s["steps"] or "failed", s["tokens_per_step"], s["padding"], s["tokens_per_s"],
-            s["median_step_tokens_per_s"], s["loop_tokens_per_s"], result["peak_rss_mb"], result["cpu_s"],
-            result["wall_s"], result["gauge_gflops"]]
+            s["median_step_tokens_per_s"], s["loop_tokens_per_s"], s["positions_per_s"], result["peak_rss_mb"],
+            result["cpu_s"],
+            result["wall_s"], result["gauge_gflops"], result.get("load")]
 
 
 def report(runs: dict[str, list[dict]], args) -> None:
@@ -168,7 +169,7 @@ def report(runs: dict[str, list[dict]], args) -> None:
     best = {side: common.best_run(results, "tokens_per_s") for side, results in runs.items()}
     rows = [table_row(side, result) for side, result in best.items()]
     if len(best) == 2:
-        rows.append(common.ratio_row(*rows, skip=(1, 3, 10)))  # no ratio of steps, padding, gauge
+        rows.append(common.ratio_row(*rows, skip=(1, 3, 11, 12)))  # no ratio of steps, padding, gauge, load
     common.print_table(
         f"SFT ({'fastest of ' + str(args.repeats) + ' runs per side' if args.repeats > 1 else 'one run per side'})"
         f": {args.max_steps} steps x {args.batch_size} rows, max length {args.max_length}, quantization "
@@ -184,10 +185,13 @@ def report(runs: dict[str, list[dict]], args) -> None:
           "on_train_begin to the end of step N).\n"
           "padding: share of batch positions that are padding (instruct batches by length; TRL samples "
           f"{'by length' if args.trl_group_by_length else 'at random'}).\n"
+          "positions/s: batch positions, padding included, per second over steps 2..N-1 (compute speed without "
+          "the effect of padding).\n"
           "median step tokens/s: the median over steps 2..N-1 of each step's tokens / its duration (robust to a "
           "slow spell of the machine).\n"
           "peak RSS: largest resident set of the side's process; cpu s / wall s: the whole process, loading "
-          "included; gauge: GFLOP/s of a small matmul just before the run (a low one marks a slow spell).\n"
+          "included; gauge: GFLOP/s of a small matmul just before the run, load: the "
+          "1-minute load average just after it (a low gauge or a load above the 2 cores marks contention).\n"
           "Ratios are instruct / TRL: above 1 means instruct is faster (tokens/s) or uses more (RSS, seconds).")
 
 
@@ -216,6 +220,7 @@ def main() -> None:
                 runs.setdefault("instruct", []).append(run_instruct(model, data, work, args, index))
             if args.only != "instruct":
                 runs.setdefault("TRL", []).append(run_trl(model, data, work, args, index))
+        (work / "results.json").write_text(json.dumps(runs, indent=1))
         report(runs, args)
         print(f"[bench] done in {time.time() - started:.0f} s; work folder {work}"
               + ("" if args.keep or args.work else " (removed)"))

@@ -1,0 +1,247 @@
+"""Benchmark `instruct rm` against TRL's RewardTrainer on the same model, data and LoRA settings, on this machine.
+
+Both sides train a reward model -- LoRA (r=16, alpha=32, dropout 0, every linear layer of the decoder) plus
+a fresh scalar head -- on the same preference pairs (the train split of a data folder made by
+`instruct prepare-data --task prefs` from synthetic {prompt, chosen, rejected} rows), with the same batch size
+in pairs, number of optimizer steps, max length, learning rate and schedule, seed, no gradient accumulation,
+no evaluation during training, no checkpoints, and (by default) an fp32 base with gradient checkpointing off.
+Each side runs in its own subprocess: `instruct rm ...` through the real CLI, and a TRL worker (this file with
+--trl-worker) that imports TRL 1.16 from benchmarks/.trl (installed there on first use).
+
+How the two models differ (by design, not by settings): instruct's reward model is the causal LM's decoder
+body + a Linear(hidden, 1) head read at the response's EOS; TRL's is AutoModelForSequenceClassification
+(the same body + a `score` Linear, saved through peft's modules_to_save) read at the last non-pad token.
+Both run chosen and rejected of a batch through ONE forward pass (2 x batch sequences).
+
+Printed for each side:
+  * pairs/s: preference pairs of steps 2..N-1 divided by the time from the end of step 1 to the end of
+    step N-1 (loading, tokenisation, the first step's warm-up and everything after the last step -- instruct's
+    final evaluation and its reward normalisation pass -- are left out on both sides).
+  * median step pairs/s: the median over those steps of each step's pairs / its duration.
+  * loop pairs/s: all N steps, from each side's own clock (instruct: its final `train/tokens_per_s`
+    converted with the recomputed token count; TRL: on_train_begin to the end of step N).
+  * tokens/s: non-pad tokens (chosen + rejected) of steps 2..N-1 over the same time; padding: share of batch
+    positions that were padding.
+  * peak RSS: the largest resident set of that side's process (getrusage(RUSAGE_CHILDREN) in a wrapper
+    process per side); cpu s and wall s: the whole process, loading and instruct's normalisation included.
+
+Usage: .venv/bin/python benchmarks/bench_rm.py [--max-steps 40] [--batch-size 4] [--repeats 2] [--model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------- instruct
+def instruct_batches(model: Path, data: Path, args) -> list[dict]:
+    """The batches `instruct rm` trains on, step by step: pairs, non-pad tokens and padded size of each.
+
+    Recomputed with the CLI's own tokenizer loading, preference encoder and length-grouped batcher (the CLI
+    logs only a running tokens/s), so that both sides' throughput is measured over the same steps.
+    """
+    from instruct_cli import models, rm, training
+
+    tokenizer = models.load_tokenizer(str(model))
+    rows = common.read_jsonl(data / "prefs.train.jsonl")
+    groups, _ = rm.encode_rows(tokenizer, rows, args.max_length, "prefs.train.jsonl")
+    lengths = [g.tokens for g in groups]
+    per_epoch: dict[int, list[list[int]]] = {}
+    batches = []
+    for step in range(args.max_steps):  # as training.fit walks them with one process and no accumulation
+        first = per_epoch.setdefault(0, training.length_grouped_batches(lengths, args.batch_size, args.seed, 0))
+        epoch, position = divmod(step, len(first))
+        if epoch not in per_epoch:
+            per_epoch[epoch] = training.length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
+        chosen = [groups[i] for i in per_epoch[epoch][position]]
+        sequences = [len(ids) for g in chosen for ids in g.responses]
+        batches.append({"rows": sum(len(g.pairs) for g in chosen), "tokens": sum(sequences),
+                        "padded": len(sequences) * max(sequences)})
+    return batches
+
+
+def run_instruct(model: Path, data: Path, work: Path, args, index: int) -> dict:
+    """`instruct rm` through the real CLI, in its own subprocess; its numbers from metrics.jsonl."""
+    run = work / f"instruct-rm-run-{index}"
+    cmd = [common.INSTRUCT, "rm", "--model", str(model), "--data", str(data), "--out", str(run),
+           "--quantization", args.quantization, "--device", "cpu", "--lora-r", "16", "--lora-alpha", "32",
+           "--lora-dropout", "0", "--lora-targets", "all-linear", "--batch-size", str(args.batch_size),
+           "--grad-accum", "1", "--max-steps", str(args.max_steps), "--max-length", str(args.max_length),
+           "--lr", str(args.lr), "--warmup-ratio", "0.03", "--weight-decay", "0", "--max-grad-norm", "1.0",
+           "--seed", str(args.seed), "--eval-every", "100000", "--save-every", "100000",
+           "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing", "--force"]
+    usage = common.measure(cmd, common.base_env(work), work / f"instruct-rm-{index}.log", "instruct rm", args.wait_quiet)
+    result = {"side": "instruct", **usage}
+    if usage["rc"] != 0 or not (run / "metrics.jsonl").is_file():
+        return result
+    rows = common.read_jsonl(run / "metrics.jsonl")
+    result.update(step_ends=common.instruct_step_ends(run), loop_tokens_per_s=rows[-1].get("train/tokens_per_s"))
+    try:
+        result["batches"] = instruct_batches(model, data, args)
+    except Exception as exc:  # the CLI's internals moved: keep the numbers that do not need them
+        print(f"[bench] could not recompute instruct's batches ({type(exc).__name__}: {exc}); "
+              "pairs/s and padding are n/a for instruct", flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- TRL
+def run_trl(model: Path, data: Path, work: Path, args, index: int) -> dict:
+    """TRL's RewardTrainer in its own subprocess (this file with --trl-worker), with TRL on PYTHONPATH."""
+    spec = {**{k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+            "model": str(model), "data": str(data), "out": str(work / f"trl-rm-run-{index}"),
+            "result": str(work / f"trl-rm-result-{index}.json")}
+    spec_file = work / f"trl-rm-spec-{index}.json"
+    spec_file.write_text(json.dumps(spec, indent=2))
+    cmd = [common.PYTHON, str(Path(__file__).resolve()), "--trl-worker", str(spec_file)]
+    usage = common.measure(cmd, common.trl_env(work), work / f"trl-rm-{index}.log", "TRL RewardTrainer", args.wait_quiet)
+    result = {"side": "TRL", **usage}
+    if usage["rc"] == 0:
+        result.update(json.loads(Path(spec["result"]).read_text()))
+    return result
+
+
+def trl_worker(spec_file: str) -> None:
+    """Inside the TRL subprocess: train with RewardTrainer; write step end times and per-step batches as JSON."""
+    spec = json.loads(Path(spec_file).read_text())
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+
+    import trl
+    from trl import RewardConfig, RewardTrainer
+
+    # The pairs instruct trains on (the data folder's train split), in TRL's conversational form with an
+    # explicit prompt: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}.
+    rows = common.read_jsonl(Path(spec["data"]) / "prefs.train.jsonl")
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                                 for r in rows])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    kwargs = {"dtype": torch.float32, "num_labels": 1}
+    if spec["quantization"] == "nf4":  # the 4-bit config instruct uses on a CPU
+        kwargs.update(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32))
+    model = AutoModelForSequenceClassification.from_pretrained(spec["model"], **kwargs)
+    config = RewardConfig(
+        output_dir=spec["out"], max_steps=spec["max_steps"], per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0.03,
+        weight_decay=0.0, max_grad_norm=1.0, max_length=spec["max_length"],
+        gradient_checkpointing=spec["gradient_checkpointing"], logging_steps=1, report_to="none",
+        save_strategy="no", eval_strategy="no", use_cpu=True, bf16=False, fp16=False, seed=spec["seed"],
+        dataloader_num_workers=0, disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if spec["trl_group_by_length"] else "random")
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none",
+                      task_type="SEQ_CLS")
+    trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=lora)
+    timer = common.step_timer_callback()
+    trainer.add_callback(timer)
+    trainer.data_collator = counter = common.CountingCollator(trainer.data_collator)
+    output = trainer.train()
+    steps = len(timer.step_ends)
+    batches = counter.batches[:steps]
+    loop_s = timer.step_ends[-1] - timer.begin
+    reported = [log["num_tokens"] for log in trainer.state.log_history if "num_tokens" in log]
+    result = {"trl_version": trl.__version__, "step_ends": timer.step_ends, "batches": batches, "loop_s": loop_s,
+              "loop_tokens_per_s": sum(b["tokens"] for b in batches) / loop_s, "train_rows": len(trainer.train_dataset),
+              "trl_num_tokens": reported[-1] if reported else None, "train_runtime": output.metrics["train_runtime"]}
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------------------ report
+HEADER = ["side", "steps", "pairs/step", "padding %", "pairs/s", "median step pairs/s", "loop pairs/s",
+          "tokens/s", "positions/s", "peak RSS MB", "cpu s", "wall s", "gauge GFLOP/s", "load"]
+
+
+def table_row(label: str, result: dict) -> list:
+    s = common.summarise(result)
+    batches = result.get("batches") or []
+    pairs_per_step = sum(b["rows"] for b in batches) / len(batches) if batches else float("nan")
+    return [label, s["steps"] or "failed", pairs_per_step, s["padding"], s["rows_per_s"],
+            s["median_step_rows_per_s"], s["loop_rows_per_s"], s["tokens_per_s"], s["positions_per_s"],
+            result["peak_rss_mb"],
+            result["cpu_s"], result["wall_s"], result["gauge_gflops"], result.get("load")]
+
+
+def report(runs: dict[str, list[dict]], args) -> None:
+    """Every run (when repeated), then the table of each side's fastest run and the instruct/TRL ratios."""
+    if args.repeats > 1:
+        rows = [table_row(f"{side} #{i + 1}", r) for side, results in runs.items() for i, r in enumerate(results)]
+        common.print_table("RM, every run", HEADER, rows)
+    best = {side: common.best_run(results, "rows_per_s") for side, results in runs.items()}
+    rows = [table_row(side, result) for side, result in best.items()]
+    if len(best) == 2:
+        rows.append(common.ratio_row(*rows, skip=(1, 2, 3, 12, 13)))  # not for steps, pairs/step, padding, gauge, load
+    common.print_table(
+        f"RM ({'fastest of ' + str(args.repeats) + ' runs per side' if args.repeats > 1 else 'one run per side'})"
+        f": {args.max_steps} steps x {args.batch_size} pairs, max length {args.max_length}, quantization "
+        f"{args.quantization}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+        "LoRA r=16 alpha=32 dropout 0 all-linear + scalar head", HEADER, rows)
+    trl_run = best.get("TRL", {})
+    if trl_run.get("train_rows") is not None:
+        print(f"(TRL kept {trl_run['train_rows']} training pairs after its max-length filter; its own num_tokens "
+              f"after the last step: {trl_run.get('trl_num_tokens')}, counted in its collator: "
+              f"{sum(b['tokens'] for b in trl_run['batches'])})")
+    print("pairs/s and tokens/s: pairs (tokens of chosen + rejected) of steps 2..N-1 / time from the end of step 1 "
+          "to the end of step N-1 (loading, step 1, instruct's final eval and reward normalisation excluded).\n"
+          "positions/s: batch positions, padding included, per second over steps 2..N-1 (compute speed without "
+          "the effect of padding).\n"
+          "median step pairs/s: the median over steps 2..N-1 of each step's pairs / its duration (robust to a slow "
+          "spell of the machine).\n"
+          "loop pairs/s: all N steps by each side's own clock (instruct: train/tokens_per_s with the recomputed "
+          "token count; TRL: on_train_begin to the end of step N).\n"
+          "padding: share of batch positions that are padding (instruct batches by length; TRL samples "
+          f"{'by length' if args.trl_group_by_length else 'at random'}).\n"
+          "peak RSS: largest resident set of the side's process; cpu s / wall s: the whole process, loading "
+          "included; gauge: GFLOP/s of a small matmul just before the run, load: the "
+          "1-minute load average just after it (a low gauge or a load above the 2 cores marks contention).\n"
+          "Ratios are instruct / TRL: above 1 means instruct is faster (pairs/s, tokens/s) or uses more "
+          "(RSS, seconds).")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_model_flags(parser)
+    parser.add_argument("--trl-worker", metavar="SPEC", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trl_worker:
+        trl_worker(args.trl_worker)
+        return
+    if args.only != "instruct":
+        common.ensure_trl()
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="bench-rm-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    try:
+        common.prewarm_memory(args.prewarm_gib)
+        model = common.default_model(work, args)
+        raw = common.write_jsonl(work / "raw-prefs.jsonl", common.preference_rows(args.rows, args.seed))
+        data = common.prepare_data(raw, work / "data-prefs", "prefs", model, common.base_env(work))
+        runs: dict[str, list[dict]] = {}
+        for index in range(args.repeats):  # interleaved, so slow spells of a shared machine hit both sides
+            if args.only != "trl":
+                runs.setdefault("instruct", []).append(run_instruct(model, data, work, args, index))
+            if args.only != "instruct":
+                runs.setdefault("TRL", []).append(run_trl(model, data, work, args, index))
+        (work / "results.json").write_text(json.dumps(runs, indent=1))
+        report(runs, args)
+        print(f"[bench] done in {time.time() - started:.0f} s; work folder {work}"
+              + ("" if args.keep or args.work else " (removed)"))
+    finally:
+        if not args.keep and not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
