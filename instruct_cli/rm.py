@@ -34,7 +34,7 @@ from instruct_cli.config import RMConfig, RMScoreConfig
 from instruct_cli.console import info, progress, summary_table, warn
 from instruct_cli.errors import UserError
 from instruct_cli.heads import RewardModel, save_adapter  # noqa: F401 - save_adapter is part of this step's API
-from instruct_cli.sft import template_ids
+from instruct_cli.sft import load_trainable_policy, template_ids
 
 
 # ------------------------------------------------------------------------------------------------- rows
@@ -241,16 +241,8 @@ def normalize(raw: float, norm: dict) -> float:
 # ------------------------------------------------------------------------------------------------- model
 def load_trainable_reward_model(config: RMConfig, source: models.ModelSource, device):
     """The base with a trainable LoRA (the SFT run's adapter when --model is a run folder) and a fresh head."""
-    from peft import PeftModel, get_peft_model
-
-    tokenizer = models.load_tokenizer(source)
-    base = models.load_base_model(source, config.quantization, device)
-    base = training.prepare_for_training(base, config.quantization, config.gradient_checkpointing)
-    if source.adapter is not None:
-        body = PeftModel.from_pretrained(base, str(source.adapter), is_trainable=True)
-    else:
-        body = get_peft_model(base, models.lora_config(config))
-    head = heads.ScalarHead(heads.hidden_size_of(base), seed=config.seed).to(device)
+    body, tokenizer = load_trainable_policy(config, source, device)  # the same base + LoRA as sft
+    head = heads.ScalarHead(heads.hidden_size_of(body), seed=config.seed).to(device)
     return RewardModel(body, head), tokenizer
 
 
