@@ -62,6 +62,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fmt, print_table, ratio, read_jsonl, write_jsonl  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
@@ -157,15 +160,6 @@ def measure(cmd: list[str], log: Path, label: str) -> dict:
 
 
 READY = re.compile(r"ppo: \d+ prompts")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def memory_status() -> dict[str, float]:
@@ -393,34 +387,6 @@ def child_one_step(spec_file: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def fmt(value, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return str(value)
-
-
-def print_table(title: str, header: list[str], rows: list[list]) -> None:
-    """A plain fixed-width table on stdout."""
-    cells = [header] + [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    line = "-+-".join("-" * w for w in widths)
-    print(f"\n{title}\n{line}")
-    for index, row in enumerate(cells):
-        print(" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if index == 0:
-            print(line)
-    print(line)
-
-
-def ratio(a, b):
-    try:
-        return a / b
-    except (TypeError, ZeroDivisionError):
-        return None
-
-
 def report(quantization: str, baseline: dict, sides: dict[str, dict], args) -> dict:
     """The table of one quantization and its ratios; returns {side: {"raw": .., "net": .., "pss": ..}}."""
     base_rss, base_pss = baseline["peak_rss_mb"], baseline.get("sampled_peak_pss_mb") or 0.0

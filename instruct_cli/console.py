@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Mapping
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -80,20 +83,43 @@ def progress(description: str, total: int | None) -> Iterator["ProgressTask"]:
 
 
 class ProgressTask:
-    """A handle on one progress bar: advance it and show the latest metrics next to it."""
+    """A handle on one progress bar: advance it and show the latest metrics next to it.
+
+    When stderr is not a terminal (a log file, CI, `2>&1 | tee`) rich draws the bar only once, at the end;
+    there a plain progress line is printed instead, at most every `PLAIN_LINE_EVERY_S` seconds.
+    """
+
+    PLAIN_LINE_EVERY_S = 30.0
 
     def __init__(self, bar: Progress, task_id):
         self._bar = bar
         self._task_id = task_id
+        self._last_plain_line = time.monotonic()
 
     def advance(self, steps: int = 1, **metrics: float | str) -> None:
         """Move the bar forward by `steps` and replace the metrics shown beside it."""
         text = "  ".join(f"{name} {format_value(value)}" for name, value in metrics.items())
         self._bar.update(self._task_id, advance=steps, metrics=text)
+        if not console.is_terminal and time.monotonic() - self._last_plain_line >= self.PLAIN_LINE_EVERY_S:
+            self._last_plain_line = time.monotonic()
+            self._print_plain_line()
+
+    def _print_plain_line(self) -> None:
+        task = next(task for task in self._bar.tasks if task.id == self._task_id)
+        done = f"{task.completed:.0f}/{task.total:.0f}" if task.total else f"{task.completed:.0f}"
+        eta = f"  eta {_clock(task.time_remaining)}" if task.time_remaining is not None else ""
+        console.print(f"{task.description}  {done}  elapsed {_clock(task.elapsed or 0)}{eta}  "
+                      f"{task.fields['metrics']}", soft_wrap=True)
 
     def set_completed(self, completed: int) -> None:
         """Jump the bar to `completed` (used when resuming part-way)."""
         self._bar.update(self._task_id, completed=completed)
+
+
+def _clock(seconds: float) -> str:
+    """Seconds as H:MM:SS."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def format_value(value) -> str:
@@ -114,13 +140,19 @@ def summary_table(title: str, rows: Mapping[str, object]) -> None:
 
 
 def print_table(title: str, columns: list[str], rows: list[list[object]]) -> None:
-    """Print a table with a header row."""
-    table = Table(title=title, title_justify="left")
+    """Print a table with a header row. Cells are plain text (model output may contain [brackets])."""
+    table = Table(title=escape(title), title_justify="left")
     for column in columns:
-        table.add_column(column, overflow="fold")
+        table.add_column(escape(column), overflow="fold")
     for row in rows:
-        table.add_row(*(format_value(cell) for cell in row))
+        table.add_row(*(escape(format_value(cell)) for cell in row))
     console.print(table)
+
+
+def display_path(path) -> str:
+    """A path as the user would type it: relative to the working directory when it is below it, else as given."""
+    relative = os.path.relpath(Path(str(path)).resolve())
+    return relative if not relative.startswith("..") else str(path)
 
 
 def info(message: str) -> None:

@@ -43,13 +43,15 @@ import torch
 
 from instruct_cli import artifacts, data, models, ppo, rl, rm, sft
 from instruct_cli.config import EvalConfig, to_recipe_dict
-from instruct_cli.console import info, print_table, progress, summary_table, warn
+from instruct_cli.console import display_path, info, print_table, progress, summary_table, warn
 from instruct_cli.errors import UserError
 from instruct_cli.generate import encode_prompt, left_pad, to_messages
 
 BASE = "base"
 TIE_TOLERANCE = 1e-6
 REPORT_JSON, REPORT_MD, SAMPLES = "report.json", "report.md", "samples.jsonl"
+SAMPLES_SHOWN = 3
+"""How many prompts `show` prints with every model's answer side by side."""
 REWARD_PLOT, WIN_PLOT, CURVES_PLOT = "reward_distribution.png", "win_rate.png", "training_curves.png"
 
 
@@ -307,9 +309,10 @@ def run_entry(spec: str) -> Entry:
     """An sft or ppo run folder; a ppo run's KL reference is its parent SFT run."""
     path = Path(spec)
     manifest = artifacts.require_complete(path, ("sft", "ppo"), flag="--models")
+    name = display_path(spec)
     if manifest["kind"] == "sft":
-        return Entry(spec, spec, "sft", path, reference=path)
-    return Entry(spec, spec, "ppo", path, reference=sft_parent(spec, manifest))
+        return Entry(name, spec, "sft", path, reference=path)
+    return Entry(name, spec, "ppo", path, reference=sft_parent(spec, manifest))
 
 
 def sft_parent(name: str, manifest: dict) -> Path | None:
@@ -898,12 +901,6 @@ def runs_with_curves(entries: list[Entry], reward: Path) -> list[tuple[str, str,
     return unique
 
 
-def display_path(path: Path) -> str:
-    """A path relative to the working directory when it is inside it, else as it is."""
-    relative = os.path.relpath(Path(path).resolve())
-    return relative if not relative.startswith("..") else str(path)
-
-
 # ---------------------------------------------------------------------------------------------------- run
 def run(config: EvalConfig) -> Path:
     """Evaluate `config.models` on held-out prompts and write the report folder; returns its path."""
@@ -944,7 +941,7 @@ def run(config: EvalConfig) -> Path:
         report = write_report(Path(config.out), entries, baseline, prompts, reward_model,
                               run_folder.manifest["parents"], config)
         run_folder.complete(headline_metrics(report), verdict=report["verdict"])
-    show(report)
+    show(report, Path(config.out))
     return Path(config.out)
 
 
@@ -977,15 +974,25 @@ def unfinished_report(folder: Path) -> bool:
     return bool(manifest) and manifest.get("kind") == "report" and manifest.get("status") != artifacts.STATUS_COMPLETE
 
 
-def show(report: dict) -> None:
-    """The results table and the verdict in the terminal."""
+def show(report: dict, folder: Path) -> None:
+    """The results table, a few answers side by side (from the report folder's samples.jsonl) and the verdict."""
     print_table(f"eval: {report['prompts']} prompts, baseline {report['baseline']}", TABLE_COLUMNS,
                 table_rows(report))
+    path = Path(folder) / SAMPLES
+    samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    if samples:
+        names = list(samples[0]["responses"])
+        rows = [[row["prompt"][-1]["content"] if row["prompt"] else ""]
+                + [f"{row['responses'][name]['text']}\n(reward {row['responses'][name]['reward']:+.2f})"
+                   for name in names]
+                for row in samples[:SAMPLES_SHOWN]]
+        print_table(f"{min(SAMPLES_SHOWN, len(samples))} of the {len(samples)} answers side by side "
+                    f"(all in {SAMPLES})", ["prompt", *names], rows)
     for line in report["verdict"]:
         info(line)
     rm_report = report["reward_model"]
     summary_table("eval", {
-        "report": str(Path(report["settings"]["out"]) / REPORT_MD),
+        "report": display_path(Path(folder) / REPORT_MD),
         "reward model accuracy": percent(rm_report["accuracy"]) if rm_report.get("accuracy") is not None else "-",
         "plots": ", ".join(report["plots"]),
     })

@@ -17,6 +17,7 @@ here is exactly running the commands by hand.
 from __future__ import annotations
 
 import gc
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Callable
 
 from instruct_cli import artifacts
 from instruct_cli import config as cfg
-from instruct_cli.console import console, info, print_table
+from instruct_cli.console import console, display_path, info, print_table
 from instruct_cli.errors import UserError
 
 STEP_NAMES = ("prepare-data", "sft", "rm", "ppo", "eval")
@@ -212,17 +213,10 @@ def headline(task: Task) -> str:
     for key in wanted:
         if key in metrics:
             return f"{key} {metrics[key]:.4g}"
-    wins = [f"{k} {v:.3g}" for k, v in metrics.items() if "win" in k and isinstance(v, (int, float))]
+    wins = [f"{Path(key[:-len('/win_rate')]).name} wins {value:.0%} "
+            f"({metrics.get(key + '_low', math.nan):.0%}-{metrics.get(key + '_high', math.nan):.0%})"
+            for key, value in metrics.items() if key.endswith("/win_rate")]
     return ", ".join(wins[:2])
-
-
-def shown(path) -> str:
-    """A path as the user would type it: relative to the working directory when it is below it."""
-    path = Path(str(path))
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def show_plan(tasks: list[Task]) -> None:
@@ -232,19 +226,20 @@ def show_plan(tasks: list[Task]) -> None:
         inputs = []
         for key in INPUT_FIELDS[task.step]:
             value = getattr(task.config, key, None)
-            inputs += [shown(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
-        rows.append([task.label, "\n".join(inputs), shown(task.out), task.action, task.reason])
+            inputs += [display_path(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+        rows.append([task.label, "\n".join(inputs), display_path(task.out), task.action, task.reason])
     print_table("plan", ["step", "inputs", "output", "action", "why"], rows)
 
 
 def show_summary(tasks: list[Task]) -> None:
     """The final table: each task's action, time and headline metric; then the eval report's table."""
-    rows = [[t.label, t.action, f"{t.seconds:.0f} s" if t.seconds else "-", t.headline, shown(t.out)] for t in tasks]
+    rows = [[t.label, t.action, f"{t.seconds:.0f} s" if t.seconds else "-", t.headline, display_path(t.out)]
+            for t in tasks]
     print_table("instruct run", ["step", "action", "time", "headline", "output"], rows)
     reports = [t for t in tasks if t.step == "eval"]
     if reports:
         from instruct_cli import evaluate
 
-        evaluate.show(evaluate.load_report(reports[-1].out))
+        evaluate.show(evaluate.load_report(reports[-1].out), reports[-1].out)
     else:
         info("Done.")

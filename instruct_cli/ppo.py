@@ -370,6 +370,8 @@ def run(config: PPOConfig) -> Path:
         trainable = training.Trainable(roles, optimizer, scheduler, accelerator)
         checkpoint = training.Checkpointer(run_folder, trainable, extra=controller)
         start, _ = checkpoint.restore() if run_folder.resuming else (0, math.inf)
+        if run_folder.resuming:
+            info(f"Resuming from iteration {start} of {config.iterations}")
         ptx = ptx_stream(config, tokenizer, sft_manifest, device) if config.ptx_coef > 0 else None
         info(f"ppo: {len(encoded)} prompts, {config.iterations} iterations of {config.rollout_batch_size} rollouts "
              f"on {device} ({config.quantization}; policy/reference/value/reward adapters on one base)")

@@ -3,7 +3,6 @@ the whole report from the CLI on a tiny sft -> rm -> ppo pipeline; --generations
 
 import json
 import math
-import random
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from instruct_cli.config import EvalConfig
 from instruct_cli.generate import encode_prompt
 
 runner = CliRunner()
-WORDS = "red blue green cat dog sun tree water stone bird fish rain hill road book lamp".split()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -77,34 +75,14 @@ def test_distinct_n_and_sequence_kl_by_hand():
 
 # --------------------------------------------------------------------------------------- the pipeline
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_model_dir):
-    """Data folders, a short sft run, an rm run from it, and a 2-iteration ppo run, on the tiny model."""
+def pipeline(tmp_path_factory, tiny_sft_rm):
+    """The shared tiny sft and rm runs (conftest) and a 2-iteration ppo run from them."""
     root = tmp_path_factory.mktemp("eval-pipeline")
-    rng = random.Random(0)
-    sft_rows, pref_rows, prompt_rows = [], [], []
-    for _ in range(80):
-        prompt = " ".join(rng.choices(WORDS, k=3)) + "?"
-        sft_rows.append({"prompt": prompt, "completion": " ".join(rng.choices(WORDS, k=rng.randint(1, 8)))})
-        pref_rows.append({"prompt": prompt, "chosen": " ".join(rng.choices(WORDS, k=rng.randint(1, 3))),
-                          "rejected": " ".join(rng.choices(WORDS, k=rng.randint(5, 8)))})
-        prompt_rows.append({"prompt": prompt})
-    folders = {}
-    for task, rows in (("sft", sft_rows), ("prefs", pref_rows), ("prompts", prompt_rows)):
-        raw = root / f"{task}.jsonl"
-        raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        invoke("prepare-data", "-i", raw, "-o", root / f"data-{task}", "--task", task, "--model", tiny_model_dir)
-        folders[task] = root / f"data-{task}"
-    common = ["--quantization", "none", "--no-gradient-checkpointing", "--lora-dropout", "0"]
-    invoke("sft", "--model", tiny_model_dir, "--data", folders["sft"], "--out", root / "sft", "--max-steps", 12,
-           "--lr", "5e-3", "--eval-every", 12, *common)
-    invoke("rm", "--model", root / "sft", "--data", folders["prefs"], "--out", root / "rm", "--max-steps", 8,
-           "--lr", "3e-3", "--batch-size", 8, "--eval-every", 8, *common)
-    invoke("ppo", "--sft", root / "sft", "--reward", root / "rm", "--data", folders["prompts"], "--out", root / "ppo",
-           "--quantization", "none", "--no-gradient-checkpointing", "--iterations", 2, "--rollout-batch-size", 4,
-           "--minibatch-size", 4, "--ppo-epochs", 1, "--max-new-tokens", 8, "--lr", "1e-2", "--eval-every", 100,
-           "--eval-prompts", 2)
-    return {"root": root, "sft": root / "sft", "rm": root / "rm", "ppo": root / "ppo", "model": tiny_model_dir,
-            **{f"data-{task}": folder for task, folder in folders.items()}}
+    invoke("ppo", "--sft", tiny_sft_rm["sft"], "--reward", tiny_sft_rm["rm"], "--data", tiny_sft_rm["data-prompts"],
+           "--out", root / "ppo", "--quantization", "none", "--no-gradient-checkpointing", "--iterations", 2,
+           "--rollout-batch-size", 4, "--minibatch-size", 4, "--ppo-epochs", 1, "--max-new-tokens", 8, "--lr", "1e-2",
+           "--eval-every", 100, "--eval-prompts", 2)
+    return {**tiny_sft_rm, "root": root, "ppo": root / "ppo"}
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +132,11 @@ def test_cli_writes_every_output(pipeline, report):
     for name in names:
         assert np.mean(_rewards_from(samples, name)) == pytest.approx(by_name[name]["reward"]["mean"])
     assert np.mean([row["responses"][ppo]["kl"] for row in samples]) == pytest.approx(by_name[ppo]["kl"]["mean"])
+    # the terminal shows the first answers side by side under the table
+    shown = " ".join(report["output"].split())
+    assert "3 of the" in shown and "answers side by side" in shown
+    first = samples[0]["responses"][ppo]
+    assert f"(reward {first['reward']:+.2f})" in shown
     # report.md: the verdict first, then the table, samples and plots
     markdown = (out / "report.md").read_text()
     lines = markdown.splitlines()

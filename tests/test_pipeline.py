@@ -3,6 +3,7 @@ and examples/pipeline.sh through the real CLI."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,9 @@ def test_run_every_step_then_skip_then_rerun_only_what_changed(tmp_path, tiny_mo
     # again: every step is up to date
     tasks = pipeline.run(recipe)
     assert all(action == "skip" for _, action in actions(tasks)), actions(tasks)
+    headlines = {task.step: task.headline for task in tasks}  # the summary's "headline" column
+    assert re.fullmatch(r"ppo wins \d+% \(\d+%-\d+%\)", headlines["eval"]), headlines
+    assert headlines["sft"].startswith("eval/loss ") and headlines["rm"].startswith("eval/accuracy "), headlines
 
     # delete the ppo run: only ppo and eval run again
     shutil.rmtree(tmp_path / "runs/ppo")

@@ -6,17 +6,15 @@ to emit EOS).
 """
 
 import json
-import random
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from instruct_cli import artifacts, config as cfg, models, ppo, rl
+from instruct_cli import artifacts, config as cfg, models, ppo, rl, training
 from instruct_cli.cli import app
 
 runner = CliRunner()
-WORDS = "red blue green cat dog sun tree water stone bird fish rain hill road book lamp".split()
 
 
 def invoke(*args):
@@ -26,30 +24,9 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_model_dir):
-    """Data folders, an sft run and an rm run (from the sft run) on the tiny model."""
-    root = tmp_path_factory.mktemp("ppo-pipeline")
-    rng = random.Random(0)
-    sft_rows, pref_rows, prompt_rows = [], [], []
-    for _ in range(96):
-        prompt = " ".join(rng.choices(WORDS, k=3)) + "?"
-        sft_rows.append({"prompt": prompt, "completion": " ".join(rng.choices(WORDS, k=rng.randint(1, 8)))})
-        pref_rows.append({"prompt": prompt, "chosen": " ".join(rng.choices(WORDS, k=rng.randint(1, 3))),
-                          "rejected": " ".join(rng.choices(WORDS, k=rng.randint(5, 8)))})
-        prompt_rows.append({"prompt": prompt})
-    folders = {}
-    for task, rows in (("sft", sft_rows), ("prefs", pref_rows), ("prompts", prompt_rows)):
-        raw = root / f"{task}.jsonl"
-        raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        invoke("prepare-data", "-i", raw, "-o", root / f"data-{task}", "--task", task, "--model", tiny_model_dir)
-        folders[task] = root / f"data-{task}"
-    common = ["--quantization", "none", "--no-gradient-checkpointing", "--lora-dropout", "0"]
-    invoke("sft", "--model", tiny_model_dir, "--data", folders["sft"], "--out", root / "sft", "--max-steps", 150,
-           "--lr", "5e-3", *common)
-    invoke("rm", "--model", root / "sft", "--data", folders["prefs"], "--out", root / "rm", "--max-steps", 60,
-           "--lr", "3e-3", "--batch-size", 8, *common)
-    return {"root": root, "sft": root / "sft", "rm": root / "rm", "prompts": folders["prompts"],
-            "model": tiny_model_dir}
+def pipeline(tiny_sft_rm):
+    """The shared tiny sft and rm runs (conftest), with the prompts folder under a short name."""
+    return {**tiny_sft_rm, "prompts": tiny_sft_rm["data-prompts"]}
 
 
 def ppo_config(pipeline, out, **overrides):
@@ -113,8 +90,9 @@ def test_update_on_4bit_base_trains_only_policy_and_value(pipeline, tmp_path):
     before = {role: lora_state(roles.model, role) for role in (ppo.POLICY, ppo.REFERENCE, ppo.VALUE, ppo.REWARD)}
     reward_head = roles.reward_head.weight.detach().clone()
     base_weights = {n: p.detach().clone() for n, p in roles.model.named_parameters() if "lora_" not in n}
-    accelerator = __import__("instruct_cli.training", fromlist=["make_accelerator"]).make_accelerator(0)
-    encoded = [ppo.encode_prompt(tokenizer, [{"role": "user", "content": f"{w} cat?"}]) for w in WORDS[:8]]
+    accelerator = training.make_accelerator(0)
+    words = "red blue green dog sun tree water stone".split()
+    encoded = [ppo.encode_prompt(tokenizer, [{"role": "user", "content": f"{w} cat?"}]) for w in words]
     trajectory, _ = ppo.make_trajectory(roles, tokenizer, encoded, config, beta=0.05, device="cpu")
 
     # one minibatch: the ratio starts at 1, and gradients reach every policy and value LoRA layer
