@@ -26,16 +26,16 @@ $INSTRUCT prepare-data -i "$DATA/prompts.jsonl" --task prompts --model "$MODEL" 
 
 # 2. supervised fine-tuning on the demonstrations
 $INSTRUCT sft --model "$MODEL" --data "$OUT/data/sft" --out "$OUT/runs/sft" --quantization "$QUANT" \
-  --max-steps "$STEPS" --batch-size 8 --lr 5e-4 --no-gradient-checkpointing --force
+  --max-steps "$STEPS" --batch-size 8 --lr 5e-4 --lora-dropout 0 --no-gradient-checkpointing --force
 
 # 3. reward model, initialised from the SFT run, on the preference pairs
 $INSTRUCT rm --model "$OUT/runs/sft" --data "$OUT/data/prefs" --out "$OUT/runs/rm" --quantization "$QUANT" \
-  --max-steps "$STEPS" --batch-size 8 --lr 5e-4 --no-gradient-checkpointing --force
+  --max-steps "$STEPS" --batch-size 8 --lr 5e-4 --lora-dropout 0 --no-gradient-checkpointing --force
 
 # 4. PPO against the reward model, KL-anchored to the SFT model
 $INSTRUCT ppo --sft "$OUT/runs/sft" --reward "$OUT/runs/rm" --data "$OUT/data/prompts" --out "$OUT/runs/ppo" \
-  --quantization "$QUANT" --iterations "$ITERATIONS" --rollout-batch-size 8 --minibatch-size 4 \
-  --max-new-tokens 48 --no-gradient-checkpointing --force
+  --quantization "$QUANT" --iterations "$ITERATIONS" --rollout-batch-size 8 --minibatch-size 4 --ppo-epochs 2 \
+  --lr 2e-4 --max-new-tokens 48 --no-gradient-checkpointing --force
 
 # 5. did it help? reward, win-rate against SFT, KL, with plots
 $INSTRUCT eval --models "$OUT/runs/sft,$OUT/runs/ppo" --reward "$OUT/runs/rm" --data "$OUT/data/prompts" \

@@ -76,7 +76,7 @@ def load_roles(config: PPOConfig, device) -> tuple[Roles, object, models.ModelSo
         raise UserError(f"{config.sft} is a {sft_source.run_manifest.get('kind')} run, not an sft run", where="--sft",
                         fix="Pass the folder written by `instruct sft`")
     rm_manifest = artifacts.require_complete(config.reward, "rm", flag="--reward")
-    if rm_manifest["base_model"]["fingerprint"] != sft_source.fingerprint:
+    if rm_manifest["base_model"]["fingerprint"] != sft_source.run_manifest["base_model"]["fingerprint"]:
         raise UserError("The reward model and the SFT run were trained on different base models "
                         f"({rm_manifest['base_model']['id']} vs {sft_source.reference})", where="--reward",
                         fix="Train the reward model on the same base (e.g. `instruct rm --model RUNS/sft`)")

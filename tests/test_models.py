@@ -1,5 +1,7 @@
 """Model resolution and loading: kinds of --model, pad != EOS, 4-bit on CPU, the bitsandbytes repack trap."""
 
+import os
+
 import pytest
 import torch
 
@@ -118,3 +120,16 @@ def test_lora_gradients_after_generate_equal_those_without(tiny_model_dir):
     assert first_layer and all(before[name].abs().sum() > 0 for name in first_layer)
     for name in before:
         torch.testing.assert_close(after[name], before[name])
+
+
+def test_gguf_fingerprint_is_the_content_not_the_install(tmp_path):
+    """The same GGUF in two installs (another venv, a reinstall) is the same base model: runs trained under one
+    install stay usable from the other (ppo checks that its SFT and RM runs share a base)."""
+    first, second = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + bytes(range(256)) * 10)
+    os.utime(second, ns=(1, 1))
+    assert models._gguf_fingerprint(first) == models._gguf_fingerprint(second) == artifacts.sha256_file(first)
+    second.write_bytes(b"GGUF other weights")
+    assert models._gguf_fingerprint(second) != models._gguf_fingerprint(first)
