@@ -538,6 +538,17 @@ def data_task(data_dir: Path, flag: str = "--data") -> str:
     return artifacts.require_complete(Path(data_dir), "data", flag=flag).get("task", "")
 
 
+def read_prompts(data_dir: Path, split: str, flag: str = "--data") -> list[list[dict]]:
+    """The prompts (message lists) of split `split` (train/eval) of a data folder of any task: a prompts folder
+    gives its prompts, an sft folder its conversations without the answer, a prefs folder its pairs' prompts."""
+    task = data_task(data_dir, flag=flag)
+    if task not in TASKS:
+        raise UserError(f"{data_dir} has no prompts (task {task!r})", where=flag,
+                        fix="Prepare prompts with `instruct prepare-data --task prompts`")
+    rows = read_split(data_dir, f"{task}.{split}", flag=flag)
+    return [row["messages"][:-1] if task == "sft" else row["prompt"] for row in rows]
+
+
 def read_split(data_dir: Path, name: str, flag: str = "--data") -> list[dict]:
     """The rows of split `name` (e.g. `sft.train`) of a complete data folder.
 

@@ -346,7 +346,7 @@ def other_entry(spec: str, sft_run: Path | None, runs: list[Entry]) -> Entry:
 
 def read_prompts(config: EvalConfig) -> list[list[dict]]:
     """The first --max-prompts prompts of the data folder's eval split."""
-    prompts = ppo.read_prompts(config.data, "eval")
+    prompts = data.read_prompts(config.data, "eval")
     if not prompts:
         raise UserError("The eval split of the data folder has no prompts", where=str(config.data),
                         fix="Prepare the data again with --eval-fraction above 0, or pass another --data")

@@ -665,8 +665,7 @@ def pick_ui() -> TerminalUI | PlainUI:
 def read_prompts(config: LabelConfig) -> list[list[dict]]:
     """The prompts to label: the chosen split of the --prompts data folder, cut to --max-prompts.
 
-    A prompts folder gives its prompts; an sft folder its conversations without the answer; a prefs folder the
-    prompts of its pairs (as `ppo.read_prompts`, without importing torch, so a resumed session starts at once).
+    Reads only JSON files (no torch), so a resumed session starts at once.
     """
     from instruct_cli import data
 
@@ -674,12 +673,7 @@ def read_prompts(config: LabelConfig) -> list[list[dict]]:
     if folder.is_file():
         raise UserError("--prompts takes a data folder, not a file", where=str(folder),
                         fix=f"Make one with `instruct prepare-data -i {folder} --task prompts -o data/prompts`")
-    task = data.data_task(folder, flag="--prompts")
-    if task not in data.TASKS:
-        raise UserError(f"{folder} has no prompts (task {task!r})", where="--prompts",
-                        fix="Prepare prompts with `instruct prepare-data --task prompts`")
-    rows = data.read_split(folder, f"{task}.{config.split}", flag="--prompts")
-    prompts = [row["messages"][:-1] if task == "sft" else row["prompt"] for row in rows]
+    prompts = data.read_prompts(folder, config.split, flag="--prompts")
     if not prompts:
         raise UserError(f"The {config.split} split of the data folder has no prompts", where=str(folder),
                         fix="Pick the other split with --split, or prepare the data with more rows")

@@ -322,19 +322,6 @@ def show_samples(samples: list[dict], iteration: int, how_many: int = 2) -> None
 
 
 # ----------------------------------------------------------------------------------------------- data
-def read_prompts(folder: Path, split: str) -> list[list[dict]]:
-    """Prompts of a data folder: its prompts split, or the sft split's conversations without the answer."""
-    task = data.data_task(folder)
-    if task == "prompts":
-        return [row["prompt"] for row in data.read_split(folder, f"prompts.{split}")]
-    if task == "sft":
-        return [row["messages"][:-1] for row in data.read_split(folder, f"sft.{split}")]
-    if task == "prefs":
-        return [row["prompt"] for row in data.read_split(folder, f"prefs.{split}")]
-    raise UserError(f"{folder} has no prompts", where="--data",
-                    fix="Prepare prompts with `instruct prepare-data --task prompts`")
-
-
 def prompt_batches(count: int, batch_size: int, seed: int, iteration: int) -> list[int]:
     """Indices of the prompts of iteration `iteration`: a fresh shuffle per pass over the data."""
     per_epoch = max(1, count // batch_size)
@@ -355,8 +342,8 @@ def run(config: PPOConfig) -> Path:
     if config.minibatch_size > config.rollout_batch_size:
         raise UserError("--minibatch-size cannot exceed --rollout-batch-size", where="--minibatch-size",
                         fix=f"Use at most {config.rollout_batch_size}")
-    train_prompts = read_prompts(config.data, "train")
-    eval_prompts = read_prompts(config.data, "eval")[: config.eval_prompts] or train_prompts[: config.eval_prompts]
+    train_prompts = data.read_prompts(config.data, "train")
+    eval_prompts = data.read_prompts(config.data, "eval")[: config.eval_prompts] or train_prompts[: config.eval_prompts]
     accelerator = training.make_accelerator(config.seed)
     device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
     sft_manifest = artifacts.require_complete(config.sft, "sft", flag="--sft")
