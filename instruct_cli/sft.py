@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from instruct_cli import data, models, training
+from instruct_cli import data, heads, models, training
 from instruct_cli.config import SFTConfig
 from instruct_cli.console import info, summary_table, warn
 from instruct_cli.errors import UserError
@@ -70,13 +71,52 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tra
 
 
 # ------------------------------------------------------------------------------------------------ losses
+def next_token_nll(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood of a causal LM over the labelled tokens, and their count.
+
+    The vocabulary projection runs only at labelled positions: the (batch, length, vocab) logits of a full
+    forward are the largest tensor of a step (8 x 272 tokens x 49k vocab = 0.4 GB in fp32, several times over
+    with softmax and gradients), while only the assistant tokens, often a third of them, are needed.
+    """
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE
+    if plain_output_layer(lm):
+        hidden = heads.last_hidden_states(lm, input_ids, attention_mask)[:, :-1]
+        logits = lm.get_output_embeddings()(hidden[labelled])
+    else:  # a model whose forward does more than lm_head(hidden) (logit scaling or soft-capping)
+        logits = lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][labelled]
+    return F.cross_entropy(logits.float(), targets[labelled], reduction="sum"), labelled.sum()
+
+
+def plain_output_layer(lm) -> bool:
+    """True when the model's logits are just its output layer applied to the last hidden states."""
+    config = lm.config
+    return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
+                or getattr(config, "logits_scaling", None)) and lm.get_output_embeddings() is not None
+
+
+class NextTokenLoss(nn.Module):
+    """A causal LM whose forward is `next_token_nll`: what sft trains. Being the module that is called (and
+    that DDP wraps) lets data-parallel runs see the forward, which DDP's gradient hooks need; `lm` is the
+    peft model inside, what gets saved."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
+        return next_token_nll(self.lm, input_ids, attention_mask, labels)
+
+
 def token_nll(model, batch: training.Batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token negative log-likelihood over labelled tokens, and how many there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits, labels = logits[:, :-1], batch["labels"][:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                            ignore_index=IGNORE, reduction="sum")
-    return total, int((labels != IGNORE).sum())
+    """`next_token_nll` of a batch, for a NextTokenLoss (possibly DDP-wrapped) or a plain causal LM."""
+    if isinstance(getattr(model, "module", model), NextTokenLoss):
+        total, count = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    else:
+        total, count = next_token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return total, int(count)
 
 
 def labelled_tokens(batch: training.Batch) -> int:
@@ -121,8 +161,8 @@ def load_trainable_policy(config, source: models.ModelSource, device):
 
 
 def save_adapter(model, folder: Path) -> None:
-    """Save the LoRA adapter (peft's save_pretrained format)."""
-    model.save_pretrained(folder)
+    """Save the LoRA adapter (peft's save_pretrained format) of a peft model or of a NextTokenLoss around one."""
+    (model.lm if isinstance(model, NextTokenLoss) else model).save_pretrained(folder)
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -154,7 +194,7 @@ def run(config: SFTConfig) -> Path:
         total_steps = training.total_steps(config, accelerator, len(train_set))
         eval_batches = [collate(eval_set[i:i + config.batch_size], tokenizer.pad_token_id, device)
                         for i in range(0, len(eval_set), config.batch_size)]
-        trainable = training.make_trainable(model, accelerator, config.lr, config.weight_decay,
+        trainable = training.make_trainable(NextTokenLoss(model), accelerator, config.lr, config.weight_decay,
                                             config.warmup_ratio, total_steps)
         info(f"sft: {len(train_set)} conversations, {total_steps} steps of "
              f"{config.batch_size * config.grad_accum * accelerator.num_processes} rows on {device} "

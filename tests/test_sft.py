@@ -57,6 +57,39 @@ def test_label_mask_token_by_token(tiny_model_dir):
     assert labels.count(tokenizer.eos_token_id) == 2  # both EOS kept (pad is a different token)
 
 
+def test_loss_on_labelled_positions_equals_the_full_forward_loss(tiny_model_dir):
+    """token_nll projects only labelled positions onto the vocabulary; loss and LoRA gradients must equal
+    the plain full-logits cross-entropy."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = get_peft_model(models.load_base_model(models.resolve_model(str(tiny_model_dir)), "none", "cpu"),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    rows = [sft.encode_conversation(tokenizer, conversation(q, a)["messages"], 512)
+            for q, a in [("red cat?", "blue dog sun"), ("a much longer question with words?", "tree")]]
+    batch = sft.collate(rows, tokenizer.pad_token_id, "cpu")  # right-padded: the second row is shorter
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        total, count = loss_fn()
+        total.backward()
+        return total.item(), count, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    def full_forward():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                  ignore_index=sft.IGNORE, reduction="sum")
+        return total, int((labels != sft.IGNORE).sum())
+
+    fast, reference = loss_and_grads(lambda: sft.token_nll(model, batch)), loss_and_grads(full_forward)
+    assert fast[1] == reference[1] == sft.labelled_tokens(batch) > 0
+    assert fast[0] == pytest.approx(reference[0], rel=1e-5)
+    for mine, theirs in zip(fast[2], reference[2]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
 def sft_config(tmp_path, tiny_model_dir, data, out="sft", **overrides):
     values = dict(model=str(tiny_model_dir), data=data, out=tmp_path / out, quantization="none", lora_r=16,
                   lora_alpha=32, lora_dropout=0.0, lr=1e-2, batch_size=3, max_steps=300, eval_every=50,
