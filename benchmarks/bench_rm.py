@@ -54,7 +54,7 @@ def instruct_batches(model: Path, data: Path, args) -> list[dict]:
     tokenizer = models.load_tokenizer(str(model))
     rows = common.read_jsonl(data / "prefs.train.jsonl")
     groups, _ = rm.encode_rows(tokenizer, rows, args.max_length, "prefs.train.jsonl")
-    lengths = [g.tokens for g in groups]
+    lengths = [g.longest for g in groups]
     per_epoch: dict[int, list[list[int]]] = {}
     batches = []
     for step in range(args.max_steps):  # as training.fit walks them with one process and no accumulation

@@ -41,8 +41,9 @@ Without gradients (rollouts, scoring, eval) one layer at a time is alive: its in
 and the normed copy (3h) and four MLP-sized tensors (4i), plus the float mask.
 
 Logits
-    SFT      the loss over all N positions: the logits, the contiguous copy cross-entropy gets and the fp32
-             log-softmax; in the backward the saved log-softmax, its gradient and the input gradient: 3 fp32
+    SFT      the loss over the N labelled positions (sft projects only those onto the vocabulary; planned
+             as if every position were labelled, so an upper bound): the logits, the copy cross-entropy
+             gets and the fp32 log-softmax; in the backward the saved log-softmax, its gradient and the input gradient: 3 fp32
              copies, 12 bytes per N*V element (with bf16 logits the forward holds 10, the backward 12).
              With autocast an fp32 (kbit-prepared) lm_head is also cast to bf16 and kept: V*h*2.
     PPO      only the response positions (logits_to_keep): b x (T+1) x V. Rollout log-probs and entropy:
@@ -604,7 +605,7 @@ def kv_cache_bytes(shape: ModelShape, batch: int, tokens: int, nbytes: int) -> i
 
 
 def sft_logits_bytes(shape: ModelShape, tokens: int) -> int:
-    """The loss over all positions: 3 fp32 copies of tokens x V at the peak (logits, their contiguous copy
+    """The loss over `tokens` labelled positions: 3 fp32 copies of tokens x V at the peak (logits, their contiguous copy
     for cross-entropy and the log-softmax in the forward; saved log-softmax, its gradient and the input
     gradient in the backward; with bf16 logits the forward holds 10 bytes per element, the backward 12)."""
     return 3 * tokens * shape.vocab * 4
