@@ -192,8 +192,8 @@ def run(config: SFTConfig) -> Path:
             return [collate([train_set[i] for i in group], tokenizer.pad_token_id, device) for group in mine]
 
         total_steps = training.total_steps(config, accelerator, len(train_set))
-        eval_batches = [collate(eval_set[i:i + config.batch_size], tokenizer.pad_token_id, device)
-                        for i in range(0, len(eval_set), config.batch_size)]
+        eval_batches = training.eval_batches(eval_set, [len(ids) for ids, _ in eval_set], config.batch_size,
+                                             partial(collate, pad_id=tokenizer.pad_token_id, device=device))
         trainable = training.make_trainable(NextTokenLoss(model), accelerator, config.lr, config.weight_decay,
                                             config.warmup_ratio, total_steps)
         info(f"sft: {len(train_set)} conversations, {total_steps} steps of "

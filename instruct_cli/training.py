@@ -148,6 +148,14 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, e
     return batches
 
 
+def eval_batches(items: list, lengths: Sequence[int], batch_size: int, collate: Callable[[list], Batch]
+                 ) -> list[Batch]:
+    """The eval split as batches of similar lengths (sorted: eval metrics are sums, so order does not matter,
+    and sorting keeps padding near zero)."""
+    order = sorted(range(len(items)), key=lambda i: lengths[i])
+    return [collate([items[i] for i in order[start:start + batch_size]]) for start in range(0, len(order), batch_size)]
+
+
 def right_pad(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
     """Right-pad lists of ints into a (batch, longest) tensor."""
     width = max(len(s) for s in sequences)
