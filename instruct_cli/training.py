@@ -229,10 +229,12 @@ def fit(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                tokens_seen += step_metrics.pop("tokens", 0)
+                step_tokens = step_metrics.pop("tokens", 0)
+                tokens_seen += step_tokens
                 rate = tokens_seen / max(time.time() - started, 1e-6)
                 metrics = {"loss/train": step_metrics.pop("loss"), "train/lr": scheduler.get_last_lr()[0],
-                           "train/grad_norm": float(grad_norm), "train/tokens_per_s": rate,
+                           "train/grad_norm": float(grad_norm), "train/tokens": step_tokens,
+                           "train/tokens_per_s": rate,
                            **{f"train/{k}": v for k, v in step_metrics.items()}}
                 if step % eval_every == 0 or step == total_steps:
                     metrics.update(evaluate(model))
