@@ -150,6 +150,10 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+COMMAND_OF_KIND = {"data": "prepare-data", "report": "eval"}
+"""The command that writes a folder of each kind, where it is not the kind's own name (sft, rm, ppo)."""
+
+
 def require_complete(folder: Path, kinds: tuple[str, ...] | str, flag: str = "input") -> dict:
     """Return the manifest of `folder` if it is a complete folder of one of `kinds`; otherwise a UserError.
 
@@ -158,19 +162,22 @@ def require_complete(folder: Path, kinds: tuple[str, ...] | str, flag: str = "in
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     folder = Path(folder)
     wanted = " or ".join(kinds)
+    maker = COMMAND_OF_KIND.get(kinds[0], kinds[0])
     if not folder.exists():
         raise UserError(f"The {wanted} folder given as {flag} does not exist", where=str(folder),
-                        fix=f"Check the path, or create it with `instruct {kinds[0]}`")
+                        fix=f"Check the path, or create it with `instruct {maker}`")
     manifest = read_manifest(folder)
     if manifest is None:
         raise UserError(f"{folder} is not an instruct {wanted} folder (it has no {MANIFEST})", where=flag,
-                        fix=f"Pass a folder written by `instruct {kinds[0]}`")
+                        fix=f"Pass a folder written by `instruct {maker}`")
     if manifest.get("kind") not in kinds:
-        raise UserError(f"{folder} holds a {manifest.get('kind')!r} output, but {flag} needs a {wanted} folder",
-                        where=str(folder / MANIFEST), fix=f"Pass a folder written by `instruct {kinds[0]}`")
+        found = manifest.get("kind")
+        raise UserError(f"{folder} is the output of `instruct {COMMAND_OF_KIND.get(found, found)}`, but {flag} "
+                        f"needs the output of `instruct {' or '.join(COMMAND_OF_KIND.get(k, k) for k in kinds)}`",
+                        where=str(folder / MANIFEST), fix=f"Pass a folder written by `instruct {maker}`")
     status = manifest.get("status")
     if status != STATUS_COMPLETE:
-        command = manifest.get("command") or f"instruct {kinds[0]} ..."
+        command = manifest.get("command") or f"instruct {maker} ..."
         resume = command if "--resume" in command else f"{command} --resume"
         raise UserError(
             f"{folder} is not complete (status: {status}); a step that did not finish cannot be used as input",

@@ -438,8 +438,10 @@ def run(config: PrepareDataConfig) -> Path:
             if isinstance(raw, dict) and (raw.get("flagged") or raw.get("skipped")):
                 dropped["flagged"] += 1  # a labeler marked it unusable (instruct label)
                 continue
-            fmt = fmt or detect_format(raw)
             try:
+                if isinstance(raw, Malformed):  # a line that is not JSON
+                    raise raw
+                fmt = fmt or detect_format(raw)
                 if fmt is None:
                     raise Malformed("no known format fits its fields" + (
                         f" ({', '.join(sorted(raw))})" if isinstance(raw, dict) else ""))

@@ -19,9 +19,15 @@ class UserError(Exception):
 
     def paragraph(self) -> str:
         """The message as one paragraph: what, where, what to do."""
-        parts = [self.what.rstrip(".") + "."]
+        parts = [sentence(self.what)]
         if self.where:
             parts.append(f"Where: {self.where}.")
         if self.fix:
-            parts.append(self.fix.rstrip(".") + ".")
+            parts.append(sentence(self.fix))
         return " ".join(parts)
+
+
+def sentence(text: str) -> str:
+    """`text` ending with exactly one full stop (or its own question or exclamation mark)."""
+    text = text.rstrip()
+    return text if text.endswith(("?", "!")) else text.rstrip(".") + "."

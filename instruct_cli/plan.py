@@ -43,8 +43,9 @@ and the normed copy (3h) and four MLP-sized tensors (4i), plus the float mask.
 Logits
     SFT      the loss over the N labelled positions (sft projects only those onto the vocabulary; planned
              as if every position were labelled, so an upper bound): the logits, the copy cross-entropy
-             gets and the fp32 log-softmax; in the backward the saved log-softmax, its gradient and the input gradient: 3 fp32
-             copies, 12 bytes per N*V element (with bf16 logits the forward holds 10, the backward 12).
+             gets and the fp32 log-softmax; in the backward the saved log-softmax, its gradient and the
+             input gradient: 3 fp32 copies, 12 bytes per N*V element (with bf16 logits the forward holds
+             10, the backward 12).
              With autocast an fp32 (kbit-prepared) lm_head is also cast to bf16 and kept: V*h*2.
     PPO      only the response positions (logits_to_keep): b x (T+1) x V. Rollout log-probs and entropy:
              the logits + 4 fp32 copies (scaled, log-softmax, exp, product); the update: the logits + the

@@ -57,7 +57,7 @@ def test_require_complete_errors(tmp_path):
     with pytest.raises(UserError, match="no manifest.json"):
         artifacts.require_complete(tmp_path / "plain", "sft")
     RunFolder.open(tmp_path / "data", "data", {}).complete()
-    with pytest.raises(UserError, match="'data' output"):
+    with pytest.raises(UserError, match="is the output of `instruct prepare-data`"):
         artifacts.require_complete(tmp_path / "data", "sft")
 
 

@@ -105,6 +105,10 @@ def test_strict_names_file_and_line(tmp_path, tiny_model_dir):
     raw = json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n{not json\n"
     result, _ = prepare(tmp_path, tiny_model_dir, "raw.jsonl", raw, "--strict")
     assert result.exit_code == 2 and "line 2" in result.output and "Traceback" not in result.output
+    assert "not valid JSON" in result.output
+    # a file whose first line is not JSON: still named as such (not as a row of an unknown format)
+    result, _ = prepare(tmp_path, tiny_model_dir, "first.jsonl", '{"bad json\n', "--strict", out="first")
+    assert result.exit_code == 2 and "not valid JSON" in " ".join(result.output.split()), result.output
 
 
 def test_split_is_seeded_and_system_prompt_added(tmp_path, tiny_model_dir):

@@ -305,9 +305,9 @@ def test_bad_input_gives_a_one_paragraph_error(pipeline, report, tmp_path):
     common = ["eval", "--quantization", "none", "--out", str(tmp_path / "x")]
     assert "--reward" in fails(*common, "--models", sft, "--data", data)
     assert "--models" in fails(*common, "--reward", rm, "--data", data)
-    assert "needs a sft or ppo folder" in fails(*common, "--models", f"{sft},{ppo}", "--baseline", rm, "--reward", rm,
+    assert "needs the output of `instruct sft or ppo`" in fails(*common, "--models", f"{sft},{ppo}", "--baseline", rm, "--reward", rm,
                                                 "--data", data)
-    assert "needs a rm folder" in fails(*common, "--models", sft, "--reward", sft, "--data", data)
+    assert "needs the output of `instruct rm`" in fails(*common, "--models", sft, "--reward", sft, "--data", data)
     assert "no sft or ppo run folder" in fails(*common, "--models", pipeline["model"], "--baseline", "base",
                                                "--reward", rm, "--data", data)
     assert "listed twice" in fails(*common, "--models", f"{sft},{sft}/", "--reward", rm, "--data", data)
@@ -321,7 +321,7 @@ def test_bad_input_gives_a_one_paragraph_error(pipeline, report, tmp_path):
                                          "--sft-data", data)
     assert "already holds a complete report" in fails(
         "eval", "--models", sft, "--reward", rm, "--data", data, "--quantization", "none", "--out", report["out"])
-    assert "needs a report folder" in fails("eval", "--compare", report["out"], sft)
+    assert "needs the output of `instruct eval`" in fails("eval", "--compare", report["out"], sft)
 
     # an unfinished input run is refused, with how to finish it
     unfinished = tmp_path / "unfinished"

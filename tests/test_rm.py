@@ -181,7 +181,7 @@ def test_cli_errors(tmp_path, tiny_model_dir):
     cases = [
         (rm_flags(tiny_model_dir, tmp_path / "sftdata", tmp_path / "x"), "--task prefs"),
         (rm_flags(tiny_model_dir, tmp_path / "missing", tmp_path / "x"), "does not exist"),
-        (["rm", "score", "--model", str(tmp_path / "sftdata"), "--input", str(scoring)], "needs a rm folder"),
+        (["rm", "score", "--model", str(tmp_path / "sftdata"), "--input", str(scoring)], "needs the output of `instruct rm`"),
         (["rm", "score", "--model", str(tmp_path / "sftdata"), "--input", str(sft_raw)], "`response`"),
         (["rm", "score", "--model", str(tmp_path / "nothing")], "--input"),
     ]
