@@ -89,9 +89,15 @@ def load_roles(config: PPOConfig, device) -> tuple[Roles, object, models.ModelSo
     model.load_adapter(rm_adapter, adapter_name=VALUE, is_trainable=True)
     model.load_adapter(rm_adapter, adapter_name=REWARD, is_trainable=False)
     disable_dropout(model)
-    value_head = heads.load_head(rm_adapter).to(device)
-    reward_head = heads.load_head(rm_adapter).to(device)
     norm = rm_manifest.get("reward_normalization") or {"gain": 1.0, "bias": 0.0}
+    reward_head = heads.load_head(rm_adapter).to(device)
+    value_head = heads.load_head(rm_adapter).to(device)
+    # The value head starts as the RM's head in the units of the (normalised) rewards it must predict. Left
+    # in raw RM units (a std of 5-10 is common), its first estimates are off by that much at every token,
+    # GAE turns the error into advantages, and the policy follows the value head's noise instead of the reward.
+    with torch.no_grad():
+        value_head.bias.mul_(norm["gain"]).add_(norm["bias"])
+        value_head.weight.mul_(norm["gain"])
     return Roles(model, value_head, reward_head, norm["gain"], norm["bias"]), tokenizer, sft_source, rm_manifest
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from instruct_cli import artifacts, config as cfg, models, ppo, rl, training
+from instruct_cli import artifacts, config as cfg, heads, models, ppo, rl, training
 from instruct_cli.cli import app
 
 runner = CliRunner()
@@ -66,10 +66,16 @@ def test_roles_start_from_sft_and_rm(pipeline, tmp_path):
     torch.testing.assert_close(logits(ppo.REFERENCE), expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits(ppo.REFERENCE), bare, atol=1e-3)
     assert torch.equal(logits(ppo.POLICY), logits(ppo.REFERENCE))
-    # the value role starts as the reward model: same adapter weights, same head
+    # the value role starts as the reward model: same adapter weights, and a head that predicts the reward in
+    # the units PPO receives it (the RM's normalisation folded in), here checked at a sequence's last token
     value, reward = lora_state(roles.model, ppo.VALUE), lora_state(roles.model, ppo.REWARD)
     assert value and all(torch.equal(value[n], reward[n.replace(".value.", ".reward.")]) for n in value)
-    assert torch.equal(roles.value_head.weight, roles.reward_head.weight)
+    assert roles.reward_gain != 1.0 and roles.reward_bias != 0.0  # a real normalisation to fold in
+    roles.use(ppo.REWARD)
+    with torch.no_grad():
+        hidden = heads.last_hidden_states(roles.model, ids, mask)[:, -1]
+        normalised_reward = roles.reward_gain * roles.reward_head(hidden) + roles.reward_bias
+        torch.testing.assert_close(roles.value_head(hidden), normalised_reward, rtol=1e-5, atol=1e-5)
 
     # the first rollout's KL to the reference is exactly zero (same adapter, same temperature)
     encoded = [ppo.encode_prompt(tokenizer, [{"role": "user", "content": "red cat sun?"}])] * 4
@@ -127,7 +133,10 @@ def test_ppo_learns_to_please_the_reward_model(pipeline, tmp_path):
            "--lr", "1e-3", "--kl-coef", "0.02", "--eval-every", 10, "--eval-prompts", 8)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     scores = [row["objective/score"] for row in rows]
-    assert sum(scores[-5:]) / 5 > sum(scores[:3]) / 3 + 0.5, scores
+    # iteration 1 is scored before any update: the policy is then the SFT model
+    assert sum(scores[-5:]) / 5 > scores[0] + 0.5, scores
+    lengths = [row["response/length"] for row in rows]
+    assert sum(lengths[-5:]) / 5 < lengths[0] / 2, lengths  # the RM prefers short answers: PPO shortens them
     assert rows[0]["objective/kl"] == 0.0
     for name in ("objective/kl", "objective/entropy", "loss/policy", "loss/value", "policy/clipfrac",
                  "policy/approxkl", "val/explained_variance", "response/length", "response/eos_rate",
