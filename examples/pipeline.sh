@@ -2,7 +2,7 @@
 # The InstructGPT flow step by step, the way you would script it yourself:
 #   prepare-data -> sft -> rm -> ppo -> eval -> generate
 #
-#   bash examples/pipeline.sh                  # the built-in model, on CPU (about ten minutes)
+#   bash examples/pipeline.sh                  # the built-in model, on CPU (about 12 minutes on 2 cores)
 #   MODEL=path/to/model STEPS=5 bash examples/pipeline.sh   # another model; fewer steps for a quick try
 #
 # Variables: MODEL (default smollm2-135m), OUT (default ./pipeline-runs), QUANT (default none on CPU),
