@@ -80,8 +80,10 @@ def make_trainable(model, accelerator, lr: float, weight_decay: float, warmup_ra
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
     # Only the model goes through accelerate: our own step counting keeps the schedule exact across
-    # process counts (accelerate's scheduler wrapper would step once per process).
-    model = accelerator.prepare_model(model)
+    # process counts (accelerate's scheduler wrapper would step once per process). The model is already on
+    # its device (load_base_model placed it, 4-bit weights included), and a wrapper module (NextTokenLoss,
+    # RewardModel) hides the 4-bit markers accelerate looks for before calling `.to()`: no placement here.
+    model = accelerator.prepare_model(model, device_placement=False)
     return Trainable(model, optimizer, scheduler, accelerator)
 
 
