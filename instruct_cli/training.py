@@ -378,6 +378,11 @@ class Checkpointer:
             return 0, math.inf
         state = torch.load(latest, map_location="cpu", weights_only=False)
         parameters = self._optimized_parameters()
+        if set(state["trainable"]) != set(parameters) or any(
+                value.shape != parameters[name].shape for name, value in state["trainable"].items()):
+            raise UserError("The checkpoint does not fit this run's trainable weights (it was written with other "
+                            "LoRA settings or by another version of instruct)", where=str(latest),
+                            fix="Resume with the settings the run started with, or start it again with --force")
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 parameters[name].copy_(value)

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from instruct_cli import artifacts, config as cfg, models, sft
 from instruct_cli.cli import app
+from instruct_cli.errors import UserError
 
 runner = CliRunner()
 
@@ -143,6 +144,17 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, tiny_model_dir, m
         sft.run(sft_config(tmp_path, tiny_model_dir, data, out="resumed", **settings))
     assert artifacts.read_manifest(tmp_path / "resumed")["status"] == "interrupted"
     monkeypatch.setattr(sft, "sft_loss", real_loss)
+
+    # a checkpoint that does not fit the run (other LoRA settings, another version): a clear error, no KeyError
+    checkpoint = max((tmp_path / "resumed").rglob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    original = checkpoint.read_bytes()
+    state = torch.load(checkpoint, weights_only=False)
+    state["trainable"] = {f"renamed.{name}": value for name, value in state["trainable"].items()}
+    torch.save(state, checkpoint)
+    with pytest.raises(UserError, match="does not fit this run"):
+        sft.run(sft_config(tmp_path, tiny_model_dir, data, out="resumed", resume=True, **settings))
+    checkpoint.write_bytes(original)
+
     resumed = sft.run(sft_config(tmp_path, tiny_model_dir, data, out="resumed", resume=True, **settings))
 
     from safetensors.torch import load_file
