@@ -30,6 +30,8 @@ from rich.table import Table
 # Under `accelerate launch` / torchrun every process runs the same command; only the first one talks.
 MAIN_PROCESS = os.environ.get("RANK", "0") == "0"
 console = Console(stderr=True, highlight=False, quiet=not MAIN_PROCESS)
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console.width = 120  # logs and pipes: rich's 80 columns would wrap every path in the tables
 _errors = Console(stderr=True, highlight=False)
 
 
