@@ -23,7 +23,7 @@ import random
 import statistics
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from instruct_cli import artifacts
 from instruct_cli.config import PrepareDataConfig, to_recipe_dict
@@ -564,13 +564,20 @@ def read_split(data_dir: Path, name: str, flag: str = "--data") -> list[dict]:
         raise UserError(f"The data folder holds {manifest.get('task')} data, but this step needs {wanted} data "
                         f"({path.name})", where=str(folder),
                         fix=f"Prepare the right data with `instruct prepare-data -i FILE --task {wanted} -o DIR`")
-    rows = []
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"Line {number} is not valid JSON ({exc.msg})", where=str(path),
-                                    fix="Prepare the folder again with `instruct prepare-data --force`") from None
-    return rows
+        return [row for _, row, _ in json_lines(handle, str(path),
+                                                fix="Prepare the folder again with `instruct prepare-data --force`")]
+
+
+def json_lines(lines: Iterable[str], name: str, fix: str) -> Iterator[tuple[int, object, str]]:
+    """(line number, parsed value, "NAME, line N") for each non-blank JSON line of a file the user gave;
+    a line that is not JSON stops with an error naming it and saying `fix`."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{name}, line {number}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"Line {number} is not valid JSON ({exc.msg})", where=where, fix=fix) from None
+        yield number, value, where

@@ -390,15 +390,8 @@ def read_generations(path: Path, entries: list[Entry], max_prompts: int
     prompts: dict[str, list[dict]] = {}
     answers: dict[str, dict[str, dict]] = {}
     unknown: set[str] = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"Line {number} is not valid JSON ({exc.msg})", where=where,
-                            fix="Fix the line, or generate the file again") from None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, row, where in data.json_lines(lines, str(path), fix="Fix the line, or generate the file again"):
         if not isinstance(row, dict) or "prompt" not in row or not ("response" in row or "responses" in row):
             raise UserError(f"Line {number} needs a `prompt` and a `response` (with `model`) or `responses`",
                             where=where, fix='Write rows as {"prompt": ..., "response": ..., "model": ...}')

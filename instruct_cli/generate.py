@@ -14,6 +14,7 @@ import torch
 
 from instruct_cli import artifacts, models
 from instruct_cli.config import GenerateConfig
+from instruct_cli.data import json_lines
 from instruct_cli.console import console, progress, summary_table
 from instruct_cli.errors import UserError
 
@@ -61,23 +62,18 @@ def read_prompts(path: Path, system: str | None = None) -> list[list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise UserError("The prompts file does not exist", where=str(path), fix="Check the --input path")
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix == ".txt":
-            prompts.append(to_messages(line.strip(), system))
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"Line {number} is not valid JSON ({exc.msg})", where=f"{path}, line {number}",
-                            fix="Fix the line, or use `instruct prepare-data --task prompts` to clean the file") from None
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt))):
-            raise UserError(f"Line {number} has no `prompt` (text or a list of messages)", where=f"{path}, line {number}",
-                            fix='Write each line as {"prompt": "..."}')
-        prompts.append(to_messages(prompt, system))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".txt":
+        prompts = [to_messages(line.strip(), system) for line in lines if line.strip()]
+    else:
+        prompts = []
+        for number, row, where in json_lines(
+                lines, str(path), fix="Fix the line, or use `instruct prepare-data --task prompts` to clean the file"):
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt))):
+                raise UserError(f"Line {number} has no `prompt` (text or a list of messages)", where=where,
+                                fix='Write each line as {"prompt": "..."}')
+            prompts.append(to_messages(prompt, system))
     if not prompts:
         raise UserError("The prompts file has no prompts", where=str(path), fix="Add one JSON line per prompt")
     return prompts

@@ -362,15 +362,8 @@ def read_scoring_rows(path: Path) -> tuple[list[dict], str]:
             raise UserError("The input file does not exist", where=str(path), fix="Check the --input path")
         name, text = str(path), path.read_text(encoding="utf-8")
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{name}, line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"Line {number} is not valid JSON ({exc.msg})", where=where,
-                            fix='Write each line as {"prompt": ..., "response": ...}') from None
+    for number, row, where in data.json_lines(text.splitlines(), name,
+                                              fix='Write each line as {"prompt": ..., "response": ...}'):
         if not isinstance(row, dict) or "prompt" not in row or "response" not in row:
             raise UserError(f"Line {number} needs a `prompt` and a `response`", where=where,
                             fix='Write each line as {"prompt": "...", "response": "..."} (text or message lists)')
