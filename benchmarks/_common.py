@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -200,6 +201,59 @@ def prepare_data(raw: Path, out: Path, task: str, model: Path, env: dict) -> Pat
 
 
 # ------------------------------------------------------------------------------------------ measurement
+def step_batches(lengths: list[int], batch_size: int, seed: int, max_steps: int) -> list[list[int]]:
+    """Row indices of each optimizer step, as training.fit walks `training.length_grouped_batches` with one
+    process and no accumulation (each epoch's batches built once)."""
+    from instruct_cli import training
+
+    steps, epoch = [], 0
+    while len(steps) < max_steps:
+        steps.extend(training.length_grouped_batches(lengths, batch_size, seed, epoch))
+        epoch += 1
+    return steps[:max_steps]
+
+
+def run_instruct(step: str, model: Path, data: Path, work: Path, args, index: int,
+                 batches: Callable[[], list[dict]]) -> dict:
+    """`instruct STEP` (sft or rm) through the real CLI, in its own subprocess, with the settings both sides
+    share; its numbers from metrics.jsonl, its per-step batches from `batches()` (the CLI's own batcher)."""
+    run = work / f"instruct-{step}-run-{index}"
+    cmd = [INSTRUCT, step, "--model", str(model), "--data", str(data), "--out", str(run),
+           "--quantization", args.quantization, "--device", "cpu", "--lora-r", "16", "--lora-alpha", "32",
+           "--lora-dropout", "0", "--lora-targets", "all-linear", "--batch-size", str(args.batch_size),
+           "--grad-accum", "1", "--max-steps", str(args.max_steps), "--max-length", str(args.max_length),
+           "--lr", str(args.lr), "--warmup-ratio", "0.03", "--weight-decay", "0", "--max-grad-norm", "1.0",
+           "--seed", str(args.seed), "--eval-every", "100000", "--save-every", "100000",
+           "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing", "--force"]
+    usage = measure(cmd, base_env(work), work / f"instruct-{step}-{index}.log", f"instruct {step}", args.wait_quiet)
+    result = {"side": "instruct", **usage}
+    if usage["rc"] != 0 or not (run / "metrics.jsonl").is_file():
+        return result
+    rows = read_jsonl(run / "metrics.jsonl")
+    result.update(step_ends=instruct_step_ends(run), loop_tokens_per_s=rows[-1].get("train/tokens_per_s"))
+    try:
+        result["batches"] = batches()
+    except Exception as exc:  # the CLI's internals moved: keep the numbers that do not need them
+        print(f"[bench] could not recompute instruct's batches ({type(exc).__name__}: {exc}); "
+              "throughput and padding are n/a for instruct", flush=True)
+    return result
+
+
+def run_trl(script: str, step: str, label: str, model: Path, data: Path, work: Path, args, index: int) -> dict:
+    """TRL's trainer in its own subprocess (`script --trl-worker SPEC`), with TRL on PYTHONPATH."""
+    spec = {**{k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+            "model": str(model), "data": str(data), "out": str(work / f"trl-{step}-run-{index}"),
+            "result": str(work / f"trl-{step}-result-{index}.json")}
+    spec_file = work / f"trl-{step}-spec-{index}.json"
+    spec_file.write_text(json.dumps(spec, indent=2))
+    cmd = [PYTHON, str(Path(script).resolve()), "--trl-worker", str(spec_file)]
+    usage = measure(cmd, trl_env(work), work / f"trl-{step}-{index}.log", label, args.wait_quiet)
+    result = {"side": "TRL", **usage}
+    if usage["rc"] == 0:
+        result.update(json.loads(Path(spec["result"]).read_text()))
+    return result
+
+
 def prewarm_memory(gib: float) -> None:
     """Touch `gib` GiB of memory once, all held at the same time, then free it.
 

@@ -62,11 +62,6 @@ class Measured:
     def total(self) -> int:
         return self.model_bytes + self.peak_after_load
 
-    @property
-    def phase(self) -> str:
-        """Where the peak happened."""
-        return max(self.phases, key=self.phases.get) if self.phases else ""
-
     def peak_in(self, prefixes: list[str]) -> int:
         """model bytes + the highest peak of the phases whose label path starts with one of `prefixes`."""
         peaks = [p for name, p in self.phases.items() if any(name == x or name.startswith(x + "/") for x in prefixes)]

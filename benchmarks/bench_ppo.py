@@ -63,12 +63,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt, print_table, ratio, read_jsonl, write_jsonl  # noqa: E402
+from _common import INSTRUCT, PYTHON, ROOT, fmt, print_table, ratio, read_jsonl, write_jsonl  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = ROOT / ".venv" / "bin"
-PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
-INSTRUCT = str(VENV_BIN / "instruct") if (VENV_BIN / "instruct").exists() else shutil.which("instruct") or "instruct"
 MODEL = "smollm2-135m"
 ROLES = ("policy", "reference", "value", "reward")
 

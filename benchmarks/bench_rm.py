@@ -49,20 +49,14 @@ def instruct_batches(model: Path, data: Path, args) -> list[dict]:
     Recomputed with the CLI's own tokenizer loading, preference encoder and length-grouped batcher (the CLI
     logs only a running tokens/s), so that both sides' throughput is measured over the same steps.
     """
-    from instruct_cli import models, rm, training
+    from instruct_cli import models, rm
 
     tokenizer = models.load_tokenizer(str(model))
     rows = common.read_jsonl(data / "prefs.train.jsonl")
     groups, _ = rm.encode_rows(tokenizer, rows, args.max_length, "prefs.train.jsonl")
-    lengths = [g.longest for g in groups]
-    per_epoch: dict[int, list[list[int]]] = {}
     batches = []
-    for step in range(args.max_steps):  # as training.fit walks them with one process and no accumulation
-        first = per_epoch.setdefault(0, training.length_grouped_batches(lengths, args.batch_size, args.seed, 0))
-        epoch, position = divmod(step, len(first))
-        if epoch not in per_epoch:
-            per_epoch[epoch] = training.length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
-        chosen = [groups[i] for i in per_epoch[epoch][position]]
+    for step in common.step_batches([g.longest for g in groups], args.batch_size, args.seed, args.max_steps):
+        chosen = [groups[i] for i in step]
         sequences = [len(ids) for g in chosen for ids in g.responses]
         batches.append({"rows": sum(len(g.pairs) for g in chosen), "tokens": sum(sequences),
                         "padded": len(sequences) * max(sequences)})
@@ -70,43 +64,14 @@ def instruct_batches(model: Path, data: Path, args) -> list[dict]:
 
 
 def run_instruct(model: Path, data: Path, work: Path, args, index: int) -> dict:
-    """`instruct rm` through the real CLI, in its own subprocess; its numbers from metrics.jsonl."""
-    run = work / f"instruct-rm-run-{index}"
-    cmd = [common.INSTRUCT, "rm", "--model", str(model), "--data", str(data), "--out", str(run),
-           "--quantization", args.quantization, "--device", "cpu", "--lora-r", "16", "--lora-alpha", "32",
-           "--lora-dropout", "0", "--lora-targets", "all-linear", "--batch-size", str(args.batch_size),
-           "--grad-accum", "1", "--max-steps", str(args.max_steps), "--max-length", str(args.max_length),
-           "--lr", str(args.lr), "--warmup-ratio", "0.03", "--weight-decay", "0", "--max-grad-norm", "1.0",
-           "--seed", str(args.seed), "--eval-every", "100000", "--save-every", "100000",
-           "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing", "--force"]
-    usage = common.measure(cmd, common.base_env(work), work / f"instruct-rm-{index}.log", "instruct rm", args.wait_quiet)
-    result = {"side": "instruct", **usage}
-    if usage["rc"] != 0 or not (run / "metrics.jsonl").is_file():
-        return result
-    rows = common.read_jsonl(run / "metrics.jsonl")
-    result.update(step_ends=common.instruct_step_ends(run), loop_tokens_per_s=rows[-1].get("train/tokens_per_s"))
-    try:
-        result["batches"] = instruct_batches(model, data, args)
-    except Exception as exc:  # the CLI's internals moved: keep the numbers that do not need them
-        print(f"[bench] could not recompute instruct's batches ({type(exc).__name__}: {exc}); "
-              "pairs/s and padding are n/a for instruct", flush=True)
-    return result
+    """`instruct rm` through the real CLI (see common.run_instruct)."""
+    return common.run_instruct("rm", model, data, work, args, index, lambda: instruct_batches(model, data, args))
 
 
 # --------------------------------------------------------------------------------------------------- TRL
 def run_trl(model: Path, data: Path, work: Path, args, index: int) -> dict:
-    """TRL's RewardTrainer in its own subprocess (this file with --trl-worker), with TRL on PYTHONPATH."""
-    spec = {**{k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-            "model": str(model), "data": str(data), "out": str(work / f"trl-rm-run-{index}"),
-            "result": str(work / f"trl-rm-result-{index}.json")}
-    spec_file = work / f"trl-rm-spec-{index}.json"
-    spec_file.write_text(json.dumps(spec, indent=2))
-    cmd = [common.PYTHON, str(Path(__file__).resolve()), "--trl-worker", str(spec_file)]
-    usage = common.measure(cmd, common.trl_env(work), work / f"trl-rm-{index}.log", "TRL RewardTrainer", args.wait_quiet)
-    result = {"side": "TRL", **usage}
-    if usage["rc"] == 0:
-        result.update(json.loads(Path(spec["result"]).read_text()))
-    return result
+    """TRL RewardTrainer in its own subprocess (this file with --trl-worker; see common.run_trl)."""
+    return common.run_trl(__file__, "rm", "TRL RewardTrainer", model, data, work, args, index)
 
 
 def trl_worker(spec_file: str) -> None:

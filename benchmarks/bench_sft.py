@@ -43,61 +43,27 @@ def instruct_batches(model: Path, data: Path, args) -> list[dict]:
     Recomputed with the CLI's own tokenizer loading, conversation encoder and length-grouped batcher (the
     CLI logs only a running tokens/s), so that both sides' throughput is measured over the same steps.
     """
-    from instruct_cli import models, sft, training
+    from instruct_cli import models, sft
 
     tokenizer = models.load_tokenizer(str(model))
     rows = common.read_jsonl(data / "sft.train.jsonl")
     lengths = [len(sft.encode_conversation(tokenizer, row["messages"], args.max_length)[0]) for row in rows]
-    per_epoch: dict[int, list[list[int]]] = {}
     batches = []
-    for step in range(args.max_steps):  # as training.fit walks them with one process and no accumulation
-        first = per_epoch.setdefault(0, training.length_grouped_batches(lengths, args.batch_size, args.seed, 0))
-        epoch, position = divmod(step, len(first))
-        if epoch not in per_epoch:
-            per_epoch[epoch] = training.length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
-        sizes = [lengths[i] for i in per_epoch[epoch][position]]
+    for step in common.step_batches(lengths, args.batch_size, args.seed, args.max_steps):
+        sizes = [lengths[i] for i in step]
         batches.append({"rows": len(sizes), "tokens": sum(sizes), "padded": len(sizes) * max(sizes)})
     return batches
 
 
 def run_instruct(model: Path, data: Path, work: Path, args, index: int) -> dict:
-    """`instruct sft` through the real CLI, in its own subprocess; its numbers from metrics.jsonl."""
-    run = work / f"instruct-sft-run-{index}"
-    cmd = [common.INSTRUCT, "sft", "--model", str(model), "--data", str(data), "--out", str(run),
-           "--quantization", args.quantization, "--device", "cpu", "--lora-r", "16", "--lora-alpha", "32",
-           "--lora-dropout", "0", "--lora-targets", "all-linear", "--batch-size", str(args.batch_size),
-           "--grad-accum", "1", "--max-steps", str(args.max_steps), "--max-length", str(args.max_length),
-           "--lr", str(args.lr), "--warmup-ratio", "0.03", "--weight-decay", "0", "--max-grad-norm", "1.0",
-           "--seed", str(args.seed), "--eval-every", "100000", "--save-every", "100000",
-           "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing", "--force"]
-    usage = common.measure(cmd, common.base_env(work), work / f"instruct-sft-{index}.log", "instruct sft", args.wait_quiet)
-    result = {"side": "instruct", **usage}
-    if usage["rc"] != 0 or not (run / "metrics.jsonl").is_file():
-        return result
-    rows = common.read_jsonl(run / "metrics.jsonl")
-    result.update(step_ends=common.instruct_step_ends(run), loop_tokens_per_s=rows[-1].get("train/tokens_per_s"))
-    try:
-        result["batches"] = instruct_batches(model, data, args)
-    except Exception as exc:  # the CLI's internals moved: keep the numbers that do not need them
-        print(f"[bench] could not recompute instruct's batches ({type(exc).__name__}: {exc}); "
-              "tokens/s and padding are n/a for instruct", flush=True)
-    return result
+    """`instruct sft` through the real CLI (see common.run_instruct)."""
+    return common.run_instruct("sft", model, data, work, args, index, lambda: instruct_batches(model, data, args))
 
 
 # --------------------------------------------------------------------------------------------------- TRL
 def run_trl(model: Path, data: Path, work: Path, args, index: int) -> dict:
-    """TRL's SFTTrainer in its own subprocess (this file with --trl-worker), with TRL on PYTHONPATH."""
-    spec = {**{k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-            "model": str(model), "data": str(data), "out": str(work / f"trl-sft-run-{index}"),
-            "result": str(work / f"trl-sft-result-{index}.json")}
-    spec_file = work / f"trl-sft-spec-{index}.json"
-    spec_file.write_text(json.dumps(spec, indent=2))
-    cmd = [common.PYTHON, str(Path(__file__).resolve()), "--trl-worker", str(spec_file)]
-    usage = common.measure(cmd, common.trl_env(work), work / f"trl-sft-{index}.log", "TRL SFTTrainer", args.wait_quiet)
-    result = {"side": "TRL", **usage}
-    if usage["rc"] == 0:
-        result.update(json.loads(Path(spec["result"]).read_text()))
-    return result
+    """TRL SFTTrainer in its own subprocess (this file with --trl-worker; see common.run_trl)."""
+    return common.run_trl(__file__, "sft", "TRL SFTTrainer", model, data, work, args, index)
 
 
 def trl_worker(spec_file: str) -> None:

@@ -855,16 +855,17 @@ class StepPlan:
 
 def estimate_step(step: str, config: Any, shape: ModelShape, loras: tuple[Lora, ...] = (), device: str = "cuda"
                   ) -> Breakdown:
-    """Dispatch to the step's estimator. PPO needs (policy lora, value lora); eval (lora,)."""
+    """Dispatch to the step's estimator. sft and rm read their LoRA from `config`; ppo needs `loras` =
+    (policy lora, value lora) and eval (lora,), the adapters of the runs they load."""
     if step == "sft":
         return estimate_sft(shape, config, device)
     if step == "rm":
         return estimate_rm(shape, config, device)
     if step == "ppo":
-        policy, value = loras or (Lora(16, lora_targets(shape, ["all-linear"])),) * 2
+        policy, value = loras
         return estimate_ppo(shape, config, policy, value, device)
     if step == "eval":
-        (lora,) = loras or (Lora(16, lora_targets(shape, ["all-linear"])),)
+        (lora,) = loras
         return estimate_eval(shape, config, lora, device)
     return Breakdown(step=step, phase="tokenizer only (no device memory)")
 
@@ -929,7 +930,7 @@ def suggest(plan: StepPlan, memory: int, device: str = "cuda") -> list[str]:
         config = plan.config
         for _, change in changes:
             config = change(config)
-        return _estimate_with(plan, config, device).total
+        return plan.estimate(config, device).total
 
     single = []
     for knob_options in options.values():
@@ -954,13 +955,6 @@ def suggest(plan: StepPlan, memory: int, device: str = "cuda") -> list[str]:
                 chosen[knob] = option
                 break
     return ["together: " + ", ".join(d for d, _ in chosen.values()) + f" -> {gib(total(list(chosen.values())))}"]
-
-
-def _estimate_with(plan: StepPlan, config: Any, device: str) -> Breakdown:
-    loras = plan.loras
-    if plan.step in ("sft", "rm") and plan.shape is not None:
-        loras = (lora_for(plan.shape, config),)
-    return estimate_step(plan.step, config, plan.shape, loras, device)
 
 
 # ---------------------------------------------------------------------------------------------- recipes
@@ -1036,7 +1030,7 @@ def plan_recipe(recipe: Path | None, model: str | None = None, model_config: Pat
             continue
         shape = shape_of(task)
         if task.step in ("sft", "rm"):
-            loras = (lora_for(shape, task.config),)
+            loras = ()  # their own config says
         elif task.step == "ppo":  # policy/reference from the SFT run, value/reward from the RM run
             loras = (_lora_of("sft", tasks, shape), _lora_of("rm", tasks, shape))
         else:
