@@ -72,6 +72,21 @@ def write_jsonl(path: Path, rows) -> int:
     return len(lines)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file this tool wrote (missing file: none). A line that cannot be read,
+    e.g. cut short by a crash while appending, is left out."""
+    rows = []
+    if not Path(path).is_file():
+        return rows
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                if isinstance(row, dict):
+                    rows.append(row)
+    return rows
+
+
 @contextlib.contextmanager
 def atomic_folder(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it replaces `path` in one rename."""

@@ -34,6 +34,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from itertools import zip_longest
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,7 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from instruct_cli import artifacts, data, models, ppo, rl, rm, sft
+from instruct_cli import artifacts, data, models, ppo, rl, rm, sft, training
 from instruct_cli.config import EvalConfig, to_recipe_dict
 from instruct_cli.console import display_path, info, print_table, progress, summary_table, warn
 from instruct_cli.errors import UserError
@@ -236,8 +237,8 @@ def perplexity(model, tokenizer, conversations: list[list[dict]], max_length: in
     """Mean assistant-token NLL and perplexity on SFT conversations, exactly as `instruct sft` evaluates."""
     device = next(model.parameters()).device
     encoded = [sft.encode_conversation(tokenizer, messages, max_length) for messages in conversations]
-    batches = [sft.collate(encoded[i:i + batch_size], tokenizer.pad_token_id, device)
-               for i in range(0, len(encoded), batch_size)]
+    batches = training.eval_batches(encoded, [len(ids) for ids, _ in encoded], batch_size,
+                                    partial(sft.collate, pad_id=tokenizer.pad_token_id, device=device))
     metrics = sft.evaluate(model, batches)
     return {"loss": metrics["eval/loss"], "perplexity": metrics["eval/perplexity"],
             "conversations": len(conversations)}
@@ -247,8 +248,8 @@ def reward_model_accuracy(model, tokenizer, rows: list[dict], max_length: int, b
     """The reward model's pair accuracy, loss and mean margin on preference rows (as `instruct rm` evaluates)."""
     device = next(model.head.parameters()).device
     groups, _ = rm.encode_rows(tokenizer, rows, max_length, where)
-    batches = [rm.collate(groups[i:i + batch_size], tokenizer.pad_token_id, device)
-               for i in range(0, len(groups), batch_size)]
+    batches = training.eval_batches(groups, [g.longest for g in groups], batch_size,
+                                    partial(rm.collate, pad_id=tokenizer.pad_token_id, device=device))
     metrics = rm.evaluate(model, batches)
     return {"accuracy": metrics["eval/accuracy"], "loss": metrics["eval/loss"], "margin": metrics["eval/margin"],
             "pairs": sum(len(group.pairs) for group in groups), "prompts": len(groups)}
@@ -280,7 +281,7 @@ def check_config(config: EvalConfig) -> None:
             raise UserError(f"`{name}` must be greater than 0, not {getattr(config, name)}",
                             where=f"--{name.replace('_', '-')}", fix="Pass a positive number")
     names = [str(spec).rstrip("/") for spec in config.models]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = sorted({a for i, a in enumerate(names) for b in names[i + 1:] if same_model(a, b)})
     if repeated:
         raise UserError(f"{', '.join(repeated)} is listed twice in --models", where="--models",
                         fix="Name each model once")
@@ -834,15 +835,7 @@ CURVES: dict[str, list[tuple[str, list[str]]]] = {
 
 def read_metrics(folder: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl (empty when it has none; unreadable lines are skipped)."""
-    path = Path(folder) / artifacts.METRICS
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    return artifacts.read_jsonl(Path(folder) / artifacts.METRICS)
 
 
 def plot_training_curves(runs: list[tuple[str, str, Path]], path: Path) -> dict | None:
@@ -971,8 +964,7 @@ def show(report: dict, folder: Path) -> None:
     """The results table, a few answers side by side (from the report folder's samples.jsonl) and the verdict."""
     print_table(f"eval: {report['prompts']} prompts, baseline {report['baseline']}", TABLE_COLUMNS,
                 table_rows(report))
-    path = Path(folder) / SAMPLES
-    samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    samples = artifacts.read_jsonl(Path(folder) / SAMPLES)
     if samples:
         names = list(samples[0]["responses"])
         rows = [[row["prompt"][-1]["content"] if row["prompt"] else ""]

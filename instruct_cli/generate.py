@@ -14,8 +14,8 @@ import torch
 
 from instruct_cli import artifacts, models
 from instruct_cli.config import GenerateConfig
+from instruct_cli.console import progress, summary_table
 from instruct_cli.data import json_lines
-from instruct_cli.console import console, progress, summary_table
 from instruct_cli.errors import UserError
 
 

@@ -203,20 +203,6 @@ def append_jsonl(path: Path, row: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a JSON-lines file (missing file: none); unreadable lines are left out."""
-    rows = []
-    if not Path(path).is_file():
-        return rows
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            with contextlib.suppress(json.JSONDecodeError):
-                row = json.loads(line)
-                if isinstance(row, dict):
-                    rows.append(row)
-    return rows
-
-
 def append_judgment(folder: Path, row: dict) -> None:
     """Append one judgment to the folder's rankings.jsonl, durably, under the folder's lock."""
     with locked(folder):
@@ -363,7 +349,7 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], k: int, settin
                               device=input_ids.device)
 
     device = next(model.parameters()).device
-    encoded = [encode_prompt(tokenizer, messages) for messages in prompts for _ in range(k)]
+    encoded = [ids for messages in prompts for ids in [encode_prompt(tokenizer, messages)] * k]
     input_ids, attention_mask = left_pad(encoded, tokenizer.pad_token_id, device)
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
@@ -770,7 +756,7 @@ def run(config: LabelConfig) -> Session | None:
     folder = Path(config.out)
     store = SampleStore(folder)
     check_samples_match(store, prompts, config)
-    judged = {row["index"] for row in live_judgments(read_jsonl(folder / RANKINGS), labeler)}
+    judged = {row["index"] for row in live_judgments(artifacts.read_jsonl(folder / RANKINGS), labeler)}
     queue = Queue([i for i in range(len(prompts)) if i not in judged])
     session = Session(labeler)
     if len(queue) == 0:
@@ -852,7 +838,7 @@ def label_loop(ui, queue: Queue, store: SampleStore, sampler: Sampler | None, se
 
 def summarise(session: Session, folder: Path, prompts: int) -> None:
     """The summary table at the end of a session."""
-    live = live_judgments(read_jsonl(folder / RANKINGS))
+    live = live_judgments(artifacts.read_jsonl(folder / RANKINGS))
     mine = [row for row in live if row.get("labeler") == session.labeler]
     seconds = [row["seconds"] for row in session.rows if isinstance(row.get("seconds"), (int, float))]
     kinds = kind_counts(session.rows)
@@ -953,7 +939,7 @@ def show_stats(folder: Path) -> None:
     if not (folder / RANKINGS).is_file():
         raise UserError("The folder has no rankings.jsonl", where=str(folder),
                         fix="Pass the --out folder of `instruct label`")
-    live = live_judgments(read_jsonl(folder / RANKINGS))
+    live = live_judgments(artifacts.read_jsonl(folder / RANKINGS))
     samples = SampleStore(folder).indices()
     per_labeler: dict[str, list[dict]] = defaultdict(list)
     for row in live:

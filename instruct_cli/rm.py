@@ -73,7 +73,7 @@ def preference_group(row: dict, where: str) -> tuple[list[dict], list[list[dict]
                 or sorted(ranking) != list(range(len(responses)))):
             raise UserError(f"The ranking {ranking} is not a permutation of the response indices "
                             f"0..{len(responses) - 1}", where=where,
-                            fix="List every response index exactly once, best first (ties are not supported)")
+                            fix="List every response index exactly once, best first (equal ones go in `ties`)")
         ties = row.get("ties") or []
         if not (isinstance(ties, list) and all(isinstance(g, list) and all(i in ranking for i in g) for g in ties)):
             raise UserError(f"`ties` {ties!r} should be groups of response indices", where=where,

@@ -3,6 +3,7 @@ the whole report from the CLI on a tiny sft -> rm -> ppo pipeline; --generations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,6 +312,8 @@ def test_bad_input_gives_a_one_paragraph_error(pipeline, report, tmp_path):
     assert "no sft or ppo run folder" in fails(*common, "--models", pipeline["model"], "--baseline", "base",
                                                "--reward", rm, "--data", data)
     assert "listed twice" in fails(*common, "--models", f"{sft},{sft}/", "--reward", rm, "--data", data)
+    same_run = f"{sft}/../{Path(sft).name}"  # another spelling of the same folder
+    assert "listed twice" in fails(*common, "--models", f"{sft},{same_run}", "--reward", rm, "--data", data)
     assert "max_prompts" in fails(*common, "--models", sft, "--reward", rm, "--data", data, "--max-prompts", 0)
     assert "does not exist" in fails(*common, "--models", sft, "--reward", rm, "--generations", tmp_path / "no.jsonl")
     other = tmp_path / "other.jsonl"

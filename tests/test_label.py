@@ -96,8 +96,8 @@ def test_append_and_undo_on_disk_keep_other_lines_byte_for_byte(tmp_path):
     assert (tmp_path / label.RANKINGS).read_text().splitlines() == [lines[0], lines[1], lines[3]]
     assert label.undo_judgment(tmp_path, "a")["index"] == 0
     assert label.undo_judgment(tmp_path, "a") is None
-    assert [r["index"] for r in label.read_jsonl(tmp_path / label.UNDONE)] == [1, 0]
-    assert [r["labeler"] for r in label.read_jsonl(tmp_path / label.RANKINGS)] == ["b", "b"]
+    assert [r["index"] for r in artifacts.read_jsonl(tmp_path / label.UNDONE)] == [1, 0]
+    assert [r["labeler"] for r in artifacts.read_jsonl(tmp_path / label.RANKINGS)] == ["b", "b"]
     (tmp_path / "empty").mkdir()
     assert label.undo_judgment(tmp_path / "empty", "a") is None
 
@@ -107,7 +107,7 @@ def test_sample_store_keeps_the_first_sample_of_a_prompt(tmp_path):
     first = store.add(0, [{"role": "user", "content": "hi"}], ["a", "b"], {"seed": 0})
     other = label.SampleStore(tmp_path)  # another process sharing the folder
     assert other.add(0, [{"role": "user", "content": "hi"}], ["c", "d"], {"seed": 1})["responses"] == ["a", "b"]
-    assert store.get(0) == first and len(label.read_jsonl(tmp_path / label.SAMPLES)) == 1
+    assert store.get(0) == first and len(artifacts.read_jsonl(tmp_path / label.SAMPLES)) == 1
     store.add(1, [{"role": "user", "content": "yo"}], ["e", "f"], {})
     other.refresh()
     assert other.indices() == [0, 1]
@@ -265,7 +265,7 @@ def alice_labels(tmp_path_factory, tiny_model_dir, prompts_dir, isolated_cache):
 
 
 def typed_rows(path, labeler="alice"):
-    return [(r["index"], r["typed"], r["ranking"], r["ties"]) for r in label.read_jsonl(path) if r["labeler"] == labeler]
+    return [(r["index"], r["typed"], r["ranking"], r["ties"]) for r in artifacts.read_jsonl(path) if r["labeler"] == labeler]
 
 
 def test_terminal_session_rank_undo_quit_resume_kill_finish(alice_labels):
@@ -283,10 +283,10 @@ def test_terminal_session_rank_undo_quit_resume_kill_finish(alice_labels):
     # quitting and kill -9 lost nothing typed and entered; only the half-typed "4 3" is gone
     assert len(shown["after_first"].splitlines()) == 2 and len(shown["after_kill"].splitlines()) == 3
     # samples were drawn once per prompt; the resumed sessions reused them and never loaded the model
-    samples = label.read_jsonl(out / label.SAMPLES)
+    samples = artifacts.read_jsonl(out / label.SAMPLES)
     assert sorted(s["index"] for s in samples) == [0, 1, 2, 3]
     assert "Loading the model" not in shown["third"].text
-    rows = label.read_jsonl(out / label.RANKINGS)
+    rows = artifacts.read_jsonl(out / label.RANKINGS)
     for r in rows:
         sample = next(s for s in samples if s["index"] == r["index"])
         assert [resp[0]["content"] for resp in r["responses"]] == sample["responses"]
@@ -311,7 +311,7 @@ def test_plain_text_mode_reads_commands_from_a_pipe(two_labelers, tiny_model_dir
     assert result.exit_code == 0, result.output
     assert "== prompt 1 of 4 (#0) · labeler bob ==" in result.output and "Cannot read" in result.output
     assert "\x1b[" not in result.output  # plain text, no terminal codes
-    bob = [r for r in label.read_jsonl(out / label.RANKINGS) if r["labeler"] == "bob"]
+    bob = [r for r in artifacts.read_jsonl(out / label.RANKINGS) if r["labeler"] == "bob"]
     assert [(r["index"], r.get("ranking"), r.get("ties"), r.get("skipped"), r.get("flagged")) for r in bob] == [
         (0, [1, 0, 3, 2], [], None, None), (1, [1, 0, 2, 3], [[0, 2]], None, None),
         (2, None, None, True, None), (3, None, None, None, True)]
@@ -325,7 +325,7 @@ def test_stats_counts_and_agreement(two_labelers):
     result = runner.invoke(app, ["label", "--stats", str(out)])
     assert result.exit_code == 0, result.output
     # prompt 0: same order (6 of 6 pairs, tau 1); prompt 1: `1 2 3 4` vs `2 1=3 4` (4 of 5, tau 3/sqrt(30))
-    (pair,) = label.agreement(label.live_judgments(label.read_jsonl(out / label.RANKINGS)))
+    (pair,) = label.agreement(label.live_judgments(artifacts.read_jsonl(out / label.RANKINGS)))
     assert pair["pairs"] == 11 and pair["agreement"] == pytest.approx(10 / 11)
     assert pair["kendall_tau"] == pytest.approx((1 + 3 / math.sqrt(30)) / 2)
     for text in ("alice / bob", "0.909", "+0.774", "prompts ranked by 2+ labelers", "alice", "bob"):
