@@ -220,15 +220,19 @@ def side_baseline(work: Path, what: str = "baseline") -> dict:
     return measure([PYTHON, __file__, "--child", what, "--work", str(work)], work / "logs" / f"{what}.log", what)
 
 
+def ppo_cli_args(paths: dict, out: Path, quantization: str, args) -> list[str]:
+    """`ppo` and its flags, the same for the measured and the profiled CLI run."""
+    return ["ppo", "--sft", str(paths["sft"]), "--reward", str(paths["rm"]), "--data", str(paths["prompts"]),
+            "--out", str(out), "--force", "--quantization", quantization, "--iterations", str(args.iterations),
+            "--rollout-batch-size", str(args.rollout_batch_size), "--minibatch-size", str(args.minibatch_size),
+            "--ppo-epochs", str(args.ppo_epochs), "--max-new-tokens", str(args.max_new_tokens),
+            "--eval-every", "1000", "--save-every", "1000", "--seed", str(args.seed)]
+
+
 def side_cli(paths: dict, work: Path, quantization: str, args) -> dict:
     """The real `instruct ppo` command; samples/s from its metrics.jsonl."""
     out = work / f"ppo-{quantization}"
-    cmd = [INSTRUCT, "ppo", "--sft", str(paths["sft"]), "--reward", str(paths["rm"]), "--data",
-           str(paths["prompts"]), "--out", str(out), "--force", "--quantization", quantization,
-           "--iterations", str(args.iterations), "--rollout-batch-size", str(args.rollout_batch_size),
-           "--minibatch-size", str(args.minibatch_size), "--ppo-epochs", str(args.ppo_epochs),
-           "--max-new-tokens", str(args.max_new_tokens), "--eval-every", "1000", "--save-every", "1000",
-           "--seed", str(args.seed)]
+    cmd = [INSTRUCT, *ppo_cli_args(paths, out, quantization, args)]
     result = measure(cmd, work / "logs" / f"cli-{quantization}.log", "instruct ppo")
     if result["rc"] == 0 and (out / "metrics.jsonl").is_file():
         rows = read_jsonl(out / "metrics.jsonl")
@@ -264,12 +268,8 @@ def cli_profile(paths: dict, work: Path, quantization: str, args) -> None:
 
     prof = work / f"ppo-{quantization}.prof"
     out = work / f"ppo-{quantization}-profile"
-    cmd = [PYTHON, "-m", "cProfile", "-o", str(prof), "-m", "instruct_cli", "ppo", "--sft", str(paths["sft"]),
-           "--reward", str(paths["rm"]), "--data", str(paths["prompts"]), "--out", str(out), "--force",
-           "--quantization", quantization, "--iterations", str(args.iterations), "--rollout-batch-size",
-           str(args.rollout_batch_size), "--minibatch-size", str(args.minibatch_size), "--ppo-epochs",
-           str(args.ppo_epochs), "--max-new-tokens", str(args.max_new_tokens), "--eval-every", "1000",
-           "--save-every", "1000", "--seed", str(args.seed)]
+    cmd = [PYTHON, "-m", "cProfile", "-o", str(prof), "-m", "instruct_cli",
+           *ppo_cli_args(paths, out, quantization, args)]
     run_checked(cmd, work / "logs" / f"profile-{quantization}.log")
     print(f"\ncProfile of `instruct ppo --quantization {quantization}` (top 25 by cumulative time):")
     pstats.Stats(str(prof)).sort_stats("cumulative").print_stats(25)
