@@ -239,7 +239,7 @@ class GenerateConfig(ModelOptions):
     prompt: Optional[str] = None
     """The prompt; `-` reads it from standard input."""
     input: Optional[Path] = None
-    """A JSONL file of prompts (`{"prompt": ...}` as text or messages) to answer in batches."""
+    """A JSONL file of prompts (`{"prompt": ...}` as text or messages) to answer in batches; `-` reads stdin."""
     output: Optional[Path] = None
     """Where the batch answers go (JSONL); standard output when not given."""
     system: Optional[str] = None

@@ -58,17 +58,22 @@ def to_messages(prompt, system: str | None = None) -> list[dict]:
 
 
 def read_prompts(path: Path, system: str | None = None) -> list[list[dict]]:
-    """Read a JSONL file of `{"prompt": text or messages}` rows (or plain text lines in a .txt file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("The prompts file does not exist", where=str(path), fix="Check the --input path")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix == ".txt":
+    """Read a JSONL file of `{"prompt": text or messages}` rows (or plain text lines in a .txt file);
+    `-` reads the JSONL rows from standard input, so `instruct generate --input - | instruct rm score --input -`
+    chains."""
+    if str(path) == "-":
+        name, lines = "stdin", sys.stdin.read().splitlines()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError("The prompts file does not exist", where=str(path), fix="Check the --input path")
+        name, lines = str(path), path.read_text(encoding="utf-8").splitlines()
+    if Path(name).suffix == ".txt":
         prompts = [to_messages(line.strip(), system) for line in lines if line.strip()]
     else:
         prompts = []
         for number, row, where in json_lines(
-                lines, str(path), fix="Fix the line, or use `instruct prepare-data --task prompts` to clean the file"):
+                lines, name, fix="Fix the line, or use `instruct prepare-data --task prompts` to clean the file"):
             prompt = row.get("prompt") if isinstance(row, dict) else None
             if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt))):
                 raise UserError(f"Line {number} has no `prompt` (text or a list of messages)", where=where,

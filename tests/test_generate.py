@@ -27,6 +27,14 @@ def test_prompt_from_stdin(tiny_model_dir):
     assert result.exit_code == 0, result.output
 
 
+def test_batch_prompts_from_stdin(tiny_model_dir):
+    result = invoke("generate", "--model", tiny_model_dir, "--max-new-tokens", 4, "--input", "-",
+                    input='{"prompt": "one"}\n{"prompt": "two"}\n')
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [row["prompt"][-1]["content"] for row in rows] == ["one", "two"]
+
+
 def test_batch_file_to_jsonl(tmp_path, tiny_model_dir):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "one"}\n\n{"prompt": [{"role": "user", "content": "two two two"}]}\n'
