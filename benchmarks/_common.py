@@ -254,6 +254,38 @@ def run_trl(script: str, step: str, label: str, model: Path, data: Path, work: P
     return result
 
 
+def run_benchmark(args, *, step: str, task: str, rows: Callable[[int, int], list[dict]],
+                  run_instruct: Callable, run_trl: Callable, report: Callable) -> None:
+    """The body of bench_sft/bench_rm: model, data folder (`task`, from `rows(n, seed)`), interleaved runs of
+    both sides (so slow spells of a shared machine hit both), results.json, the report; the work folder is
+    removed at the end unless --work or --keep."""
+    import tempfile
+
+    if args.only != "instruct":
+        ensure_trl()
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix=f"bench-{step}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    try:
+        prewarm_memory(args.prewarm_gib)
+        model = default_model(work, args)
+        raw = write_jsonl(work / f"raw-{task}.jsonl", rows(args.rows, args.seed))
+        data = prepare_data(raw, work / f"data-{task}", task, model, base_env(work))
+        runs: dict[str, list[dict]] = {}
+        for index in range(args.repeats):
+            if args.only != "trl":
+                runs.setdefault("instruct", []).append(run_instruct(model, data, work, args, index))
+            if args.only != "instruct":
+                runs.setdefault("TRL", []).append(run_trl(model, data, work, args, index))
+        (work / "results.json").write_text(json.dumps(runs, indent=1))
+        report(runs, args)
+        print(f"[bench] done in {time.time() - started:.0f} s; work folder {work}"
+              + ("" if args.keep or args.work else " (removed)"))
+    finally:
+        if not args.keep and not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def prewarm_memory(gib: float) -> None:
     """Touch `gib` GiB of memory once, all held at the same time, then free it.
 

@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -170,30 +167,8 @@ def main() -> None:
     if args.trl_worker:
         trl_worker(args.trl_worker)
         return
-    if args.only != "instruct":
-        common.ensure_trl()
-    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="bench-sft-"))
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    try:
-        common.prewarm_memory(args.prewarm_gib)
-        model = common.default_model(work, args)
-        raw = common.write_jsonl(work / "raw-sft.jsonl", common.sft_rows(args.rows, args.seed))
-        data = common.prepare_data(raw, work / "data-sft", "sft", model, common.base_env(work))
-        runs: dict[str, list[dict]] = {}
-        for index in range(args.repeats):  # interleaved, so slow spells of a shared machine hit both sides
-            if args.only != "trl":
-                runs.setdefault("instruct", []).append(run_instruct(model, data, work, args, index))
-            if args.only != "instruct":
-                runs.setdefault("TRL", []).append(run_trl(model, data, work, args, index))
-        (work / "results.json").write_text(json.dumps(runs, indent=1))
-        report(runs, args)
-        print(f"[bench] done in {time.time() - started:.0f} s; work folder {work}"
-              + ("" if args.keep or args.work else " (removed)"))
-    finally:
-        if not args.keep and not args.work:
-            shutil.rmtree(work, ignore_errors=True)
-
+    common.run_benchmark(args, step="sft", task="sft", rows=common.sft_rows, run_instruct=run_instruct,
+                         run_trl=run_trl, report=report)
 
 if __name__ == "__main__":
     main()
