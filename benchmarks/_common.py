@@ -286,6 +286,38 @@ def run_benchmark(args, *, step: str, task: str, rows: Callable[[int, int], list
             shutil.rmtree(work, ignore_errors=True)
 
 
+def trl_model_kwargs(quantization: str, **extra) -> dict:
+    """from_pretrained kwargs of the TRL side: fp32, or the 4-bit config instruct uses on a CPU."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.float32, **extra}
+    if quantization == "nf4":
+        kwargs.update(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32))
+    return kwargs
+
+
+def train_and_record(trainer, result_path: str, **extra) -> None:
+    """Train a TRL trainer with a step timer and a counting collator; write step end times, per-step batches
+    and TRL's own token count as JSON to `result_path` (what run_trl reads back)."""
+    import trl
+
+    timer = step_timer_callback()
+    trainer.add_callback(timer)
+    trainer.data_collator = counter = CountingCollator(trainer.data_collator)
+    output = trainer.train()
+    batches = counter.batches[:len(timer.step_ends)]
+    loop_s = timer.step_ends[-1] - timer.begin
+    reported = [log["num_tokens"] for log in trainer.state.log_history if "num_tokens" in log]
+    result = {"trl_version": trl.__version__, "step_ends": timer.step_ends, "batches": batches, "loop_s": loop_s,
+              "loop_tokens_per_s": sum(b["tokens"] for b in batches) / loop_s,
+              "trl_num_tokens": reported[-1] if reported else None, "train_runtime": output.metrics["train_runtime"],
+              **extra}
+    Path(result_path).write_text(json.dumps(result))
+
+
 def prewarm_memory(gib: float) -> None:
     """Touch `gib` GiB of memory once, all held at the same time, then free it.
 

@@ -74,12 +74,10 @@ def run_trl(model: Path, data: Path, work: Path, args, index: int) -> dict:
 def trl_worker(spec_file: str) -> None:
     """Inside the TRL subprocess: train with RewardTrainer; write step end times and per-step batches as JSON."""
     spec = json.loads(Path(spec_file).read_text())
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    import trl
     from trl import RewardConfig, RewardTrainer
 
     # The pairs instruct trains on (the data folder's train split), in TRL's conversational form with an
@@ -88,12 +86,8 @@ def trl_worker(spec_file: str) -> None:
     dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                                  for r in rows])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    kwargs = {"dtype": torch.float32, "num_labels": 1}
-    if spec["quantization"] == "nf4":  # the 4-bit config instruct uses on a CPU
-        kwargs.update(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32))
-    model = AutoModelForSequenceClassification.from_pretrained(spec["model"], **kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        spec["model"], **common.trl_model_kwargs(spec["quantization"], num_labels=1))
     config = RewardConfig(
         output_dir=spec["out"], max_steps=spec["max_steps"], per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0.03,
@@ -106,18 +100,7 @@ def trl_worker(spec_file: str) -> None:
                       task_type="SEQ_CLS")
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=lora)
-    timer = common.step_timer_callback()
-    trainer.add_callback(timer)
-    trainer.data_collator = counter = common.CountingCollator(trainer.data_collator)
-    output = trainer.train()
-    steps = len(timer.step_ends)
-    batches = counter.batches[:steps]
-    loop_s = timer.step_ends[-1] - timer.begin
-    reported = [log["num_tokens"] for log in trainer.state.log_history if "num_tokens" in log]
-    result = {"trl_version": trl.__version__, "step_ends": timer.step_ends, "batches": batches, "loop_s": loop_s,
-              "loop_tokens_per_s": sum(b["tokens"] for b in batches) / loop_s, "train_rows": len(trainer.train_dataset),
-              "trl_num_tokens": reported[-1] if reported else None, "train_runtime": output.metrics["train_runtime"]}
-    Path(spec["result"]).write_text(json.dumps(result))
+    common.train_and_record(trainer, spec["result"], train_rows=len(trainer.train_dataset))
 
 
 # ------------------------------------------------------------------------------------------------ report
