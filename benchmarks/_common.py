@@ -32,21 +32,44 @@ def ensure_trl() -> None:
     """Install TRL into benchmarks/.trl (no dependencies: transformers, accelerate, datasets are already there)."""
     if (TRL_DIR / "trl" / "__init__.py").is_file():
         return
-    print(f"[bench] TRL is not installed for the benchmark: installing trl=={TRL_VERSION} into {TRL_DIR} "
-          "(--no-deps; the project's venv is not changed)", flush=True)
-    subprocess.run([PYTHON, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
-                    "--target", str(TRL_DIR), f"trl=={TRL_VERSION}"], check=True)
+    print(
+        f"[bench] TRL is not installed for the benchmark: installing trl=={TRL_VERSION} into {TRL_DIR} "
+        "(--no-deps; the project's venv is not changed)",
+        flush=True,
+    )
+    subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(TRL_DIR),
+            f"trl=={TRL_VERSION}",
+        ],
+        check=True,
+    )
 
 
 def base_env(work: Path) -> dict[str, str]:
     """The environment both sides run in: offline, caches inside the work folder, no tokenizer threads."""
     env = dict(os.environ)
-    env.update({
-        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(work / "hf-home"),
-        "HF_DATASETS_CACHE": str(work / "hf-datasets"), "INSTRUCT_CACHE": str(work / "instruct-cache"),
-        "WANDB_DISABLED": "true", "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HOME": str(work / "hf-home"),
+            "HF_DATASETS_CACHE": str(work / "hf-datasets"),
+            "INSTRUCT_CACHE": str(work / "instruct-cache"),
+            "WANDB_DISABLED": "true",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.pop("PYTHONPATH", None)
     return env
 
@@ -59,9 +82,10 @@ def trl_env(work: Path) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- model
-def build_model(folder: Path, *, hidden: int, layers: int, intermediate: int, heads: int, vocab_size: int = 0,
-                seed: int = 0) -> Path:
-    """A random Llama with the tokenizer (and ChatML template) of `instruct_cli.tiny`, saved to `folder`.
+def build_model(
+    folder: Path, *, hidden: int, layers: int, intermediate: int, heads: int, vocab_size: int = 0, seed: int = 0
+) -> Path:
+    """A random Llama with the tokenizer (and ChatML template) of `instruct_cli.core.tiny`, saved to `folder`.
 
     `vocab_size` > the tokenizer's pads the embedding and LM head (like real checkpoints, whose matrices are
     rounded up), so the cost of the vocabulary-sized logits can be made realistic; 0 keeps the tokenizer's 384.
@@ -69,29 +93,39 @@ def build_model(folder: Path, *, hidden: int, layers: int, intermediate: int, he
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from instruct_cli.tiny import build_tiny_model
+    from instruct_cli.core.tiny import build_tiny_model
 
     tiny = build_tiny_model(folder.parent / (folder.name + "-tokenizer"), seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     vocab = max(len(tokenizer), vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    with torch.no_grad():  # as instruct_cli.tiny does (0.25 at hidden 64), scaled so logits stay of order 10
-        model.model.embed_tokens.weight.normal_(0.0, 2.0 / hidden ** 0.5)
+    with torch.no_grad():  # as instruct_cli.core.tiny does (0.25 at hidden 64), scaled so logits stay of order 10
+        model.model.embed_tokens.weight.normal_(0.0, 2.0 / hidden**0.5)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     shutil.rmtree(tiny, ignore_errors=True)
     params = sum(p.numel() for p in model.parameters())
-    print(f"[bench] built a random Llama in {folder}: hidden {hidden}, {layers} layers, intermediate "
-          f"{intermediate}, {heads} heads, vocab {vocab}, {params / 1e6:.1f}M parameters", flush=True)
+    print(
+        f"[bench] built a random Llama in {folder}: hidden {hidden}, {layers} layers, intermediate "
+        f"{intermediate}, {heads} heads, vocab {vocab}, {params / 1e6:.1f}M parameters",
+        flush=True,
+    )
     return folder
 
 
@@ -99,49 +133,84 @@ def default_model(work: Path, args) -> Path:
     """--model if given, else a random Llama built from the --hidden/--layers/... flags."""
     if args.model:
         return Path(args.model).resolve()
-    return build_model(work / "model", hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
-                       heads=args.heads, vocab_size=args.vocab_size, seed=args.seed)
+    return build_model(
+        work / "model",
+        hidden=args.hidden,
+        layers=args.layers,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        vocab_size=args.vocab_size,
+        seed=args.seed,
+    )
 
 
 def add_model_flags(parser) -> None:
     """Flags shared by both benchmarks: the model, the data size, and the training shape."""
-    parser.add_argument("--model", help="A transformers chat-model folder (with a chat template) to use instead of "
-                        "the random Llama built at run time")
+    parser.add_argument(
+        "--model",
+        help="A transformers chat-model folder (with a chat template) to use instead of "
+        "the random Llama built at run time",
+    )
     parser.add_argument("--hidden", type=int, default=256, help="Hidden size of the random Llama")
     parser.add_argument("--layers", type=int, default=4, help="Layers of the random Llama")
     parser.add_argument("--intermediate", type=int, default=688, help="MLP size of the random Llama")
     parser.add_argument("--heads", type=int, default=8, help="Attention heads of the random Llama")
-    parser.add_argument("--vocab-size", type=int, default=0,
-                        help="Pad the random Llama's vocabulary to this size (0: the tokenizer's 384 tokens; "
-                        "e.g. 32000 makes the LM head as costly as in a real model)")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=0,
+        help="Pad the random Llama's vocabulary to this size (0: the tokenizer's 384 tokens; "
+        "e.g. 32000 makes the LM head as costly as in a real model)",
+    )
     parser.add_argument("--rows", type=int, default=200, help="Synthetic rows to generate")
     parser.add_argument("--batch-size", type=int, default=4, help="Rows per optimizer step (no accumulation)")
     parser.add_argument("--max-steps", type=int, default=40, help="Optimizer steps on each side")
     parser.add_argument("--max-length", type=int, default=512, help="Longest sequence in tokens")
     parser.add_argument("--lr", type=float, default=2e-4, help="Learning rate on both sides")
-    parser.add_argument("--quantization", choices=("none", "nf4"), default="none",
-                        help="none: fp32 base on CPU (default); nf4: 4-bit base via bitsandbytes on both sides")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="Turn gradient checkpointing on for both sides (off by default)")
+    parser.add_argument(
+        "--quantization",
+        choices=("none", "nf4"),
+        default="none",
+        help="none: fp32 base on CPU (default); nf4: 4-bit base via bitsandbytes on both sides",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="Turn gradient checkpointing on for both sides (off by default)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data, the model and both trainings")
-    parser.add_argument("--work", type=Path, help="Folder for the model, data and runs (default: a fresh "
-                        "folder under /tmp, removed at the end unless --keep)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="Folder for the model, data and runs (default: a fresh "
+        "folder under /tmp, removed at the end unless --keep)",
+    )
     parser.add_argument("--keep", action="store_true", help="Keep the work folder")
     parser.add_argument("--only", choices=("instruct", "trl"), help="Run one side only")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="Runs per side, interleaved; the table shows each side's fastest run")
-    parser.add_argument("--trl-group-by-length", action="store_true",
-                        help="Give TRL length-grouped batches (train_sampling_strategy=group_by_length), as instruct "
-                        "always batches; by default TRL keeps its random sampler")
-    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                        help="Before each run, wait up to this long for other work to leave the CPUs (0: do not wait)")
-    parser.add_argument("--prewarm-gib", type=float, default=0,
-                        help="GiB of memory to touch once before timing (0: off); see README")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="Runs per side, interleaved; the table shows each side's fastest run"
+    )
+    parser.add_argument(
+        "--trl-group-by-length",
+        action="store_true",
+        help="Give TRL length-grouped batches (train_sampling_strategy=group_by_length), as instruct "
+        "always batches; by default TRL keeps its random sampler",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="Before each run, wait up to this long for other work to leave the CPUs (0: do not wait)",
+    )
+    parser.add_argument(
+        "--prewarm-gib", type=float, default=0, help="GiB of memory to touch once before timing (0: off); see README"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- data
 def _words() -> list[str]:
-    from instruct_cli.tiny import _CORPUS
+    from instruct_cli.core.tiny import _CORPUS
 
     return sorted(set(re.findall(r"[A-Za-z]+", _CORPUS)))
 
@@ -174,8 +243,13 @@ def preference_rows(n: int, seed: int) -> list[dict]:
     rng, words = random.Random(seed), _words()
     rows = []
     for _ in range(n):
-        rows.append({"prompt": _sentence(rng, words, 4, 40), "chosen": _sentence(rng, words, 6, 100),
-                     "rejected": _sentence(rng, words, 6, 100)})
+        rows.append(
+            {
+                "prompt": _sentence(rng, words, 4, 40),
+                "chosen": _sentence(rng, words, 6, 100),
+                "rejected": _sentence(rng, words, 6, 100),
+            }
+        )
     return rows
 
 
@@ -191,8 +265,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def prepare_data(raw: Path, out: Path, task: str, model: Path, env: dict) -> Path:
     """`instruct prepare-data` (the CLI, as a subprocess); the data folder both sides train on."""
-    cmd = [INSTRUCT, "prepare-data", "-i", str(raw), "-o", str(out), "--task", task, "--model", str(model),
-           "--eval-fraction", "0.05", "--force"]
+    cmd = [
+        INSTRUCT,
+        "prepare-data",
+        "-i",
+        str(raw),
+        "-o",
+        str(out),
+        "--task",
+        task,
+        "--model",
+        str(model),
+        "--eval-fraction",
+        "0.05",
+        "--force",
+    ]
     print("[bench] $ " + " ".join(cmd), flush=True)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -204,7 +291,7 @@ def prepare_data(raw: Path, out: Path, task: str, model: Path, env: dict) -> Pat
 def step_batches(lengths: list[int], batch_size: int, seed: int, max_steps: int) -> list[list[int]]:
     """Row indices of each optimizer step, as training.fit walks `training.length_grouped_batches` with one
     process and no accumulation (each epoch's batches built once)."""
-    from instruct_cli import training
+    from instruct_cli.core import training
 
     steps, epoch = [], 0
     while len(steps) < max_steps:
@@ -213,18 +300,58 @@ def step_batches(lengths: list[int], batch_size: int, seed: int, max_steps: int)
     return steps[:max_steps]
 
 
-def run_instruct(step: str, model: Path, data: Path, work: Path, args, index: int,
-                 batches: Callable[[], list[dict]]) -> dict:
+def run_instruct(
+    step: str, model: Path, data: Path, work: Path, args, index: int, batches: Callable[[], list[dict]]
+) -> dict:
     """`instruct STEP` (sft or rm) through the real CLI, in its own subprocess, with the settings both sides
     share; its numbers from metrics.jsonl, its per-step batches from `batches()` (the CLI's own batcher)."""
     run = work / f"instruct-{step}-run-{index}"
-    cmd = [INSTRUCT, step, "--model", str(model), "--data", str(data), "--out", str(run),
-           "--quantization", args.quantization, "--device", "cpu", "--lora-r", "16", "--lora-alpha", "32",
-           "--lora-dropout", "0", "--lora-targets", "all-linear", "--batch-size", str(args.batch_size),
-           "--grad-accum", "1", "--max-steps", str(args.max_steps), "--max-length", str(args.max_length),
-           "--lr", str(args.lr), "--warmup-ratio", "0.03", "--weight-decay", "0", "--max-grad-norm", "1.0",
-           "--seed", str(args.seed), "--eval-every", "100000", "--save-every", "100000",
-           "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing", "--force"]
+    cmd = [
+        INSTRUCT,
+        step,
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--quantization",
+        args.quantization,
+        "--device",
+        "cpu",
+        "--lora-r",
+        "16",
+        "--lora-alpha",
+        "32",
+        "--lora-dropout",
+        "0",
+        "--lora-targets",
+        "all-linear",
+        "--batch-size",
+        str(args.batch_size),
+        "--grad-accum",
+        "1",
+        "--max-steps",
+        str(args.max_steps),
+        "--max-length",
+        str(args.max_length),
+        "--lr",
+        str(args.lr),
+        "--warmup-ratio",
+        "0.03",
+        "--weight-decay",
+        "0",
+        "--max-grad-norm",
+        "1.0",
+        "--seed",
+        str(args.seed),
+        "--eval-every",
+        "100000",
+        "--save-every",
+        "100000",
+        "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
+        "--force",
+    ]
     usage = measure(cmd, base_env(work), work / f"instruct-{step}-{index}.log", f"instruct {step}", args.wait_quiet)
     result = {"side": "instruct", **usage}
     if usage["rc"] != 0 or not (run / "metrics.jsonl").is_file():
@@ -234,16 +361,23 @@ def run_instruct(step: str, model: Path, data: Path, work: Path, args, index: in
     try:
         result["batches"] = batches()
     except Exception as exc:  # the CLI's internals moved: keep the numbers that do not need them
-        print(f"[bench] could not recompute instruct's batches ({type(exc).__name__}: {exc}); "
-              "throughput and padding are n/a for instruct", flush=True)
+        print(
+            f"[bench] could not recompute instruct's batches ({type(exc).__name__}: {exc}); "
+            "throughput and padding are n/a for instruct",
+            flush=True,
+        )
     return result
 
 
 def run_trl(script: str, step: str, label: str, model: Path, data: Path, work: Path, args, index: int) -> dict:
     """TRL's trainer in its own subprocess (`script --trl-worker SPEC`), with TRL on PYTHONPATH."""
-    spec = {**{k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-            "model": str(model), "data": str(data), "out": str(work / f"trl-{step}-run-{index}"),
-            "result": str(work / f"trl-{step}-result-{index}.json")}
+    spec = {
+        **{k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "model": str(model),
+        "data": str(data),
+        "out": str(work / f"trl-{step}-run-{index}"),
+        "result": str(work / f"trl-{step}-result-{index}.json"),
+    }
     spec_file = work / f"trl-{step}-spec-{index}.json"
     spec_file.write_text(json.dumps(spec, indent=2))
     cmd = [PYTHON, str(Path(script).resolve()), "--trl-worker", str(spec_file)]
@@ -254,8 +388,16 @@ def run_trl(script: str, step: str, label: str, model: Path, data: Path, work: P
     return result
 
 
-def run_benchmark(args, *, step: str, task: str, rows: Callable[[int, int], list[dict]],
-                  run_instruct: Callable, run_trl: Callable, report: Callable) -> None:
+def run_benchmark(
+    args,
+    *,
+    step: str,
+    task: str,
+    rows: Callable[[int, int], list[dict]],
+    run_instruct: Callable,
+    run_trl: Callable,
+    report: Callable,
+) -> None:
     """The body of bench_sft/bench_rm: model, data folder (`task`, from `rows(n, seed)`), interleaved runs of
     both sides (so slow spells of a shared machine hit both), results.json, the report; the work folder is
     removed at the end unless --work or --keep."""
@@ -279,8 +421,10 @@ def run_benchmark(args, *, step: str, task: str, rows: Callable[[int, int], list
                 runs.setdefault("TRL", []).append(run_trl(model, data, work, args, index))
         (work / "results.json").write_text(json.dumps(runs, indent=1))
         report(runs, args)
-        print(f"[bench] done in {time.time() - started:.0f} s; work folder {work}"
-              + ("" if args.keep or args.work else " (removed)"))
+        print(
+            f"[bench] done in {time.time() - started:.0f} s; work folder {work}"
+            + ("" if args.keep or args.work else " (removed)")
+        )
     finally:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -293,9 +437,15 @@ def trl_model_kwargs(quantization: str, **extra) -> dict:
 
     kwargs = {"dtype": torch.float32, **extra}
     if quantization == "nf4":
-        kwargs.update(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32))
+        kwargs.update(
+            device_map={"": "cpu"},
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+            ),
+        )
     return kwargs
 
 
@@ -308,13 +458,19 @@ def train_and_record(trainer, result_path: str, **extra) -> None:
     trainer.add_callback(timer)
     trainer.data_collator = counter = CountingCollator(trainer.data_collator)
     output = trainer.train()
-    batches = counter.batches[:len(timer.step_ends)]
+    batches = counter.batches[: len(timer.step_ends)]
     loop_s = timer.step_ends[-1] - timer.begin
     reported = [log["num_tokens"] for log in trainer.state.log_history if "num_tokens" in log]
-    result = {"trl_version": trl.__version__, "step_ends": timer.step_ends, "batches": batches, "loop_s": loop_s,
-              "loop_tokens_per_s": sum(b["tokens"] for b in batches) / loop_s,
-              "trl_num_tokens": reported[-1] if reported else None, "train_runtime": output.metrics["train_runtime"],
-              **extra}
+    result = {
+        "trl_version": trl.__version__,
+        "step_ends": timer.step_ends,
+        "batches": batches,
+        "loop_s": loop_s,
+        "loop_tokens_per_s": sum(b["tokens"] for b in batches) / loop_s,
+        "trl_num_tokens": reported[-1] if reported else None,
+        "train_runtime": output.metrics["train_runtime"],
+        **extra,
+    }
     Path(result_path).write_text(json.dumps(result))
 
 
@@ -338,8 +494,11 @@ def prewarm_memory(gib: float) -> None:
     for _ in range(int(gib)):
         chunks.append(np.ones(2**30, dtype=np.uint8))
     del chunks
-    print(f"[bench] pre-touched {int(gib)} GiB of memory in {time.perf_counter() - start:.1f} s "
-          "(slow only the first time on a fresh virtual machine)", flush=True)
+    print(
+        f"[bench] pre-touched {int(gib)} GiB of memory in {time.perf_counter() - start:.1f} s "
+        "(slow only the first time on a fresh virtual machine)",
+        flush=True,
+    )
 
 
 # Runs the command as its only child, so RUSAGE_CHILDREN is that command's (and its children's) alone.
@@ -357,6 +516,7 @@ with open(out, "w") as handle:
 
 def busy_cpus(seconds: float = 3.0) -> float:
     """How many CPUs were busy (not idle) over the next `seconds`, from /proc/stat."""
+
     def sample():
         fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
         return sum(fields), fields[3] + fields[4]  # total, idle + iowait
@@ -374,8 +534,9 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> None:
     start = time.perf_counter()
     while (busy := busy_cpus()) >= threshold:
         if time.perf_counter() - start > max_wait:
-            print(f"[bench] still {busy:.1f} CPUs busy with other work after {max_wait:.0f} s; timing anyway",
-                  flush=True)
+            print(
+                f"[bench] still {busy:.1f} CPUs busy with other work after {max_wait:.0f} s; timing anyway", flush=True
+            )
             return
     waited = time.perf_counter() - start
     if waited > 4:
@@ -397,7 +558,7 @@ def gauge() -> float:
         for _ in range(10):
             a @ a
         best = min(best, time.perf_counter() - start)
-    return 10 * 2 * 512 ** 3 / best / 1e9
+    return 10 * 2 * 512**3 / best / 1e9
 
 
 def measure(cmd: list[str], env: dict, log: Path, label: str, wait: float = 0) -> dict:
@@ -409,8 +570,13 @@ def measure(cmd: list[str], env: dict, log: Path, label: str, wait: float = 0) -
     print(f"[bench] {label}: $ {' '.join(cmd)}", flush=True)
     print(f"[bench] {label}: log in {log}", flush=True)
     with open(log, "w") as handle:
-        subprocess.run([sys.executable, "-c", _MEASURE, str(result_file), *cmd], env=env, stdout=handle,
-                       stderr=subprocess.STDOUT, check=False)
+        subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(result_file), *cmd],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
     result = json.loads(result_file.read_text())
     result["gauge_gflops"] = speed
     result["load"] = os.getloadavg()[0]  # runnable processes, 1-minute average: above 2 on 2 cores = contention
@@ -491,12 +657,21 @@ def summarise(result: dict) -> dict:
     nan = float("nan")
     ends, batches = result.get("step_ends") or [], result.get("batches")
     seconds, steps = steady(ends)
-    out = {"steps": len(ends) or None, "median_step_s": median_step(ends), "rows_per_s": nan, "tokens_per_s": nan,
-           "padding": nan, "tokens_per_step": nan, "loop_rows_per_s": nan,
-           "loop_tokens_per_s": result.get("loop_tokens_per_s", nan), "median_step_tokens_per_s": nan,
-           "median_step_rows_per_s": nan, "positions_per_s": nan}
+    out = {
+        "steps": len(ends) or None,
+        "median_step_s": median_step(ends),
+        "rows_per_s": nan,
+        "tokens_per_s": nan,
+        "padding": nan,
+        "tokens_per_step": nan,
+        "loop_rows_per_s": nan,
+        "loop_tokens_per_s": result.get("loop_tokens_per_s", nan),
+        "median_step_tokens_per_s": nan,
+        "median_step_rows_per_s": nan,
+        "positions_per_s": nan,
+    }
     if batches and steps:
-        middle = batches[1:len(ends) - 1]
+        middle = batches[1 : len(ends) - 1]
         gaps = [b - a for a, b in zip(ends[:-2], ends[1:-1])]
         out["median_step_tokens_per_s"] = statistics.median(b["tokens"] / g for b, g in zip(middle, gaps))
         out["median_step_rows_per_s"] = statistics.median(b["rows"] / g for b, g in zip(middle, gaps))

@@ -1,8 +1,8 @@
 """Estimate vs measured: `instruct plan`'s memory model against the real peak of each step on small models.
 
 For each step (sft, rm, ppo, eval) and setting, the script builds a random Llama at run time (the tokenizer
-and chat template of `instruct_cli.tiny`, grouped-query attention, a realistic vocabulary), runs the step's
-own code (sft.load_trainable_policy + training.accumulate, rm.load_trainable_reward_model + rm.rm_loss,
+and chat template of `instruct_cli.core.tiny`, grouped-query attention, a realistic vocabulary), runs the step's
+own code (training.load_trainable_policy + training.accumulate, rm.load_trainable_reward_model + rm.rm_loss,
 ppo.make_trajectory + ppo.update on a one-base/four-adapter model built like ppo.load_roles, and the
 functions `instruct eval` calls) and measures the peak memory the allocator hands out:
 
@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from instruct_cli.core import lm, preferences
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -104,7 +106,7 @@ def _profiler_peaks(prof) -> tuple[int, dict[str, int]]:
                 events.append((node.start_time_ns, node.extra_fields.alloc_size, path))
                 continue
             name = node.name
-            inner = (path + "/" if path else "") + name[len("phase:"):] if name.startswith("phase:") else path
+            inner = (path + "/" if path else "") + name[len("phase:") :] if name.startswith("phase:") else path
             walk(node.children, inner)
 
     walk(prof.profiler.kineto_results.experimental_event_tree(), "")
@@ -149,6 +151,7 @@ def labelled(module, labels: dict[str, str]):
         def wrapper(*args, **kwargs):
             with phase(label):
                 return function(*args, **kwargs)
+
         return wrapper
 
     for name, label in labels.items():
@@ -166,20 +169,30 @@ def phase(name: str):
 
 
 # ----------------------------------------------------------------------------------------------- model
-def build_model(folder: Path, *, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int,
-                vocab: int, seed: int = 0) -> Path:
+def build_model(
+    folder: Path, *, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, vocab: int, seed: int = 0
+) -> Path:
     """A random Llama (grouped-query attention, tied embeddings) with the tiny chat tokenizer, saved."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from instruct_cli.tiny import build_tiny_model
+    from instruct_cli.core.tiny import build_tiny_model
 
     tiny = build_tiny_model(folder.parent / (folder.name + "-tokenizer"), seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=max(vocab, len(tokenizer)),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -200,7 +213,7 @@ def random_rows(batch: int, length: int, vocab: int, seed: int) -> list[list[int
 @contextlib.contextmanager
 def bf16_compute(enabled: bool):
     """Make the CPU load models with a bf16 compute dtype (as on a GPU) while enabled."""
-    from instruct_cli import models
+    from instruct_cli.core import models
 
     original = models.compute_dtype
     if enabled:
@@ -217,20 +230,23 @@ def make_accelerator(bf16: bool):
     from accelerate.utils import set_seed
 
     if not bf16:
-        from instruct_cli import training
+        from instruct_cli.core import training
+
         return training.make_accelerator(0)
     set_seed(0)
     return Accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------------------------- steps
-TRAINING_GROUPS = [("forward + backward", ["step"], ["loss", "backward"]),
-                   ("optimizer step", ["optimizer"], ["optimizer step"])]
+TRAINING_GROUPS = [
+    ("forward + backward", ["step"], ["loss", "backward"]),
+    ("optimizer step", ["optimizer"], ["optimizer step"]),
+]
 
 
 def _train_twice(trainable, accelerator, loss_fn, batch, weight_of):
     """Two optimizer steps (the second runs with the optimizer states in memory), labelled by phase."""
-    from instruct_cli import training
+    from instruct_cli.core import training
 
     def run():
         for _ in range(2):
@@ -245,33 +261,47 @@ def _train_twice(trainable, accelerator, loss_fn, batch, weight_of):
 
 
 def bench_sft(folder: Path, args, quantization: str, checkpointing: bool, shape, device: str):
-    """`instruct sft`'s model and loss: sft.load_trainable_policy, training.accumulate(sft.sft_loss)."""
-    from instruct_cli import models, plan, sft, training
-    from instruct_cli.config import SFTConfig
+    """`instruct sft`'s model and loss: training.load_trainable_policy, training.accumulate(lm.sft_loss)."""
+    from instruct_cli.core import models, training
+    from instruct_cli.core.config import SFTConfig
+    from instruct_cli.steps import plan
 
-    config = SFTConfig(model=str(folder), quantization=quantization, gradient_checkpointing=checkpointing,
-                       batch_size=args.batch_size, max_length=args.max_length, lora_r=args.lora_r,
-                       lora_dropout=args.lora_dropout)
+    config = SFTConfig(
+        model=str(folder),
+        quantization=quantization,
+        gradient_checkpointing=checkpointing,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        lora_r=args.lora_r,
+        lora_dropout=args.lora_dropout,
+    )
     torch_device = _device()
     with bf16_compute(args.bf16):
-        model, tokenizer = sft.load_trainable_policy(config, models.resolve_model(str(folder)), torch_device)
+        model, tokenizer = training.load_trainable_policy(config, models.resolve_model(str(folder)), torch_device)
     accelerator = make_accelerator(args.bf16)
     trainable = training.make_trainable(model, accelerator, 1e-4, 0.0, 0.0, 10)
     trainable.model.train()
     rows = random_rows(config.batch_size, config.max_length, shape.vocab, 1)
-    batch = sft.collate([(ids, ids) for ids in rows], tokenizer.pad_token_id, torch_device)
-    measured = _train_twice(trainable, accelerator, sft.sft_loss, batch, sft.labelled_tokens)
+    batch = lm.collate([(ids, ids) for ids in rows], tokenizer.pad_token_id, torch_device)
+    measured = _train_twice(trainable, accelerator, lm.sft_loss, batch, lm.labelled_tokens)
     return measured, plan.estimate_sft(shape, config, device), TRAINING_GROUPS
 
 
 def bench_rm(folder: Path, args, quantization: str, checkpointing: bool, shape, device: str):
     """`instruct rm`'s model and loss: rm.load_trainable_reward_model, training.accumulate(rm.rm_loss)."""
-    from instruct_cli import models, plan, rm, training
-    from instruct_cli.config import RMConfig
+    from instruct_cli.core import models, training
+    from instruct_cli.core.config import RMConfig
+    from instruct_cli.steps import plan, rm
 
-    config = RMConfig(model=str(folder), quantization=quantization, gradient_checkpointing=checkpointing,
-                      batch_size=args.batch_size, max_length=args.max_length, lora_r=args.lora_r,
-                      lora_dropout=args.lora_dropout)
+    config = RMConfig(
+        model=str(folder),
+        quantization=quantization,
+        gradient_checkpointing=checkpointing,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        lora_r=args.lora_r,
+        lora_dropout=args.lora_dropout,
+    )
     torch_device = _device()
     with bf16_compute(args.bf16):
         model, tokenizer = rm.load_trainable_reward_model(config, models.resolve_model(str(folder)), torch_device)
@@ -279,8 +309,8 @@ def bench_rm(folder: Path, args, quantization: str, checkpointing: bool, shape, 
     trainable = training.make_trainable(model, accelerator, 1e-4, 0.0, 0.0, 10)
     trainable.model.train()
     responses = random_rows(2 * config.batch_size, config.max_length, shape.vocab, 2)
-    groups = [rm.Group(responses[2 * k:2 * k + 2], [(0, 1)]) for k in range(config.batch_size)]
-    batch = rm.collate(groups, tokenizer.pad_token_id, torch_device)
+    groups = [preferences.Group(responses[2 * k : 2 * k + 2], [(0, 1)]) for k in range(config.batch_size)]
+    batch = preferences.collate(groups, tokenizer.pad_token_id, torch_device)
     measured = _train_twice(trainable, accelerator, partial(rm.rm_loss, margin=0.0), batch, rm.prompts_in)
     return measured, plan.estimate_rm(shape, config, device), TRAINING_GROUPS
 
@@ -293,8 +323,8 @@ def _adapter_folders(folder: Path, work: Path, args) -> tuple[Path, Path]:
     """An SFT-like adapter and an RM-like adapter + head saved on disk."""
     from peft import get_peft_model
 
-    from instruct_cli import heads, models
-    from instruct_cli.config import SFTConfig
+    from instruct_cli.core import heads, models
+    from instruct_cli.core.config import SFTConfig
 
     sft_dir, rm_dir = work / "sft-adapter", work / "rm-adapter"
     if (rm_dir / heads.HEAD_WEIGHTS).is_file():
@@ -307,12 +337,12 @@ def _adapter_folders(folder: Path, work: Path, args) -> tuple[Path, Path]:
     return sft_dir, rm_dir
 
 
-PPO_GROUPS = [("rollout (generate)", ["rollout"], ["rollout prefill", "rollout end"]),
-              ("score + values", ["score", "values"], ["scoring"]),
-              ("rollout log-probs + entropy", ["policy logits", "log-probs", "entropy"],
-               ["rollout log-probs"]),
-              ("update", ["update"], ["update loss", "update backward",
-                                      "optimizer step"])]
+PPO_GROUPS = [
+    ("rollout (generate)", ["rollout"], ["rollout prefill", "rollout end"]),
+    ("score + values", ["score", "values"], ["scoring"]),
+    ("rollout log-probs + entropy", ["policy logits", "log-probs", "entropy"], ["rollout log-probs"]),
+    ("update", ["update"], ["update loss", "update backward", "optimizer step"]),
+]
 
 
 def bench_ppo(folder: Path, args, quantization: str, checkpointing: bool, shape, device: str):
@@ -320,13 +350,20 @@ def bench_ppo(folder: Path, args, quantization: str, checkpointing: bool, shape,
     builds it (from adapter folders instead of run folders)."""
     from peft import PeftModel
 
-    from instruct_cli import heads, models, plan, ppo, rl, training
-    from instruct_cli.config import PPOConfig
+    from instruct_cli.core import heads, models, rl, training
+    from instruct_cli.core.config import PPOConfig
+    from instruct_cli.steps import plan, ppo
 
     sft_dir, rm_dir = _adapter_folders(folder, args.work, args)
-    config = PPOConfig(quantization=quantization, gradient_checkpointing=checkpointing,
-                       rollout_batch_size=args.rollout_batch_size, minibatch_size=args.minibatch_size, ppo_epochs=1,
-                       max_prompt_length=args.prompt_length, max_new_tokens=args.new_tokens)
+    config = PPOConfig(
+        quantization=quantization,
+        gradient_checkpointing=checkpointing,
+        rollout_batch_size=args.rollout_batch_size,
+        minibatch_size=args.minibatch_size,
+        ppo_epochs=1,
+        max_prompt_length=args.prompt_length,
+        max_new_tokens=args.new_tokens,
+    )
     torch_device = _device()
     source = models.resolve_model(str(folder))
     real = models.load_tokenizer(source)
@@ -340,8 +377,9 @@ def bench_ppo(folder: Path, args, quantization: str, checkpointing: bool, shape,
         model.load_adapter(str(rm_dir), adapter_name=ppo.VALUE, is_trainable=True)
         model.load_adapter(str(rm_dir), adapter_name=ppo.REWARD, is_trainable=False)
     ppo.disable_dropout(model)
-    roles = ppo.Roles(model, heads.load_head(rm_dir).to(torch_device), heads.load_head(rm_dir).to(torch_device),
-                      1.0, 0.0)
+    roles = ppo.Roles(
+        model, heads.load_head(rm_dir).to(torch_device), heads.load_head(rm_dir).to(torch_device), 1.0, 0.0
+    )
     accelerator = make_accelerator(args.bf16)
     optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=1e-5, eps=1e-5)
     prompts = random_rows(config.rollout_batch_size, config.max_prompt_length, shape.vocab - 2, 3)
@@ -352,31 +390,48 @@ def bench_ppo(folder: Path, args, quantization: str, checkpointing: bool, shape,
             ppo.update(roles, optimizer, trajectory, config, accelerator)
             del trajectory
 
-    with labelled(ppo, {"rollout": "rollout", "score": "score", "response_values": "values",
-                        "response_logits": "policy logits", "update": "update"}), \
-            labelled(rl, {"token_logprobs": "log-probs", "entropy_from_logits": "entropy"}):
+    with (
+        labelled(
+            ppo,
+            {
+                "rollout": "rollout",
+                "score": "score",
+                "response_values": "values",
+                "response_logits": "policy logits",
+                "update": "update",
+            },
+        ),
+        labelled(rl, {"token_logprobs": "log-probs", "entropy_from_logits": "entropy"}),
+    ):
         measured = measure(run, roles)
     sft_lora = plan.Lora(args.lora_r, plan.lora_targets(shape, ["all-linear"]), 0.0)
     return measured, plan.estimate_ppo(shape, config, sft_lora, sft_lora, device), PPO_GROUPS
 
 
-EVAL_GROUPS = [("generation", ["generation"], ["sampling prefill", "sampling end"]),
-               ("response log-probs", ["response log-probs"], ["response log-probs"]),
-               ("perplexity", ["perplexity"], ["perplexity"]),
-               ("reward model", ["reward model"], ["reward model"])]
+EVAL_GROUPS = [
+    ("generation", ["generation"], ["sampling prefill", "sampling end"]),
+    ("response log-probs", ["response log-probs"], ["response log-probs"]),
+    ("perplexity", ["perplexity"], ["perplexity"]),
+    ("reward model", ["reward model"], ["reward model"]),
+]
 
 
 def bench_eval(folder: Path, args, quantization: str, checkpointing: bool, shape, device: str):
     """What `instruct eval` runs, one model at a time: sampling, response log-probs and perplexity with the
-    policy (models.load_for_inference), then the reward model on preference pairs (rm.load_reward_model)."""
+    policy (models.load_for_inference), then the reward model on preference pairs (preferences.load_reward_model)."""
     from peft import PeftModel
 
-    from instruct_cli import evaluate, heads, models, plan, rm, sft
-    from instruct_cli.config import EvalConfig
+    from instruct_cli.core import heads, models
+    from instruct_cli.core.config import EvalConfig
+    from instruct_cli.steps import evaluate, plan, rm
 
     sft_dir, rm_dir = _adapter_folders(folder, args.work, args)
-    config = EvalConfig(quantization=quantization, batch_size=args.batch_size * 2, max_length=args.prompt_length,
-                        max_new_tokens=args.new_tokens)
+    config = EvalConfig(
+        quantization=quantization,
+        batch_size=args.batch_size * 2,
+        max_length=args.prompt_length,
+        max_new_tokens=args.new_tokens,
+    )
     torch_device = _device()
     source = models.resolve_model(str(folder))
     real = models.load_tokenizer(source)
@@ -384,38 +439,49 @@ def bench_eval(folder: Path, args, quantization: str, checkpointing: bool, shape
     batch, length = config.batch_size, config.max_length
     prompts = random_rows(batch, length, shape.vocab - 2, 4)
     with bf16_compute(args.bf16):
-        model = PeftModel.from_pretrained(models.load_base_model(source, quantization, torch_device), str(sft_dir),
-                                          is_trainable=False).eval()
+        model = PeftModel.from_pretrained(
+            models.load_base_model(source, quantization, torch_device), str(sft_dir), is_trainable=False
+        ).eval()
 
     def run_policy():
         torch.manual_seed(0)
         with phase("generation"), torch.no_grad():
             query, mask = evaluate.left_pad(prompts, tokenizer.pad_token_id, torch_device)
-            output = model.generate(input_ids=query, attention_mask=mask, do_sample=True, temperature=0.7, top_p=1.0,
-                                    top_k=0, max_new_tokens=config.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id)
-            responses = output[:, query.shape[1]:].tolist()
+            output = model.generate(
+                input_ids=query,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=0.7,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=config.max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            responses = output[:, query.shape[1] :].tolist()
             del output
         with phase("response log-probs"):
-            evaluate.response_logprobs(model, prompts, responses, pad_id=tokenizer.pad_token_id, temperature=0.7,
-                                       batch_size=batch)
+            evaluate.response_logprobs(
+                model, prompts, responses, pad_id=tokenizer.pad_token_id, temperature=0.7, batch_size=batch
+            )
         with phase("perplexity"):
             rows = random_rows(batch, length, shape.vocab, 5)
-            sft.evaluate(model, [sft.collate([(ids, ids) for ids in rows], tokenizer.pad_token_id, torch_device)])
+            lm.evaluate(model, [lm.collate([(ids, ids) for ids in rows], tokenizer.pad_token_id, torch_device)])
 
     policy = measure(run_policy, model)
     model = None  # one model at a time, as instruct eval does
     evaluate.release_memory()
     with bf16_compute(args.bf16):
-        body = PeftModel.from_pretrained(models.load_base_model(source, quantization, torch_device), str(rm_dir),
-                                         is_trainable=False)
+        body = PeftModel.from_pretrained(
+            models.load_base_model(source, quantization, torch_device), str(rm_dir), is_trainable=False
+        )
     reward = rm.RewardModel(body, heads.load_head(rm_dir, device=torch_device)).eval()
     responses = random_rows(2 * batch, length, shape.vocab, 6)
-    groups = [rm.Group(responses[2 * k:2 * k + 2], [(0, 1)]) for k in range(batch)]
+    groups = [preferences.Group(responses[2 * k : 2 * k + 2], [(0, 1)]) for k in range(batch)]
 
     def run_reward():
         with phase("reward model"):
-            rm.evaluate(reward, [rm.collate(groups, tokenizer.pad_token_id, torch_device)])
+            preferences.evaluate(reward, [preferences.collate(groups, tokenizer.pad_token_id, torch_device)])
 
     measured = policy.merge(measure(run_reward, reward))
     sft_lora = plan.Lora(args.lora_r, plan.lora_targets(shape, ["all-linear"]), 0.0)
@@ -443,8 +509,9 @@ BENCHES = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "eval": bench_eva
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", default="sft,rm,ppo,eval", help="Steps to measure (comma-separated)")
     parser.add_argument("--quantization", default="none,nf4", help="none, nf4 or both (comma-separated)")
     parser.add_argument("--checkpointing", default="off,on", help="Gradient checkpointing: off, on or both")
@@ -462,8 +529,12 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="PPO / eval response tokens")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-dropout", type=float, default=0.05)
-    parser.add_argument("--bf16", action="store_true", help="Run with a bf16 compute dtype and bf16 autocast, "
-                        "as on a GPU (on a CPU: an emulation of the GPU's dtypes)")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="Run with a bf16 compute dtype and bf16 autocast, "
+        "as on a GPU (on a CPU: an emulation of the GPU's dtypes)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (keep it low on a shared box)")
     parser.add_argument("--tolerance", type=float, default=0.20)
     parser.add_argument("--work", type=Path, help="Work folder (default: a temporary one)")
@@ -475,21 +546,31 @@ def main(argv=None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-plan-"))
     args.work = work
     os.environ["INSTRUCT_CACHE"] = str(work / "cache")
-    from instruct_cli.console import quiet_libraries
+    from instruct_cli.core.console import quiet_libraries
 
     quiet_libraries()
-    from instruct_cli import plan
+    from instruct_cli.steps import plan
 
     intermediate = args.intermediate or int(round(args.hidden * 2.6875 / 16) * 16)
     folder = work / "model"
     if not (folder / "config.json").is_file():
-        build_model(folder, hidden=args.hidden, layers=args.layers, intermediate=intermediate, heads=args.heads,
-                    kv_heads=args.kv_heads, vocab=args.vocab)
+        build_model(
+            folder,
+            hidden=args.hidden,
+            layers=args.layers,
+            intermediate=intermediate,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            vocab=args.vocab,
+        )
     shape = plan.read_model_shape(str(folder))
     device = "cuda" if torch.cuda.is_available() else ("cpu-bf16" if args.bf16 else "cpu")
-    print(f"model: random Llama, hidden {shape.hidden}, {shape.layers} layers, MLP {shape.intermediate}, "
-          f"{shape.heads}/{shape.kv_heads} heads, vocab {shape.vocab} ({plan.parameter_counts(shape).total / 1e6:.1f}M "
-          f"parameters); device {device}; LoRA r={args.lora_r} all-linear, dropout {args.lora_dropout}", flush=True)
+    print(
+        f"model: random Llama, hidden {shape.hidden}, {shape.layers} layers, MLP {shape.intermediate}, "
+        f"{shape.heads}/{shape.kv_heads} heads, vocab {shape.vocab} ({plan.parameter_counts(shape).total / 1e6:.1f}M "
+        f"parameters); device {device}; LoRA r={args.lora_r} all-linear, dropout {args.lora_dropout}",
+        flush=True,
+    )
     summary, detail, worst = [], [], 0.0
     for step in [s.strip() for s in args.steps.split(",") if s.strip()]:
         for quantization in [q.strip() for q in args.quantization.split(",")]:
@@ -510,9 +591,20 @@ def main(argv=None) -> int:
                 if step != "eval":
                     label += f" ckpt {'on' if checkpointing else 'off'}"
                 loaded = estimate.weights + estimate.adapters
-                summary.append((label, mb(loaded), mb(measured.model_bytes), mb(estimate.total - loaded),
-                                mb(measured.peak_after_load), mb(estimate.total), mb(measured.total), pct(error),
-                                estimate.phase, f"{time.time() - started:.0f}s"))
+                summary.append(
+                    (
+                        label,
+                        mb(loaded),
+                        mb(measured.model_bytes),
+                        mb(estimate.total - loaded),
+                        mb(measured.peak_after_load),
+                        mb(estimate.total),
+                        mb(measured.total),
+                        pct(error),
+                        estimate.phase,
+                        f"{time.time() - started:.0f}s",
+                    )
+                )
                 print("  ".join(summary[-1]), flush=True)
                 # per phase: the largest moment of the estimate there (with the gradients if they exist then)
                 # against the measured peak inside the phase; "transient" leaves out the model and the optimizer
@@ -523,17 +615,43 @@ def main(argv=None) -> int:
                     observed = measured.peak_in(prefixes)
                     if not observed:
                         continue
-                    moment = max(m.total + (gradients if m.gradients else 0)
-                                 for m in estimate.moments if m.name in moment_names)
+                    moment = max(
+                        m.total + (gradients if m.gradients else 0) for m in estimate.moments if m.name in moment_names
+                    )
                     seen = observed - measured.model_bytes - estimate.optimizer
-                    detail.append((label, name, mb(moment), mb(seen), pct(moment / seen - 1), mb(static + moment),
-                                   mb(observed), pct((static + moment) / observed - 1)))
+                    detail.append(
+                        (
+                            label,
+                            name,
+                            mb(moment),
+                            mb(seen),
+                            pct(moment / seen - 1),
+                            mb(static + moment),
+                            mb(observed),
+                            pct((static + moment) / observed - 1),
+                        )
+                    )
     print()
-    print_table(("step", "model MB est", "model MB meas", "above model MB est", "above model MB meas",
-                 "peak MB est", "peak MB meas", "error", "estimated peak at", "time"), summary)
+    print_table(
+        (
+            "step",
+            "model MB est",
+            "model MB meas",
+            "above model MB est",
+            "above model MB meas",
+            "peak MB est",
+            "peak MB meas",
+            "error",
+            "estimated peak at",
+            "time",
+        ),
+        summary,
+    )
     print()
-    print_table(("step", "phase", "transient MB est", "transient MB meas", "error", "peak MB est", "peak MB meas",
-                 "error"), detail)
+    print_table(
+        ("step", "phase", "transient MB est", "transient MB meas", "error", "peak MB est", "peak MB meas", "error"),
+        detail,
+    )
     print(f"\nworst error of a step's peak: {100 * worst:.1f}% (tolerance {100 * args.tolerance:.0f}%)")
     if not keep:
         shutil.rmtree(work, ignore_errors=True)

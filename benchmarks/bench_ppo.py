@@ -1,7 +1,7 @@
 """Peak memory and speed of `instruct ppo` (four LoRA roles on ONE base) against four separate models.
 
 `instruct ppo` keeps one (4-bit) base model in memory with four LoRA adapters -- policy, reference, value,
-reward -- switched with peft's `set_adapter` (instruct_cli/ppo.py `load_roles`). A four-model design, the
+reward -- switched with peft's `set_adapter` (instruct_cli/steps/ppo.py `load_roles`). A four-model design, the
 way torchtune's PPO recipe does it, holds four full models. This script measures both on the built-in model
 (`smollm2-135m`, SmolLM2-135M-Instruct) on this machine.
 
@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import INSTRUCT, PYTHON, ROOT, fmt, print_table, ratio, read_jsonl, write_jsonl  # noqa: E402
+from _common import INSTRUCT, PYTHON, fmt, print_table, ratio, read_jsonl, write_jsonl  # noqa: E402
 
 MODEL = "smollm2-135m"
 ROLES = ("policy", "reference", "value", "reward")
@@ -110,8 +110,16 @@ def bench_env() -> dict[str, str]:
     """Offline, no tokenizer threads, unbuffered, and --threads if given. The instruct cache (~/.cache/instruct
     or $INSTRUCT_CACHE) is shared with normal use, so the GGUF conversion and 4-bit cache are paid once."""
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "WANDB_DISABLED": "true"})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+            "WANDB_DISABLED": "true",
+        }
+    )
     if THREADS:
         env.update({"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)})
     env.update(EXTRA_ENV)
@@ -138,8 +146,14 @@ def measure(cmd: list[str], log: Path, label: str) -> dict:
     env = {**bench_env(), "BENCH_LAUNCHED": repr(launched)}
     ready_s = None
     with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(result_file), *cmd], env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        process = subprocess.Popen(
+            [sys.executable, "-c", _WRAPPER, str(result_file), *cmd],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
         for line in process.stdout:
             elapsed = time.time() - launched
             handle.write(f"[{elapsed:7.1f}s] {line}")
@@ -169,8 +183,24 @@ def memory_status() -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-SUBJECTS = ["the moon", "a volcano", "photosynthesis", "the ocean", "a rainbow", "gravity", "a bicycle", "bread",
-            "the heart", "a compass", "electricity", "snow", "a library", "the internet", "bees", "a clock"]
+SUBJECTS = [
+    "the moon",
+    "a volcano",
+    "photosynthesis",
+    "the ocean",
+    "a rainbow",
+    "gravity",
+    "a bicycle",
+    "bread",
+    "the heart",
+    "a compass",
+    "electricity",
+    "snow",
+    "a library",
+    "the internet",
+    "bees",
+    "a clock",
+]
 QUESTIONS = ["What is {}?", "Why does {} matter?", "How does {} work?", "Give one fact about {}."]
 
 
@@ -184,8 +214,10 @@ def questions(count: int, seed: int) -> list[str]:
 def build_inputs(work: Path, prompts: int, seed: int) -> dict[str, Path]:
     """Data folders and short sft / rm runs in `work`, reused when already complete."""
     paths = {name: work / name for name in ("prompts", "sft-data", "prefs-data", "sft", "rm")}
-    if all((paths[name] / "manifest.json").is_file() for name in paths) and \
-            json.loads((paths["rm"] / "manifest.json").read_text()).get("status") == "complete":
+    if (
+        all((paths[name] / "manifest.json").is_file() for name in paths)
+        and json.loads((paths["rm"] / "manifest.json").read_text()).get("status") == "complete"
+    ):
         print(f"[bench] reusing the inputs in {work}", flush=True)
         return paths
     asked = questions(prompts, seed)
@@ -193,25 +225,63 @@ def build_inputs(work: Path, prompts: int, seed: int) -> dict[str, Path]:
     bad = "No."
     raw_prompts = write_jsonl(work / "raw-prompts.jsonl", [{"prompt": q} for q in asked])
     raw_sft = write_jsonl(work / "raw-sft.jsonl", [{"prompt": q, "completion": good} for q in asked])
-    raw_prefs = write_jsonl(work / "raw-prefs.jsonl",
-                            [{"prompt": q, "chosen": good, "rejected": bad} for q in asked])
+    raw_prefs = write_jsonl(work / "raw-prefs.jsonl", [{"prompt": q, "chosen": good, "rejected": bad} for q in asked])
     logs = work / "logs"
-    for raw, folder, task in ((raw_prompts, paths["prompts"], "prompts"), (raw_sft, paths["sft-data"], "sft"),
-                              (raw_prefs, paths["prefs-data"], "prefs")):
-        run_checked([INSTRUCT, "prepare-data", "-i", str(raw), "-o", str(folder), "--task", task, "--force"],
-                    logs / f"prepare-{task}.log")
-    run_checked([INSTRUCT, "sft", "--data", str(paths["sft-data"]), "--out", str(paths["sft"]), "--max-steps", "2",
-                 "--batch-size", "2", "--force"], logs / "sft.log")
-    run_checked([INSTRUCT, "rm", "--model", str(paths["sft"]), "--data", str(paths["prefs-data"]), "--out",
-                 str(paths["rm"]), "--max-steps", "2", "--batch-size", "2", "--force"], logs / "rm.log")
+    for raw, folder, task in (
+        (raw_prompts, paths["prompts"], "prompts"),
+        (raw_sft, paths["sft-data"], "sft"),
+        (raw_prefs, paths["prefs-data"], "prefs"),
+    ):
+        run_checked(
+            [INSTRUCT, "prepare-data", "-i", str(raw), "-o", str(folder), "--task", task, "--force"],
+            logs / f"prepare-{task}.log",
+        )
+    run_checked(
+        [
+            INSTRUCT,
+            "sft",
+            "--data",
+            str(paths["sft-data"]),
+            "--out",
+            str(paths["sft"]),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--force",
+        ],
+        logs / "sft.log",
+    )
+    run_checked(
+        [
+            INSTRUCT,
+            "rm",
+            "--model",
+            str(paths["sft"]),
+            "--data",
+            str(paths["prefs-data"]),
+            "--out",
+            str(paths["rm"]),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--force",
+        ],
+        logs / "rm.log",
+    )
     return paths
 
 
 # ----------------------------------------------------------------------------------------------- sides
 def ppo_flags(args) -> dict:
     """The PPO shape shared by every side."""
-    return {"rollout_batch_size": args.rollout_batch_size, "minibatch_size": args.minibatch_size,
-            "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    return {
+        "rollout_batch_size": args.rollout_batch_size,
+        "minibatch_size": args.minibatch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+    }
 
 
 def side_baseline(work: Path, what: str = "baseline") -> dict:
@@ -222,11 +292,36 @@ def side_baseline(work: Path, what: str = "baseline") -> dict:
 
 def ppo_cli_args(paths: dict, out: Path, quantization: str, args) -> list[str]:
     """`ppo` and its flags, the same for the measured and the profiled CLI run."""
-    return ["ppo", "--sft", str(paths["sft"]), "--reward", str(paths["rm"]), "--data", str(paths["prompts"]),
-            "--out", str(out), "--force", "--quantization", quantization, "--iterations", str(args.iterations),
-            "--rollout-batch-size", str(args.rollout_batch_size), "--minibatch-size", str(args.minibatch_size),
-            "--ppo-epochs", str(args.ppo_epochs), "--max-new-tokens", str(args.max_new_tokens),
-            "--eval-every", "1000", "--save-every", "1000", "--seed", str(args.seed)]
+    return [
+        "ppo",
+        "--sft",
+        str(paths["sft"]),
+        "--reward",
+        str(paths["rm"]),
+        "--data",
+        str(paths["prompts"]),
+        "--out",
+        str(out),
+        "--force",
+        "--quantization",
+        quantization,
+        "--iterations",
+        str(args.iterations),
+        "--rollout-batch-size",
+        str(args.rollout_batch_size),
+        "--minibatch-size",
+        str(args.minibatch_size),
+        "--ppo-epochs",
+        str(args.ppo_epochs),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--eval-every",
+        "1000",
+        "--save-every",
+        "1000",
+        "--seed",
+        str(args.seed),
+    ]
 
 
 def side_cli(paths: dict, work: Path, quantization: str, args) -> dict:
@@ -249,13 +344,22 @@ def side_cli(paths: dict, work: Path, quantization: str, args) -> dict:
 
 def side_one_step(paths: dict, work: Path, quantization: str, design: str, args) -> dict:
     """One trajectory with the shared (`shared`) or four-model (`separate`) design, in a child process."""
-    spec = {"design": design, "quantization": quantization, "sft": str(paths["sft"]), "reward": str(paths["rm"]),
-            "data": str(paths["prompts"]), **ppo_flags(args),
-            "result": str(work / "logs" / f"{design}-{quantization}.result.json")}
+    spec = {
+        "design": design,
+        "quantization": quantization,
+        "sft": str(paths["sft"]),
+        "reward": str(paths["rm"]),
+        "data": str(paths["prompts"]),
+        **ppo_flags(args),
+        "result": str(work / "logs" / f"{design}-{quantization}.result.json"),
+    }
     spec_file = work / "logs" / f"{design}-{quantization}.spec.json"
     spec_file.write_text(json.dumps(spec, indent=2))
-    result = measure([PYTHON, __file__, "--child", str(spec_file), "--work", str(work)],
-                     work / "logs" / f"{design}-{quantization}.log", f"{design} (1 trajectory)")
+    result = measure(
+        [PYTHON, __file__, "--child", str(spec_file), "--work", str(work)],
+        work / "logs" / f"{design}-{quantization}.log",
+        f"{design} (1 trajectory)",
+    )
     if result["rc"] == 0:
         result.update(json.loads(Path(spec["result"]).read_text()))
         result["ready_s"] = result["ready_s_child"]
@@ -268,8 +372,16 @@ def cli_profile(paths: dict, work: Path, quantization: str, args) -> None:
 
     prof = work / f"ppo-{quantization}.prof"
     out = work / f"ppo-{quantization}-profile"
-    cmd = [PYTHON, "-m", "cProfile", "-o", str(prof), "-m", "instruct_cli",
-           *ppo_cli_args(paths, out, quantization, args)]
+    cmd = [
+        PYTHON,
+        "-m",
+        "cProfile",
+        "-o",
+        str(prof),
+        "-m",
+        "instruct_cli",
+        *ppo_cli_args(paths, out, quantization, args),
+    ]
     run_checked(cmd, work / "logs" / f"profile-{quantization}.log")
     print(f"\ncProfile of `instruct ppo --quantization {quantization}` (top 25 by cumulative time):")
     pstats.Stats(str(prof)).sort_stats("cumulative").print_stats(25)
@@ -289,7 +401,7 @@ def child_baseline(everything: bool) -> None:
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
 
-        from instruct_cli import ppo  # noqa: F401
+        from instruct_cli.steps import ppo  # noqa: F401
     print(json.dumps(memory_status()), flush=True)
 
 
@@ -314,7 +426,8 @@ def load_separate(config, device):
     are prepared for training exactly as `load_roles` prepares the shared base."""
     from peft import PeftModel
 
-    from instruct_cli import artifacts, heads, models, ppo, training
+    from instruct_cli.core import artifacts, heads, models, training
+    from instruct_cli.steps import ppo
 
     source = models.resolve_model(str(config.sft), flag="--sft")
     rm_manifest = artifacts.require_complete(config.reward, "rm", flag="--reward")
@@ -341,19 +454,31 @@ def load_separate(config, device):
 def child_one_step(spec_file: str) -> None:
     """Load the roles (shared or separate), run one trajectory, write timings and memory as JSON."""
     spec = json.loads(Path(spec_file).read_text())
-    from instruct_cli.console import quiet_libraries
+    from instruct_cli.core.console import quiet_libraries
 
     quiet_libraries()
     import torch
 
-    from instruct_cli import models, ppo
-    from instruct_cli.config import PPOConfig, build_config
-    from instruct_cli.generate import encode_prompt
+    from instruct_cli.core import models
+    from instruct_cli.core.chat import encode_prompt
+    from instruct_cli.core.config import PPOConfig, build_config
+    from instruct_cli.steps import ppo
 
-    config = build_config(PPOConfig, "ppo", None, {
-        "sft": spec["sft"], "reward": spec["reward"], "data": spec["data"], "quantization": spec["quantization"],
-        "rollout_batch_size": spec["rollout_batch_size"], "minibatch_size": spec["minibatch_size"],
-        "max_new_tokens": spec["max_new_tokens"], "seed": spec["seed"]})
+    config = build_config(
+        PPOConfig,
+        "ppo",
+        None,
+        {
+            "sft": spec["sft"],
+            "reward": spec["reward"],
+            "data": spec["data"],
+            "quantization": spec["quantization"],
+            "rollout_batch_size": spec["rollout_batch_size"],
+            "minibatch_size": spec["minibatch_size"],
+            "max_new_tokens": spec["max_new_tokens"],
+            "seed": spec["seed"],
+        },
+    )
     device = models.pick_device(config.device)
     after_imports = memory_status()
     start = time.perf_counter()
@@ -367,17 +492,26 @@ def child_one_step(spec_file: str) -> None:
     print(f"ready after {ready_s:.1f} s (roles loaded in {load_s:.1f} s)", flush=True)
 
     prompts = ppo.read_prompts(config.data, "train")  # the CLI's first rollout batch
-    batch = [encode_prompt(tokenizer, prompts[i]) for i in
-             ppo.prompt_batches(len(prompts), config.rollout_batch_size, config.seed, 0)]
+    batch = [
+        encode_prompt(tokenizer, prompts[i])
+        for i in ppo.prompt_batches(len(prompts), config.rollout_batch_size, config.seed, 0)
+    ]
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     trajectory, stats = ppo.make_trajectory(roles, tokenizer, batch, config, config.kl_coef, device)
     step_s = time.perf_counter() - start
-    result = {"load_s": load_s, "ready_s_child": ready_s, "step_s": step_s,
-              "samples_per_s": config.rollout_batch_size / step_s,
-              "response_tokens": int(trajectory.response_mask.sum()), "response_shape": list(trajectory.response.shape),
-              "rss_after_imports_mb": after_imports["VmRSS"], "rss_after_load_mb": after_load["VmRSS"],
-              "vmhwm_mb": memory_status()["VmHWM"], "stats": stats}
+    result = {
+        "load_s": load_s,
+        "ready_s_child": ready_s,
+        "step_s": step_s,
+        "samples_per_s": config.rollout_batch_size / step_s,
+        "response_tokens": int(trajectory.response_mask.sum()),
+        "response_shape": list(trajectory.response.shape),
+        "rss_after_imports_mb": after_imports["VmRSS"],
+        "rss_after_load_mb": after_load["VmRSS"],
+        "vmhwm_mb": memory_status()["VmHWM"],
+        "stats": stats,
+    }
     Path(spec["result"]).write_text(json.dumps(result, indent=2))
     print(json.dumps(result), flush=True)
 
@@ -386,21 +520,47 @@ def child_one_step(spec_file: str) -> None:
 def report(quantization: str, baseline: dict, sides: dict[str, dict], args) -> dict:
     """The table of one quantization and its ratios; returns {side: {"raw": .., "net": .., "pss": ..}}."""
     base_rss, base_pss = baseline["peak_rss_mb"], baseline.get("sampled_peak_pss_mb") or 0.0
-    header = ["side", "peak RSS MB", "net RSS MB", "peak PSS MB", "net PSS MB", "ready s", "load s", "samples/s",
-              "timed", "wall s"]
-    timed = {"cli": f"{args.iterations} it. x {args.rollout_batch_size}, full PPO",
-             "shared": "1 trajectory", "separate": "1 trajectory"}
-    names = {"cli": "instruct ppo (CLI)", "shared": "shared base, 1 trajectory",
-             "separate": "4 separate models, 1 trajectory"}
+    header = [
+        "side",
+        "peak RSS MB",
+        "net RSS MB",
+        "peak PSS MB",
+        "net PSS MB",
+        "ready s",
+        "load s",
+        "samples/s",
+        "timed",
+        "wall s",
+    ]
+    timed = {
+        "cli": f"{args.iterations} it. x {args.rollout_batch_size}, full PPO",
+        "shared": "1 trajectory",
+        "separate": "1 trajectory",
+    }
+    names = {
+        "cli": "instruct ppo (CLI)",
+        "shared": "shared base, 1 trajectory",
+        "separate": "4 separate models, 1 trajectory",
+    }
     short = {"cli": "CLI run / separate", "shared": "shared / separate"}
     rows = []
     for key, result in sides.items():
         ok = result.get("rc") == 0
         pss = result.get("sampled_peak_pss_mb")
-        rows.append([names[key], result["peak_rss_mb"] if ok else "failed",
-                     result["peak_rss_mb"] - base_rss if ok else None, pss, pss - base_pss if ok and pss else None,
-                     result.get("ready_s"), result.get("load_s"), fmt(result.get("samples_per_s"), 3), timed[key],
-                     result["wall_s"]])
+        rows.append(
+            [
+                names[key],
+                result["peak_rss_mb"] if ok else "failed",
+                result["peak_rss_mb"] - base_rss if ok else None,
+                pss,
+                pss - base_pss if ok and pss else None,
+                result.get("ready_s"),
+                result.get("load_s"),
+                fmt(result.get("samples_per_s"), 3),
+                timed[key],
+                result["wall_s"],
+            ]
+        )
     ratios = {}
     separate = sides.get("separate", {})
     if separate.get("rc") == 0:
@@ -411,25 +571,48 @@ def report(quantization: str, baseline: dict, sides: dict[str, dict], args) -> d
             ratios[key] = {
                 "raw": ratio(result["peak_rss_mb"], separate["peak_rss_mb"]),
                 "net": ratio(result["peak_rss_mb"] - base_rss, separate["peak_rss_mb"] - base_rss),
-                "pss_net": ratio((result.get("sampled_peak_pss_mb") or 0) - base_pss,
-                                 (separate.get("sampled_peak_pss_mb") or 0) - base_pss)}
-            rows.append([short[key], f"x{ratios[key]['raw']:.2f}", f"x{ratios[key]['net']:.2f}", "",
-                         f"x{fmt(ratios[key]['pss_net'], 2)}", "", "", "", "", ""])
-    print_table(f"PPO memory and speed, quantization {quantization} (model {MODEL}, rollouts of "
-                f"{args.rollout_batch_size} prompts x {args.max_new_tokens} new tokens; net = minus the "
-                f"torch+transformers baseline: RSS {base_rss:.0f} MB, PSS {base_pss:.0f} MB)", header, rows)
+                "pss_net": ratio(
+                    (result.get("sampled_peak_pss_mb") or 0) - base_pss,
+                    (separate.get("sampled_peak_pss_mb") or 0) - base_pss,
+                ),
+            }
+            rows.append(
+                [
+                    short[key],
+                    f"x{ratios[key]['raw']:.2f}",
+                    f"x{ratios[key]['net']:.2f}",
+                    "",
+                    f"x{fmt(ratios[key]['pss_net'], 2)}",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
+    print_table(
+        f"PPO memory and speed, quantization {quantization} (model {MODEL}, rollouts of "
+        f"{args.rollout_batch_size} prompts x {args.max_new_tokens} new tokens; net = minus the "
+        f"torch+transformers baseline: RSS {base_rss:.0f} MB, PSS {base_pss:.0f} MB)",
+        header,
+        rows,
+    )
     cli = sides.get("cli", {})
     if cli.get("rc") == 0:
-        print(f"  CLI: steady samples/s (iterations 2..N-1) {fmt(cli.get('steady_samples_per_s'), 3)}; seconds "
-              f"between metric rows {cli.get('iteration_s')} (the last includes the final evaluation); "
-              f"mean response length per iteration {[fmt(x) for x in cli.get('response_length', [])]}")
+        print(
+            f"  CLI: steady samples/s (iterations 2..N-1) {fmt(cli.get('steady_samples_per_s'), 3)}; seconds "
+            f"between metric rows {cli.get('iteration_s')} (the last includes the final evaluation); "
+            f"mean response length per iteration {[fmt(x) for x in cli.get('response_length', [])]}"
+        )
     for key in ("shared", "separate"):
         if sides.get(key, {}).get("rc") == 0:
             r = sides[key]
-            print(f"  {names[key]}: RSS after imports {r['rss_after_imports_mb']:.0f} MB, after loading the roles "
-                  f"{r['rss_after_load_mb']:.0f} MB, peak {r['vmhwm_mb']:.0f} MB (VmHWM); trajectory "
-                  f"{r['step_s']:.1f} s for {r['response_tokens']} response tokens; score "
-                  f"{r['stats']['objective/score']:.4f}, entropy {r['stats']['objective/entropy']:.4f}")
+            print(
+                f"  {names[key]}: RSS after imports {r['rss_after_imports_mb']:.0f} MB, after loading the roles "
+                f"{r['rss_after_load_mb']:.0f} MB, peak {r['vmhwm_mb']:.0f} MB (VmHWM); trajectory "
+                f"{r['step_s']:.1f} s for {r['response_tokens']} response tokens; score "
+                f"{r['stats']['objective/score']:.4f}, entropy {r['stats']['objective/entropy']:.4f}"
+            )
     return ratios
 
 
@@ -450,13 +633,23 @@ def print_warnings(work: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--work", type=Path, help="Folder for data, runs and logs (default: a fresh temp folder, "
-                        "removed at the end unless --keep); inputs already there are reused")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="Folder for data, runs and logs (default: a fresh temp folder, "
+        "removed at the end unless --keep); inputs already there are reused",
+    )
     parser.add_argument("--keep", action="store_true", help="Keep the temp work folder")
-    parser.add_argument("--quantization", nargs="+", choices=("nf4", "int8", "none"), default=["nf4"],
-                        help="Base storage(s) to measure, one table each")
+    parser.add_argument(
+        "--quantization",
+        nargs="+",
+        choices=("nf4", "int8", "none"),
+        default=["nf4"],
+        help="Base storage(s) to measure, one table each",
+    )
     parser.add_argument("--iterations", type=int, default=3, help="PPO iterations of the CLI run")
     parser.add_argument("--rollout-batch-size", type=int, default=8, help="Prompts per rollout")
     parser.add_argument("--minibatch-size", type=int, default=4, help="Rollouts per gradient step (CLI)")
@@ -464,17 +657,30 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Longest sampled response")
     parser.add_argument("--prompts", type=int, default=64, help="Synthetic prompts / preference pairs")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data, sampling and the CLI run")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("cli", "shared", "separate"),
-                        help="Sides to leave out")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="OMP_NUM_THREADS for every side (0: torch's default). On a machine shared with other "
-                        "work, 1 thread may avoid the stalls of oversubscribed cores (untested here)")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="Extra environment for every side, e.g. MALLOC_MMAP_THRESHOLD_=65536 (glibc then "
-                        "returns freed large blocks to the system: ~30%% lower peak RSS here, but about twice as "
-                        "slow); repeatable")
-    parser.add_argument("--profile", action="store_true",
-                        help="Also run `instruct ppo` once under cProfile per quantization and print hot spots")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=("cli", "shared", "separate"), help="Sides to leave out"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="OMP_NUM_THREADS for every side (0: torch's default). On a machine shared with other "
+        "work, 1 thread may avoid the stalls of oversubscribed cores (untested here)",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Extra environment for every side, e.g. MALLOC_MMAP_THRESHOLD_=65536 (glibc then "
+        "returns freed large blocks to the system: ~30%% lower peak RSS here, but about twice as "
+        "slow); repeatable",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="Also run `instruct ppo` once under cProfile per quantization and print hot spots",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global THREADS
@@ -497,15 +703,21 @@ def main() -> None:
     try:
         if EXTRA_ENV or THREADS:
             print(f"[bench] every side runs with {EXTRA_ENV or ''}{f' OMP_NUM_THREADS={THREADS}' if THREADS else ''}")
-        print(f"[bench] work folder {work}; load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())} "
-              f"on {os.cpu_count()} cores (timings are noisy on a shared machine)", flush=True)
+        print(
+            f"[bench] work folder {work}; load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())} "
+            f"on {os.cpu_count()} cores (timings are noisy on a shared machine)",
+            flush=True,
+        )
         paths = build_inputs(work, args.prompts, args.seed)
         baseline = side_baseline(work)
         libraries = side_baseline(work, "libraries")
         baseline_mb = baseline["peak_rss_mb"]
-        print(f"[bench] baseline child (imports torch + transformers only): peak RSS {baseline_mb:.0f} MB, "
-              f"PSS {fmt(baseline['sampled_peak_pss_mb'], 0)} MB; with peft, bitsandbytes and instruct_cli "
-              f"imported too: {libraries['peak_rss_mb']:.0f} MB", flush=True)
+        print(
+            f"[bench] baseline child (imports torch + transformers only): peak RSS {baseline_mb:.0f} MB, "
+            f"PSS {fmt(baseline['sampled_peak_pss_mb'], 0)} MB; with peft, bitsandbytes and instruct_cli "
+            f"imported too: {libraries['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
         all_ratios = {}
         for quantization in args.quantization:
             sides = {}
@@ -515,27 +727,45 @@ def main() -> None:
                 if design not in args.skip:
                     sides[design] = side_one_step(paths, work, quantization, design, args)
             all_ratios[quantization] = report(quantization, baseline, sides, args)
-            (work / f"results-{quantization}.json").write_text(json.dumps(
-                {"args": {k: str(v) for k, v in vars(args).items()}, "baseline": baseline, "libraries": libraries,
-                 "sides": sides, "ratios": all_ratios[quantization]}, indent=2, default=str))
+            (work / f"results-{quantization}.json").write_text(
+                json.dumps(
+                    {
+                        "args": {k: str(v) for k, v in vars(args).items()},
+                        "baseline": baseline,
+                        "libraries": libraries,
+                        "sides": sides,
+                        "ratios": all_ratios[quantization],
+                    },
+                    indent=2,
+                    default=str,
+                )
+            )
             if args.profile:
                 cli_profile(paths, work, quantization, args)
-        print("\nRatios of peak memory, shared design / four separate models (under 0.5: less than half). raw = "
-              "peak RSS; net = minus the torch+transformers baseline; PSS = sampled peak proportional set size, "
-              "net, which counts a file page mapped by several models once (see the module docstring):")
+        print(
+            "\nRatios of peak memory, shared design / four separate models (under 0.5: less than half). raw = "
+            "peak RSS; net = minus the torch+transformers baseline; PSS = sampled peak proportional set size, "
+            "net, which counts a file page mapped by several models once (see the module docstring):"
+        )
         for quantization, ratios in all_ratios.items():
             for key, r in ratios.items():
                 what = "shared, 1 trajectory" if key == "shared" else "full CLI run        "
-                print(f"  {quantization:>4}  {what} / separate, 1 trajectory: RSS raw {fmt(r['raw'], 2)}, "
-                      f"RSS net {fmt(r['net'], 2)}, PSS net {fmt(r['pss_net'], 2)}")
-        print("Columns: peak RSS = getrusage(RUSAGE_CHILDREN).ru_maxrss of a wrapper around the side (exact); peak "
-              "PSS = largest Pss of /proc/PID/smaps_rollup sampled every second (may miss short spikes); ready s = "
-              "launch to roles loaded (imports included); load s = loading the roles only; samples/s: CLI = "
-              "rollouts / time since the first iteration began (its train/samples_per_s), one-step sides = "
-              "rollouts / one trajectory (rollout and scoring, no update). Timings: 2 shared cores, noisy.")
+                print(
+                    f"  {quantization:>4}  {what} / separate, 1 trajectory: RSS raw {fmt(r['raw'], 2)}, "
+                    f"RSS net {fmt(r['net'], 2)}, PSS net {fmt(r['pss_net'], 2)}"
+                )
+        print(
+            "Columns: peak RSS = getrusage(RUSAGE_CHILDREN).ru_maxrss of a wrapper around the side (exact); peak "
+            "PSS = largest Pss of /proc/PID/smaps_rollup sampled every second (may miss short spikes); ready s = "
+            "launch to roles loaded (imports included); load s = loading the roles only; samples/s: CLI = "
+            "rollouts / time since the first iteration began (its train/samples_per_s), one-step sides = "
+            "rollouts / one trajectory (rollout and scoring, no update). Timings: 2 shared cores, noisy."
+        )
         print_warnings(work)
-        print(f"\n[bench] done in {time.time() - started:.0f} s; logs in {work / 'logs'}"
-              + ("" if args.keep or args.work else " (removed)"))
+        print(
+            f"\n[bench] done in {time.time() - started:.0f} s; logs in {work / 'logs'}"
+            + ("" if args.keep or args.work else " (removed)")
+        )
     finally:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)

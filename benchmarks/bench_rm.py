@@ -38,6 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 
+from instruct_cli.core import preferences
+
 
 # ---------------------------------------------------------------------------------------------- instruct
 def instruct_batches(model: Path, data: Path, args) -> list[dict]:
@@ -46,17 +48,22 @@ def instruct_batches(model: Path, data: Path, args) -> list[dict]:
     Recomputed with the CLI's own tokenizer loading, preference encoder and length-grouped batcher (the CLI
     logs only a running tokens/s), so that both sides' throughput is measured over the same steps.
     """
-    from instruct_cli import models, rm
+    from instruct_cli.core import models
 
     tokenizer = models.load_tokenizer(str(model))
     rows = common.read_jsonl(data / "prefs.train.jsonl")
-    groups, _ = rm.encode_rows(tokenizer, rows, args.max_length, "prefs.train.jsonl")
+    groups, _ = preferences.encode_rows(tokenizer, rows, args.max_length, "prefs.train.jsonl")
     batches = []
     for step in common.step_batches([g.longest for g in groups], args.batch_size, args.seed, args.max_steps):
         chosen = [groups[i] for i in step]
         sequences = [len(ids) for g in chosen for ids in g.responses]
-        batches.append({"rows": sum(len(g.pairs) for g in chosen), "tokens": sum(sequences),
-                        "padded": len(sequences) * max(sequences)})
+        batches.append(
+            {
+                "rows": sum(len(g.pairs) for g in chosen),
+                "tokens": sum(sequences),
+                "padded": len(sequences) * max(sequences),
+            }
+        )
     return batches
 
 
@@ -77,45 +84,90 @@ def trl_worker(spec_file: str) -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from trl import RewardConfig, RewardTrainer
 
     # The pairs instruct trains on (the data folder's train split), in TRL's conversational form with an
     # explicit prompt: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}.
     rows = common.read_jsonl(Path(spec["data"]) / "prefs.train.jsonl")
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                                 for r in rows])
+    dataset = Dataset.from_list(
+        [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    )
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForSequenceClassification.from_pretrained(
-        spec["model"], **common.trl_model_kwargs(spec["quantization"], num_labels=1))
+        spec["model"], **common.trl_model_kwargs(spec["quantization"], num_labels=1)
+    )
     config = RewardConfig(
-        output_dir=spec["out"], max_steps=spec["max_steps"], per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0.03,
-        weight_decay=0.0, max_grad_norm=1.0, max_length=spec["max_length"],
-        gradient_checkpointing=spec["gradient_checkpointing"], logging_steps=1, report_to="none",
-        save_strategy="no", eval_strategy="no", use_cpu=True, bf16=False, fp16=False, seed=spec["seed"],
-        dataloader_num_workers=0, disable_tqdm=True,
-        train_sampling_strategy="group_by_length" if spec["trl_group_by_length"] else "random")
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none",
-                      task_type="SEQ_CLS")
-    trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                            peft_config=lora)
+        output_dir=spec["out"],
+        max_steps=spec["max_steps"],
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_length=spec["max_length"],
+        gradient_checkpointing=spec["gradient_checkpointing"],
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=spec["seed"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if spec["trl_group_by_length"] else "random",
+    )
+    lora = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none", task_type="SEQ_CLS"
+    )
+    trainer = RewardTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
+    )
     common.train_and_record(trainer, spec["result"], train_rows=len(trainer.train_dataset))
 
 
 # ------------------------------------------------------------------------------------------------ report
-HEADER = ["side", "steps", "pairs/step", "padding %", "pairs/s", "median step pairs/s", "loop pairs/s",
-          "tokens/s", "positions/s", "peak RSS MB", "cpu s", "wall s", "gauge GFLOP/s", "load"]
+HEADER = [
+    "side",
+    "steps",
+    "pairs/step",
+    "padding %",
+    "pairs/s",
+    "median step pairs/s",
+    "loop pairs/s",
+    "tokens/s",
+    "positions/s",
+    "peak RSS MB",
+    "cpu s",
+    "wall s",
+    "gauge GFLOP/s",
+    "load",
+]
 
 
 def table_row(label: str, result: dict) -> list:
     s = common.summarise(result)
     batches = result.get("batches") or []
     pairs_per_step = sum(b["rows"] for b in batches) / len(batches) if batches else float("nan")
-    return [label, s["steps"] or "failed", pairs_per_step, s["padding"], s["rows_per_s"],
-            s["median_step_rows_per_s"], s["loop_rows_per_s"], s["tokens_per_s"], s["positions_per_s"],
-            result["peak_rss_mb"],
-            result["cpu_s"], result["wall_s"], result["gauge_gflops"], result.get("load")]
+    return [
+        label,
+        s["steps"] or "failed",
+        pairs_per_step,
+        s["padding"],
+        s["rows_per_s"],
+        s["median_step_rows_per_s"],
+        s["loop_rows_per_s"],
+        s["tokens_per_s"],
+        s["positions_per_s"],
+        result["peak_rss_mb"],
+        result["cpu_s"],
+        result["wall_s"],
+        result["gauge_gflops"],
+        result.get("load"),
+    ]
 
 
 def report(runs: dict[str, list[dict]], args) -> None:
@@ -131,40 +183,56 @@ def report(runs: dict[str, list[dict]], args) -> None:
         f"RM ({'fastest of ' + str(args.repeats) + ' runs per side' if args.repeats > 1 else 'one run per side'})"
         f": {args.max_steps} steps x {args.batch_size} pairs, max length {args.max_length}, quantization "
         f"{args.quantization}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
-        "LoRA r=16 alpha=32 dropout 0 all-linear + scalar head", HEADER, rows)
+        "LoRA r=16 alpha=32 dropout 0 all-linear + scalar head",
+        HEADER,
+        rows,
+    )
     trl_run = best.get("TRL", {})
     if trl_run.get("train_rows") is not None:
-        print(f"(TRL kept {trl_run['train_rows']} training pairs after its max-length filter; its own num_tokens "
-              f"after the last step: {trl_run.get('trl_num_tokens')}, counted in its collator: "
-              f"{sum(b['tokens'] for b in trl_run['batches'])})")
-    print("pairs/s and tokens/s: pairs (tokens of chosen + rejected) of steps 2..N-1 / time from the end of step 1 "
-          "to the end of step N-1 (loading, step 1, instruct's final eval and reward normalisation excluded).\n"
-          "positions/s: batch positions, padding included, per second over steps 2..N-1 (compute speed without "
-          "the effect of padding).\n"
-          "median step pairs/s: the median over steps 2..N-1 of each step's pairs / its duration (robust to a slow "
-          "spell of the machine).\n"
-          "loop pairs/s: all N steps by each side's own clock (instruct: train/tokens_per_s with the recomputed "
-          "token count; TRL: on_train_begin to the end of step N).\n"
-          "padding: share of batch positions that are padding (instruct batches by length; TRL samples "
-          f"{'by length' if args.trl_group_by_length else 'at random'}).\n"
-          "peak RSS: largest resident set of the side's process; cpu s / wall s: the whole process, loading "
-          "included; gauge: GFLOP/s of a small matmul just before the run, load: the "
-          "1-minute load average just after it (a low gauge or a load above the 2 cores marks contention).\n"
-          "Ratios are instruct / TRL: above 1 means instruct is faster (pairs/s, tokens/s) or uses more "
-          "(RSS, seconds).")
+        print(
+            f"(TRL kept {trl_run['train_rows']} training pairs after its max-length filter; its own num_tokens "
+            f"after the last step: {trl_run.get('trl_num_tokens')}, counted in its collator: "
+            f"{sum(b['tokens'] for b in trl_run['batches'])})"
+        )
+    print(
+        "pairs/s and tokens/s: pairs (tokens of chosen + rejected) of steps 2..N-1 / time from the end of step 1 "
+        "to the end of step N-1 (loading, step 1, instruct's final eval and reward normalisation excluded).\n"
+        "positions/s: batch positions, padding included, per second over steps 2..N-1 (compute speed without "
+        "the effect of padding).\n"
+        "median step pairs/s: the median over steps 2..N-1 of each step's pairs / its duration (robust to a slow "
+        "spell of the machine).\n"
+        "loop pairs/s: all N steps by each side's own clock (instruct: train/tokens_per_s with the recomputed "
+        "token count; TRL: on_train_begin to the end of step N).\n"
+        "padding: share of batch positions that are padding (instruct batches by length; TRL samples "
+        f"{'by length' if args.trl_group_by_length else 'at random'}).\n"
+        "peak RSS: largest resident set of the side's process; cpu s / wall s: the whole process, loading "
+        "included; gauge: GFLOP/s of a small matmul just before the run, load: the "
+        "1-minute load average just after it (a low gauge or a load above the 2 cores marks contention).\n"
+        "Ratios are instruct / TRL: above 1 means instruct is faster (pairs/s, tokens/s) or uses more "
+        "(RSS, seconds)."
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     common.add_model_flags(parser)
     parser.add_argument("--trl-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_worker:
         trl_worker(args.trl_worker)
         return
-    common.run_benchmark(args, step="rm", task="prefs", rows=common.preference_rows, run_instruct=run_instruct,
-                         run_trl=run_trl, report=report)
+    common.run_benchmark(
+        args,
+        step="rm",
+        task="prefs",
+        rows=common.preference_rows,
+        run_instruct=run_instruct,
+        run_trl=run_trl,
+        report=report,
+    )
+
 
 if __name__ == "__main__":
     main()

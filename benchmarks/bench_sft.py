@@ -32,6 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 
+from instruct_cli.core import chat
+
 
 # ---------------------------------------------------------------------------------------------- instruct
 def instruct_batches(model: Path, data: Path, args) -> list[dict]:
@@ -40,11 +42,11 @@ def instruct_batches(model: Path, data: Path, args) -> list[dict]:
     Recomputed with the CLI's own tokenizer loading, conversation encoder and length-grouped batcher (the
     CLI logs only a running tokens/s), so that both sides' throughput is measured over the same steps.
     """
-    from instruct_cli import models, sft
+    from instruct_cli.core import models
 
     tokenizer = models.load_tokenizer(str(model))
     rows = common.read_jsonl(data / "sft.train.jsonl")
-    lengths = [len(sft.encode_conversation(tokenizer, row["messages"], args.max_length)[0]) for row in rows]
+    lengths = [len(chat.encode_conversation(tokenizer, row["messages"], args.max_length)[0]) for row in rows]
     batches = []
     for step in common.step_batches(lengths, args.batch_size, args.seed, args.max_steps):
         sizes = [lengths[i] for i in step]
@@ -69,7 +71,6 @@ def trl_worker(spec_file: str) -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from trl import SFTConfig, SFTTrainer
 
     # The rows instruct trains on (the data folder's train split), as conversational prompt/completion: the
@@ -79,31 +80,73 @@ def trl_worker(spec_file: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], **common.trl_model_kwargs(spec["quantization"]))
     config = SFTConfig(
-        output_dir=spec["out"], max_steps=spec["max_steps"], per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0.03,
-        weight_decay=0.0, max_grad_norm=1.0, max_length=spec["max_length"], packing=False,
-        completion_only_loss=True, gradient_checkpointing=spec["gradient_checkpointing"], logging_steps=1,
-        report_to="none", save_strategy="no", eval_strategy="no", use_cpu=True, bf16=False, fp16=False,
-        seed=spec["seed"], dataloader_num_workers=0, disable_tqdm=True,
-        train_sampling_strategy="group_by_length" if spec["trl_group_by_length"] else "random")
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none",
-                      task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora)
+        output_dir=spec["out"],
+        max_steps=spec["max_steps"],
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_length=spec["max_length"],
+        packing=False,
+        completion_only_loss=True,
+        gradient_checkpointing=spec["gradient_checkpointing"],
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=spec["seed"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if spec["trl_group_by_length"] else "random",
+    )
+    lora = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none", task_type="CAUSAL_LM"
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     common.train_and_record(trainer, spec["result"])
 
 
 # ------------------------------------------------------------------------------------------------ report
-HEADER = ["side", "steps", "tokens/step", "padding %", "tokens/s", "median step tokens/s", "loop tokens/s",
-          "positions/s", "peak RSS MB", "cpu s", "wall s", "gauge GFLOP/s", "load"]
+HEADER = [
+    "side",
+    "steps",
+    "tokens/step",
+    "padding %",
+    "tokens/s",
+    "median step tokens/s",
+    "loop tokens/s",
+    "positions/s",
+    "peak RSS MB",
+    "cpu s",
+    "wall s",
+    "gauge GFLOP/s",
+    "load",
+]
 
 
 def table_row(label: str, result: dict) -> list:
     s = common.summarise(result)
-    return [label, s["steps"] or "failed", s["tokens_per_step"], s["padding"], s["tokens_per_s"],
-            s["median_step_tokens_per_s"], s["loop_tokens_per_s"], s["positions_per_s"], result["peak_rss_mb"],
-            result["cpu_s"],
-            result["wall_s"], result["gauge_gflops"], result.get("load")]
+    return [
+        label,
+        s["steps"] or "failed",
+        s["tokens_per_step"],
+        s["padding"],
+        s["tokens_per_s"],
+        s["median_step_tokens_per_s"],
+        s["loop_tokens_per_s"],
+        s["positions_per_s"],
+        result["peak_rss_mb"],
+        result["cpu_s"],
+        result["wall_s"],
+        result["gauge_gflops"],
+        result.get("load"),
+    ]
 
 
 def report(runs: dict[str, list[dict]], args) -> None:
@@ -119,38 +162,48 @@ def report(runs: dict[str, list[dict]], args) -> None:
         f"SFT ({'fastest of ' + str(args.repeats) + ' runs per side' if args.repeats > 1 else 'one run per side'})"
         f": {args.max_steps} steps x {args.batch_size} rows, max length {args.max_length}, quantization "
         f"{args.quantization}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
-        "LoRA r=16 alpha=32 dropout 0 all-linear", HEADER, rows)
+        "LoRA r=16 alpha=32 dropout 0 all-linear",
+        HEADER,
+        rows,
+    )
     trl_run = best.get("TRL", {})
     if trl_run.get("trl_num_tokens") is not None:
-        print(f"(TRL's own num_tokens after the last step: {trl_run['trl_num_tokens']:,}; counted in its collator: "
-              f"{sum(b['tokens'] for b in trl_run['batches']):,})")
-    print("tokens/s: non-pad tokens of steps 2..N-1 / time from the end of step 1 to the end of step N-1 "
-          "(loading, step 1 and instruct's final eval excluded).\n"
-          "loop tokens/s: all N steps by each side's own clock (instruct: metrics.jsonl train/tokens_per_s; TRL: "
-          "on_train_begin to the end of step N).\n"
-          "padding: share of batch positions that are padding (instruct batches by length; TRL samples "
-          f"{'by length' if args.trl_group_by_length else 'at random'}).\n"
-          "positions/s: batch positions, padding included, per second over steps 2..N-1 (compute speed without "
-          "the effect of padding).\n"
-          "median step tokens/s: the median over steps 2..N-1 of each step's tokens / its duration (robust to a "
-          "slow spell of the machine).\n"
-          "peak RSS: largest resident set of the side's process; cpu s / wall s: the whole process, loading "
-          "included; gauge: GFLOP/s of a small matmul just before the run, load: the "
-          "1-minute load average just after it (a low gauge or a load above the 2 cores marks contention).\n"
-          "Ratios are instruct / TRL: above 1 means instruct is faster (tokens/s) or uses more (RSS, seconds).")
+        print(
+            f"(TRL's own num_tokens after the last step: {trl_run['trl_num_tokens']:,}; counted in its collator: "
+            f"{sum(b['tokens'] for b in trl_run['batches']):,})"
+        )
+    print(
+        "tokens/s: non-pad tokens of steps 2..N-1 / time from the end of step 1 to the end of step N-1 "
+        "(loading, step 1 and instruct's final eval excluded).\n"
+        "loop tokens/s: all N steps by each side's own clock (instruct: metrics.jsonl train/tokens_per_s; TRL: "
+        "on_train_begin to the end of step N).\n"
+        "padding: share of batch positions that are padding (instruct batches by length; TRL samples "
+        f"{'by length' if args.trl_group_by_length else 'at random'}).\n"
+        "positions/s: batch positions, padding included, per second over steps 2..N-1 (compute speed without "
+        "the effect of padding).\n"
+        "median step tokens/s: the median over steps 2..N-1 of each step's tokens / its duration (robust to a "
+        "slow spell of the machine).\n"
+        "peak RSS: largest resident set of the side's process; cpu s / wall s: the whole process, loading "
+        "included; gauge: GFLOP/s of a small matmul just before the run, load: the "
+        "1-minute load average just after it (a low gauge or a load above the 2 cores marks contention).\n"
+        "Ratios are instruct / TRL: above 1 means instruct is faster (tokens/s) or uses more (RSS, seconds)."
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     common.add_model_flags(parser)
     parser.add_argument("--trl-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_worker:
         trl_worker(args.trl_worker)
         return
-    common.run_benchmark(args, step="sft", task="sft", rows=common.sft_rows, run_instruct=run_instruct,
-                         run_trl=run_trl, report=report)
+    common.run_benchmark(
+        args, step="sft", task="sft", rows=common.sft_rows, run_instruct=run_instruct, run_trl=run_trl, report=report
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -7,15 +7,16 @@ A flag left out is None here, so a recipe's value (via --recipe) or the dataclas
 from __future__ import annotations
 
 import functools
+import importlib
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
 
 from instruct_cli import __version__
-from instruct_cli import config as cfg
-from instruct_cli.console import console, error, quiet_warnings
-from instruct_cli.errors import UserError
+from instruct_cli.core import config as cfg
+from instruct_cli.core.console import console, error, quiet_warnings
+from instruct_cli.core.errors import UserError
 
 app = typer.Typer(
     name="instruct",
@@ -28,8 +29,12 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-RecipeOption = Annotated[Optional[Path], typer.Option("--recipe", help="Recipe YAML; this step reads its section. "
-                                                      "Flags given on the command line override it.")]
+RecipeOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--recipe", help="Recipe YAML; this step reads its section. Flags given on the command line override it."
+    ),
+]
 ForceOption = Annotated[Optional[bool], typer.Option("--force", help="Replace an existing output folder.")]
 
 
@@ -50,8 +55,10 @@ def handles_user_errors(command: Callable) -> Callable:
             error(exc.paragraph())
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            error("Interrupted. Any run folder was left marked as interrupted; rerun the same command with "
-                  "--resume to continue it where checkpoints allow, or --force to start over.")
+            error(
+                "Interrupted. Any run folder was left marked as interrupted; rerun the same command with "
+                "--resume to continue it where checkpoints allow, or --force to start over."
+            )
             raise typer.Exit(130) from None
 
     return wrapper
@@ -65,8 +72,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
-                                                    help="Print the version and exit.")] = None,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
 ) -> None:
     """instruct: SFT, reward model and PPO as composable command-line steps."""
 
@@ -105,14 +113,29 @@ def prepare_data(
 
       instruct prepare-data -i prompts.txt --task prompts -o data/prompts
     """
-    from instruct_cli import data
+    from instruct_cli.steps import prepare_data as data
 
-    flags = dict(inputs=inputs, out=out, format=format, task=task, eval_fraction=eval_fraction, seed=seed,
-                 system=system, max_tokens=max_tokens, model=model, strict=strict, force=force)
+    flags = dict(
+        inputs=inputs,
+        out=out,
+        format=format,
+        task=task,
+        eval_fraction=eval_fraction,
+        seed=seed,
+        system=system,
+        max_tokens=max_tokens,
+        model=model,
+        strict=strict,
+        force=force,
+    )
     entries = len(cfg.recipe_entries(recipe, "prepare-data", P)) if recipe else 1
     if entries > 1 and (inputs or out):
-        raise UserError(f"The recipe's prepare-data section lists {entries} data sets; --input and --out cannot "
-                        "apply to all of them", where="--recipe", fix="Drop --input/--out, or edit the recipe")
+        raise UserError(
+            f"The recipe's prepare-data section lists {entries} data sets; --input and --out cannot "
+            "apply to all of them",
+            where="--recipe",
+            fix="Drop --input/--out, or edit the recipe",
+        )
     for entry in range(entries):  # a recipe may list several data sets (sft, prefs, prompts)
         data.run(cfg.build_config(P, "prepare-data", recipe, flags, entry=entry if recipe else None))
 
@@ -152,12 +175,29 @@ def generate(
 
       instruct generate --model runs/sft --input prompts.jsonl --output answers.jsonl
     """
-    from instruct_cli import generate as generate_step
+    from instruct_cli.steps import generate as generate_step
 
-    config = cfg.build_config(G, "generate", recipe, dict(
-        prompt=prompt, model=model, input=input, output=output, system=system, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, seed=seed, batch_size=batch_size,
-        quantization=quantization, device=device))
+    config = cfg.build_config(
+        G,
+        "generate",
+        recipe,
+        dict(
+            prompt=prompt,
+            model=model,
+            input=input,
+            output=output,
+            system=system,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            greedy=greedy,
+            seed=seed,
+            batch_size=batch_size,
+            quantization=quantization,
+            device=device,
+        ),
+    )
     generate_step.run(config)
 
 
@@ -186,9 +226,14 @@ def sft(
     weight_decay: Annotated[Optional[float], _opt(S, "weight_decay")] = None,
     max_grad_norm: Annotated[Optional[float], _opt(S, "max_grad_norm")] = None,
     max_length: Annotated[Optional[int], _opt(S, "max_length")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
-        "--gradient-checkpointing/--no-gradient-checkpointing", help=cfg.doc(S, "gradient_checkpointing"),
-        show_default=False)] = None,
+    gradient_checkpointing: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help=cfg.doc(S, "gradient_checkpointing"),
+            show_default=False,
+        ),
+    ] = None,
     eval_every: Annotated[Optional[int], _opt(S, "eval_every")] = None,
     save_every: Annotated[Optional[int], _opt(S, "save_every")] = None,
     keep: Annotated[Optional[str], _opt(S, "keep")] = None,
@@ -207,23 +252,53 @@ def sft(
 
       instruct sft --recipe recipes/quickstart.yaml --out runs/sft --resume
     """
-    from instruct_cli import sft as sft_step
+    from instruct_cli.steps import sft as sft_step
 
-    config = cfg.build_config(S, "sft", recipe, dict(
-        model=model, data=data, out=out, quantization=quantization, device=device, lora_r=lora_r,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, epochs=epochs,
-        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay, max_grad_norm=max_grad_norm, max_length=max_length,
-        gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, save_every=save_every, keep=keep,
-        seed=seed, resume=resume, force=force))
+    config = cfg.build_config(
+        S,
+        "sft",
+        recipe,
+        dict(
+            model=model,
+            data=data,
+            out=out,
+            quantization=quantization,
+            device=device,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_targets=lora_targets,
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            warmup_ratio=warmup_ratio,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            max_length=max_length,
+            gradient_checkpointing=gradient_checkpointing,
+            eval_every=eval_every,
+            save_every=save_every,
+            keep=keep,
+            seed=seed,
+            resume=resume,
+            force=force,
+        ),
+    )
     sft_step.run(config)
 
 
 # ---------------------------------------------------------------------------------------------------- rm
 R = cfg.RMConfig
 RS = cfg.RMScoreConfig
-rm_app = typer.Typer(no_args_is_help=False, invoke_without_command=True, rich_markup_mode="rich",
-                     add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
+rm_app = typer.Typer(
+    no_args_is_help=False,
+    invoke_without_command=True,
+    rich_markup_mode="rich",
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 app.add_typer(rm_app, name="rm")
 
 
@@ -250,9 +325,14 @@ def rm(
     weight_decay: Annotated[Optional[float], _opt(R, "weight_decay")] = None,
     max_grad_norm: Annotated[Optional[float], _opt(R, "max_grad_norm")] = None,
     max_length: Annotated[Optional[int], _opt(R, "max_length")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
-        "--gradient-checkpointing/--no-gradient-checkpointing", help=cfg.doc(R, "gradient_checkpointing"),
-        show_default=False)] = None,
+    gradient_checkpointing: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help=cfg.doc(R, "gradient_checkpointing"),
+            show_default=False,
+        ),
+    ] = None,
     eval_every: Annotated[Optional[int], _opt(R, "eval_every")] = None,
     save_every: Annotated[Optional[int], _opt(R, "save_every")] = None,
     keep: Annotated[Optional[str], _opt(R, "keep")] = None,
@@ -273,15 +353,41 @@ def rm(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from instruct_cli import rm as rm_step
+    from instruct_cli.steps import rm as rm_step
 
-    config = cfg.build_config(R, "rm", recipe, dict(
-        model=model, data=data, out=out, quantization=quantization, device=device, lora_r=lora_r,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, margin=margin, epochs=epochs,
-        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay, max_grad_norm=max_grad_norm, max_length=max_length,
-        gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, save_every=save_every, keep=keep,
-        seed=seed, resume=resume, force=force))
+    config = cfg.build_config(
+        R,
+        "rm",
+        recipe,
+        dict(
+            model=model,
+            data=data,
+            out=out,
+            quantization=quantization,
+            device=device,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_targets=lora_targets,
+            margin=margin,
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            warmup_ratio=warmup_ratio,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            max_length=max_length,
+            gradient_checkpointing=gradient_checkpointing,
+            eval_every=eval_every,
+            save_every=save_every,
+            keep=keep,
+            seed=seed,
+            resume=resume,
+            force=force,
+        ),
+    )
     rm_step.run(config)
 
 
@@ -304,11 +410,22 @@ def rm_score(
 
       instruct generate -m runs/sft -i prompts.jsonl | instruct rm score -m runs/rm -i -
     """
-    from instruct_cli import rm as rm_step
+    from instruct_cli.steps import rm as rm_step
 
-    config = cfg.build_config(RS, "rm-score", None, dict(
-        model=model, input=input, output=output, batch_size=batch_size, max_length=max_length,
-        quantization=quantization, device=device))
+    config = cfg.build_config(
+        RS,
+        "rm-score",
+        None,
+        dict(
+            model=model,
+            input=input,
+            output=output,
+            batch_size=batch_size,
+            max_length=max_length,
+            quantization=quantization,
+            device=device,
+        ),
+    )
     rm_step.score(config)
 
 
@@ -345,9 +462,14 @@ def ppo(
     ptx_coef: Annotated[Optional[float], _opt(PP, "ptx_coef")] = None,
     ptx_data: Annotated[Optional[Path], _opt(PP, "ptx_data")] = None,
     max_grad_norm: Annotated[Optional[float], _opt(PP, "max_grad_norm")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
-        "--gradient-checkpointing/--no-gradient-checkpointing", help=cfg.doc(PP, "gradient_checkpointing"),
-        show_default=False)] = None,
+    gradient_checkpointing: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help=cfg.doc(PP, "gradient_checkpointing"),
+            show_default=False,
+        ),
+    ] = None,
     eval_every: Annotated[Optional[int], _opt(PP, "eval_every")] = None,
     eval_prompts: Annotated[Optional[int], _opt(PP, "eval_prompts")] = None,
     save_every: Annotated[Optional[int], _opt(PP, "save_every")] = None,
@@ -366,17 +488,48 @@ def ppo(
 
       instruct ppo --recipe recipes/quickstart.yaml --resume
     """
-    from instruct_cli import ppo as ppo_step
+    from instruct_cli.steps import ppo as ppo_step
 
-    config = cfg.build_config(PP, "ppo", recipe, dict(
-        sft=sft, reward=reward, data=data, out=out, quantization=quantization, device=device, iterations=iterations,
-        rollout_batch_size=rollout_batch_size, minibatch_size=minibatch_size, ppo_epochs=ppo_epochs, lr=lr,
-        max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length, temperature=temperature,
-        kl_coef=kl_coef, target_kl=target_kl, kl_horizon=kl_horizon, gamma=gamma, lam=lam, clip_range=clip_range,
-        value_clip_range=value_clip_range, vf_coef=vf_coef, missing_eos_penalty=missing_eos_penalty,
-        ptx_coef=ptx_coef, ptx_data=ptx_data, max_grad_norm=max_grad_norm,
-        gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, eval_prompts=eval_prompts,
-        save_every=save_every, seed=seed, resume=resume, force=force))
+    config = cfg.build_config(
+        PP,
+        "ppo",
+        recipe,
+        dict(
+            sft=sft,
+            reward=reward,
+            data=data,
+            out=out,
+            quantization=quantization,
+            device=device,
+            iterations=iterations,
+            rollout_batch_size=rollout_batch_size,
+            minibatch_size=minibatch_size,
+            ppo_epochs=ppo_epochs,
+            lr=lr,
+            max_new_tokens=max_new_tokens,
+            max_prompt_length=max_prompt_length,
+            temperature=temperature,
+            kl_coef=kl_coef,
+            target_kl=target_kl,
+            kl_horizon=kl_horizon,
+            gamma=gamma,
+            lam=lam,
+            clip_range=clip_range,
+            value_clip_range=value_clip_range,
+            vf_coef=vf_coef,
+            missing_eos_penalty=missing_eos_penalty,
+            ptx_coef=ptx_coef,
+            ptx_data=ptx_data,
+            max_grad_norm=max_grad_norm,
+            gradient_checkpointing=gradient_checkpointing,
+            eval_every=eval_every,
+            eval_prompts=eval_prompts,
+            save_every=save_every,
+            seed=seed,
+            resume=resume,
+            force=force,
+        ),
+    )
     ppo_step.run(config)
 
 
@@ -424,12 +577,31 @@ def label(
 
       instruct prepare-data -i labels/ --task prefs -o data/labelled && instruct rm --data data/labelled --out runs/rm
     """
-    from instruct_cli import label as label_step
+    from instruct_cli.steps import label as label_step
 
-    config = cfg.build_config(L, "label", recipe, dict(
-        model=model, prompts=prompts, out=out, k=k, labeler=labeler, split=split, max_prompts=max_prompts,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-        batch_size=batch_size, quantization=quantization, device=device, stats=stats))
+    config = cfg.build_config(
+        L,
+        "label",
+        recipe,
+        dict(
+            model=model,
+            prompts=prompts,
+            out=out,
+            k=k,
+            labeler=labeler,
+            split=split,
+            max_prompts=max_prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            batch_size=batch_size,
+            quantization=quantization,
+            device=device,
+            stats=stats,
+        ),
+    )
     session = label_step.run(config)
     if session is not None and session.interrupted:
         raise typer.Exit(130)
@@ -441,8 +613,9 @@ def label(
 def export(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="An sft or ppo run folder.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the merged model.")] = None,
-    dtype: Annotated[str, typer.Option(help="Weight dtype of the merged model: bfloat16, float16, float32.")]
-    = "bfloat16",
+    dtype: Annotated[
+        str, typer.Option(help="Weight dtype of the merged model: bfloat16, float16, float32.")
+    ] = "bfloat16",
     force: ForceOption = None,
 ) -> None:
     """Merge a run's LoRA adapter into a 16-bit copy of its base: a plain transformers folder.
@@ -453,15 +626,18 @@ def export(
 
       instruct export runs/sft --out models/sft-fp32 --dtype float32
     """
-    from instruct_cli import export as export_step
+    from instruct_cli.steps import export as export_step
 
     export_step.run(run_dir, out, dtype=dtype, force=bool(force))
 
 
 # ------------------------------------------------------------------------------------- not built yet
 def _not_built(name: str, summary: str) -> None:
-    @app.command(name, help=f"{summary} [dim](not built yet)[/dim]",
-                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    @app.command(
+        name,
+        help=f"{summary} [dim](not built yet)[/dim]",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )
     def command(ctx: typer.Context) -> None:
         error(f"`instruct {name}` is not built yet in this version of instruct.")
         raise typer.Exit(2)
@@ -510,20 +686,39 @@ def eval_(
 
       instruct eval --compare reports/ppo reports/ppo-beta-0.1
     """
-    from instruct_cli import evaluate
+    from instruct_cli.steps import evaluate
 
-    config = cfg.build_config(E, "eval", recipe, dict(
-        models=",".join(models) if models else None, baseline=baseline, reward=reward, data=data,
-        sft_data=sft_data, prefs_data=prefs_data, generations=generations, out=out, quantization=quantization,
-        device=device, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        max_prompts=max_prompts, batch_size=batch_size, max_length=max_length, bootstrap=bootstrap,
-        compare=list(compare) if compare else None, force=force))
+    config = cfg.build_config(
+        E,
+        "eval",
+        recipe,
+        dict(
+            models=",".join(models) if models else None,
+            baseline=baseline,
+            reward=reward,
+            data=data,
+            sft_data=sft_data,
+            prefs_data=prefs_data,
+            generations=generations,
+            out=out,
+            quantization=quantization,
+            device=device,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            max_prompts=max_prompts,
+            batch_size=batch_size,
+            max_length=max_length,
+            bootstrap=bootstrap,
+            compare=list(compare) if compare else None,
+            force=force,
+        ),
+    )
     if config.compare:
         evaluate.compare(config.compare)
     else:
         evaluate.run(config)
-
-
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -531,12 +726,19 @@ def eval_(
 @handles_user_errors
 def run_recipe(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML to run.", show_default=False)],
-    start: Annotated[Optional[str], typer.Option("--from", help="Start at this step (earlier ones are left "
-                                                 "as they are).", show_default=False)] = None,
+    start: Annotated[
+        Optional[str],
+        typer.Option("--from", help="Start at this step (earlier ones are left as they are).", show_default=False),
+    ] = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Run only this step.", show_default=False)] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (each step, its inputs and output, "
-                                          "and whether it would run, resume or be skipped, and why); run nothing.")
-                       ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the plan (each step, its inputs and output, "
+            "and whether it would run, resume or be skipped, and why); run nothing.",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Rerun the selected steps even when up to date.")] = False,
 ) -> None:
     """Run every step of a recipe in order, skipping those whose output is complete and up to date.
@@ -552,31 +754,88 @@ def run_recipe(
 
       instruct run recipes/quickstart.yaml --from ppo
     """
-    from instruct_cli import pipeline
+    from instruct_cli.steps import pipeline
 
-    pipeline.run(recipe, start=start, only=only, dry_run=dry_run, force=force)
+    pipeline.run(recipe, recipe_steps(), start=start, only=only, dry_run=dry_run, force=force)
+
+
+def recipe_steps():
+    """The steps `instruct run` can call (each imported only when it runs), handed to the runner so that
+    no step imports another."""
+    from instruct_cli.steps import pipeline
+
+    def step(module: str):
+        def run(config):
+            return importlib.import_module(f"instruct_cli.steps.{module}").run(config)
+
+        return run
+
+    def show_report(folder: Path) -> None:
+        from instruct_cli.steps import evaluate
+
+        evaluate.show(evaluate.load_report(folder), folder)
+
+    return pipeline.StepFunctions(
+        run={
+            "prepare-data": step("prepare_data"),
+            "sft": step("sft"),
+            "rm": step("rm"),
+            "ppo": step("ppo"),
+            "eval": step("evaluate"),
+        },
+        show_report=show_report,
+    )
 
 
 # -------------------------------------------------------------------------------------------------- plan
 @app.command("plan")
 @handles_user_errors
 def plan_(
-    recipe: Annotated[Optional[Path], typer.Argument(help="The recipe YAML to plan (default: the default settings "
-                                                     "of sft, rm, ppo and eval).", show_default=False)] = None,
-    gpu: Annotated[Optional[str], typer.Option("--gpu", help="A known card, e.g. 'RTX 3060', rtx-4090, 'A100 80GB', "
-                                               "T4.", show_default=False)] = None,
-    gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", help="The card's memory, e.g. 12GB or 11.5GiB "
-                                                      "(GB = 2^30 bytes, as spec sheets count).",
-                                                      show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Plan this model instead of the recipe's: the "
-                                                 "built-in name, a hub id (only config.json is fetched), a folder or "
-                                                 "a run folder.", show_default=False)] = None,
-    model_config: Annotated[Optional[Path], typer.Option("--model-config", help="Plan the model of this "
-                                                         "config.json (works offline for any model size).",
-                                                         show_default=False)] = None,
+    recipe: Annotated[
+        Optional[Path],
+        typer.Argument(
+            help="The recipe YAML to plan (default: the default settings of sft, rm, ppo and eval).", show_default=False
+        ),
+    ] = None,
+    gpu: Annotated[
+        Optional[str],
+        typer.Option("--gpu", help="A known card, e.g. 'RTX 3060', rtx-4090, 'A100 80GB', T4.", show_default=False),
+    ] = None,
+    gpu_memory: Annotated[
+        Optional[str],
+        typer.Option(
+            "--gpu-memory",
+            help="The card's memory, e.g. 12GB or 11.5GiB (GB = 2^30 bytes, as spec sheets count).",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model",
+            help="Plan this model instead of the recipe's: the "
+            "built-in name, a hub id (only config.json is fetched), a folder or "
+            "a run folder.",
+            show_default=False,
+        ),
+    ] = None,
+    model_config: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--model-config",
+            help="Plan the model of this config.json (works offline for any model size).",
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="Plan for cuda (bf16 compute) or cpu (fp32).")] = "cuda",
-    table: Annotated[bool, typer.Option("--table", help="Print the README's markdown table of which steps fit on "
-                                        "8/12/16/24 GB for common model sizes, and exit.")] = False,
+    table: Annotated[
+        bool,
+        typer.Option(
+            "--table",
+            help="Print the README's markdown table of which steps fit on "
+            "8/12/16/24 GB for common model sizes, and exit.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the breakdown as JSON on stdout.")] = False,
 ) -> None:
     """Will it fit? Estimate each step's peak GPU memory from the model's config alone (no weights loaded).
@@ -598,10 +857,18 @@ def plan_(
 
       instruct plan --table
     """
-    from instruct_cli import plan
+    from instruct_cli.steps import plan
 
-    plan.run(recipe, gpu=gpu, gpu_memory=gpu_memory, model=model, model_config=model_config, device=device,
-             table=table, as_json=as_json)
+    plan.run(
+        recipe,
+        gpu=gpu,
+        gpu_memory=gpu_memory,
+        model=model,
+        model_config=model_config,
+        device=device,
+        table=table,
+        as_json=as_json,
+    )
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from instruct_cli.tiny import build_tiny_model
+from instruct_cli.core.tiny import build_tiny_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 
@@ -65,8 +65,13 @@ def tiny_sft_rm(tmp_path_factory, tiny_model_dir):
     for _ in range(96):
         prompt = " ".join(rng.choices(words, k=3)) + "?"
         rows["sft"].append({"prompt": prompt, "completion": " ".join(rng.choices(words, k=rng.randint(1, 8)))})
-        rows["prefs"].append({"prompt": prompt, "chosen": " ".join(rng.choices(words, k=rng.randint(1, 3))),
-                              "rejected": " ".join(rng.choices(words, k=rng.randint(5, 8)))})
+        rows["prefs"].append(
+            {
+                "prompt": prompt,
+                "chosen": " ".join(rng.choices(words, k=rng.randint(1, 3))),
+                "rejected": " ".join(rng.choices(words, k=rng.randint(5, 8))),
+            }
+        )
         rows["prompts"].append({"prompt": prompt})
     folders = {}
     for task, task_rows in rows.items():
@@ -75,8 +80,34 @@ def tiny_sft_rm(tmp_path_factory, tiny_model_dir):
         folders[f"data-{task}"] = root / f"data-{task}"
         invoke("prepare-data", "-i", raw, "-o", folders[f"data-{task}"], "--task", task, "--model", tiny_model_dir)
     common = ["--quantization", "none", "--no-gradient-checkpointing", "--lora-dropout", "0"]
-    invoke("sft", "--model", tiny_model_dir, "--data", folders["data-sft"], "--out", root / "sft", "--max-steps", 150,
-           "--lr", "5e-3", *common)
-    invoke("rm", "--model", root / "sft", "--data", folders["data-prefs"], "--out", root / "rm", "--max-steps", 60,
-           "--lr", "3e-3", "--batch-size", 8, *common)
+    invoke(
+        "sft",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        folders["data-sft"],
+        "--out",
+        root / "sft",
+        "--max-steps",
+        150,
+        "--lr",
+        "5e-3",
+        *common,
+    )
+    invoke(
+        "rm",
+        "--model",
+        root / "sft",
+        "--data",
+        folders["data-prefs"],
+        "--out",
+        root / "rm",
+        "--max-steps",
+        60,
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        8,
+        *common,
+    )
     return {"root": root, "sft": root / "sft", "rm": root / "rm", "model": tiny_model_dir, **folders}

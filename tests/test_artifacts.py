@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from instruct_cli import artifacts
-from instruct_cli.artifacts import RunFolder
-from instruct_cli.errors import UserError
+from instruct_cli.core import artifacts
+from instruct_cli.core.artifacts import RunFolder
+from instruct_cli.core.errors import UserError
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
@@ -77,5 +77,5 @@ def test_folder_hash_follows_content_not_timings(tmp_path):
     manifest["timings"] = {"seconds": 99}
     artifacts.atomic_write_json(out / "manifest.json", manifest)
     assert artifacts.sha256_folder(out) == first
-    (out / "x.jsonl").write_text("{\"a\": 1}\n")
+    (out / "x.jsonl").write_text('{"a": 1}\n')
     assert artifacts.sha256_folder(out) != first

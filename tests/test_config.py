@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from instruct_cli import config as cfg
-from instruct_cli.errors import UserError
+from instruct_cli.core import config as cfg
+from instruct_cli.core.errors import UserError
 
 
 def write(path: Path, text: str) -> Path:
@@ -14,8 +14,10 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_recipe_section_flags_override_and_model_section(tmp_path):
-    recipe = write(tmp_path / "r.yaml", "version: 1\nmodel:\n  base: ./m\n  quantization: none\n"
-                   "generate:\n  temperature: 0.3\n  max_new_tokens: 12\n")
+    recipe = write(
+        tmp_path / "r.yaml",
+        "version: 1\nmodel:\n  base: ./m\n  quantization: none\ngenerate:\n  temperature: 0.3\n  max_new_tokens: 12\n",
+    )
     (tmp_path / "m").mkdir()
     config = cfg.build_config(cfg.GenerateConfig, "generate", recipe, {"max_new_tokens": 5, "top_p": None})
     assert config.temperature == 0.3

@@ -1,7 +1,7 @@
 """console: plain progress lines where stderr is not a terminal; table cells are never read as markup."""
 
-from instruct_cli import console as console_module
-from instruct_cli.console import ProgressTask, print_table, progress
+from instruct_cli.core import console as console_module
+from instruct_cli.core.console import ProgressTask, print_table, progress
 
 
 def test_progress_prints_plain_lines_when_not_a_terminal(monkeypatch):

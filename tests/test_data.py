@@ -6,8 +6,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from instruct_cli import artifacts, data
 from instruct_cli.cli import app
+from instruct_cli.core import artifacts, data_folders
 
 runner = CliRunner()
 
@@ -21,45 +21,100 @@ def prepare(tmp_path, model_dir, raw_name, content, *flags, out="data"):
     if isinstance(content, list):
         content = "".join(json.dumps(row) + "\n" for row in content)
     raw.write_text(content)
-    result = runner.invoke(app, ["prepare-data", "-i", str(raw), "-o", str(tmp_path / out), "--model",
-                                 str(model_dir), "--eval-fraction", "0", *flags])
+    result = runner.invoke(
+        app,
+        [
+            "prepare-data",
+            "-i",
+            str(raw),
+            "-o",
+            str(tmp_path / out),
+            "--model",
+            str(model_dir),
+            "--eval-fraction",
+            "0",
+            *flags,
+        ],
+    )
     return result, tmp_path / out
 
 
 def rows_of(folder, split):
-    return data.read_split(folder, split)
+    return data_folders.read_split(folder, split)
 
 
-@pytest.mark.parametrize("raw, task, expected", [
-    ({"instruction": "Name a colour.", "input": "", "output": "Blue."}, "sft", {"messages": [USER, ANSWER]}),
-    ({"instruction": "Name a colour.", "input": "Sky", "output": "Blue."}, "sft",
-     {"messages": [{"role": "user", "content": "Name a colour.\n\nSky"}, ANSWER]}),
-    ({"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]}, "sft",
-     {"messages": [USER, ANSWER]}),
-    ({"messages": [USER, ANSWER]}, "sft", {"messages": [USER, ANSWER]}),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}, ANSWER]}, "sft",
-     {"messages": [USER, ANSWER]}),
-    ({"prompt": "Name a colour.", "completion": "Blue."}, "sft", {"messages": [USER, ANSWER]}),
-    ({"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "no"}, "prefs",
-     {"prompt": [USER], "chosen": [ANSWER], "rejected": [{"role": "assistant", "content": "no"}]}),
-    ({"chosen": [USER, ANSWER], "rejected": [USER, {"role": "assistant", "content": "no"}]}, "prefs",
-     {"prompt": [USER], "chosen": [ANSWER], "rejected": [{"role": "assistant", "content": "no"}]}),
-    ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: Blue.",
-      "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: no"}, "prefs",
-     {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, USER],
-      "chosen": [ANSWER], "rejected": [{"role": "assistant", "content": "no"}]}),
-    ({"conversations": [{"from": "human", "value": "Name a colour."}], "chosen": {"from": "gpt", "value": "Blue."},
-      "rejected": {"from": "gpt", "value": "no"}}, "prefs",
-     {"prompt": [USER], "chosen": [ANSWER], "rejected": [{"role": "assistant", "content": "no"}]}),
-    ({"prompt": "Name a colour.", "responses": ["a", "Blue.", "c"], "ranking": [1, 0, 2]}, "prefs",
-     {"prompt": [USER], "responses": [[{"role": "assistant", "content": "a"}], [ANSWER],
-                                      [{"role": "assistant", "content": "c"}]], "ranking": [1, 0, 2]}),
-    ({"prompt": "Name a colour."}, "prompts", {"prompt": [USER]}),
-])
+@pytest.mark.parametrize(
+    "raw, task, expected",
+    [
+        ({"instruction": "Name a colour.", "input": "", "output": "Blue."}, "sft", {"messages": [USER, ANSWER]}),
+        (
+            {"instruction": "Name a colour.", "input": "Sky", "output": "Blue."},
+            "sft",
+            {"messages": [{"role": "user", "content": "Name a colour.\n\nSky"}, ANSWER]},
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]},
+            "sft",
+            {"messages": [USER, ANSWER]},
+        ),
+        ({"messages": [USER, ANSWER]}, "sft", {"messages": [USER, ANSWER]}),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}, ANSWER]},
+            "sft",
+            {"messages": [USER, ANSWER]},
+        ),
+        ({"prompt": "Name a colour.", "completion": "Blue."}, "sft", {"messages": [USER, ANSWER]}),
+        (
+            {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "no"},
+            "prefs",
+            {"prompt": [USER], "chosen": [ANSWER], "rejected": [{"role": "assistant", "content": "no"}]},
+        ),
+        (
+            {"chosen": [USER, ANSWER], "rejected": [USER, {"role": "assistant", "content": "no"}]},
+            "prefs",
+            {"prompt": [USER], "chosen": [ANSWER], "rejected": [{"role": "assistant", "content": "no"}]},
+        ),
+        (
+            {
+                "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: Blue.",
+                "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: no",
+            },
+            "prefs",
+            {
+                "prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, USER],
+                "chosen": [ANSWER],
+                "rejected": [{"role": "assistant", "content": "no"}],
+            },
+        ),
+        (
+            {
+                "conversations": [{"from": "human", "value": "Name a colour."}],
+                "chosen": {"from": "gpt", "value": "Blue."},
+                "rejected": {"from": "gpt", "value": "no"},
+            },
+            "prefs",
+            {"prompt": [USER], "chosen": [ANSWER], "rejected": [{"role": "assistant", "content": "no"}]},
+        ),
+        (
+            {"prompt": "Name a colour.", "responses": ["a", "Blue.", "c"], "ranking": [1, 0, 2]},
+            "prefs",
+            {
+                "prompt": [USER],
+                "responses": [
+                    [{"role": "assistant", "content": "a"}],
+                    [ANSWER],
+                    [{"role": "assistant", "content": "c"}],
+                ],
+                "ranking": [1, 0, 2],
+            },
+        ),
+        ({"prompt": "Name a colour."}, "prompts", {"prompt": [USER]}),
+    ],
+)
 def test_formats_are_detected_and_converted(tmp_path, tiny_model_dir, raw, task, expected):
     result, out = prepare(tmp_path, tiny_model_dir, "raw.jsonl", [raw])
     assert result.exit_code == 0, result.output
-    assert data.data_task(out) == task
+    assert data_folders.data_task(out) == task
     assert rows_of(out, f"{task}.train") == [expected]
 
 
@@ -67,8 +122,10 @@ def test_file_types_json_csv_parquet_text_and_save_to_disk(tmp_path, tiny_model_
     import datasets
 
     rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(4)]
-    expected = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
-                for r in rows]
+    expected = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in rows
+    ]
     (tmp_path / "a.json").write_text(json.dumps({"data": rows}))
     with open(tmp_path / "a.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["prompt", "completion"])
@@ -77,19 +134,38 @@ def test_file_types_json_csv_parquet_text_and_save_to_disk(tmp_path, tiny_model_
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "disk"))
     for name in ("a.json", "a.csv", "a.parquet", "disk"):
-        result = runner.invoke(app, ["prepare-data", "-i", str(tmp_path / name), "-o", str(tmp_path / f"out-{name}"),
-                                     "--model", str(tiny_model_dir), "--eval-fraction", "0"])
+        result = runner.invoke(
+            app,
+            [
+                "prepare-data",
+                "-i",
+                str(tmp_path / name),
+                "-o",
+                str(tmp_path / f"out-{name}"),
+                "--model",
+                str(tiny_model_dir),
+                "--eval-fraction",
+                "0",
+            ],
+        )
         assert result.exit_code == 0, (name, result.output)
-        assert sorted(rows_of(tmp_path / f"out-{name}", "sft.train"), key=json.dumps) == sorted(expected, key=json.dumps)
+        assert sorted(rows_of(tmp_path / f"out-{name}", "sft.train"), key=json.dumps) == sorted(
+            expected, key=json.dumps
+        )
     result, out = prepare(tmp_path, tiny_model_dir, "prompts.txt", "First prompt\n\nSecond prompt\n", out="txt")
     assert result.exit_code == 0, result.output
     assert [row["prompt"][0]["content"] for row in rows_of(out, "prompts.train")] == ["First prompt", "Second prompt"]
 
 
 def test_drops_are_counted_by_reason_and_manifest_records_sources(tmp_path, tiny_model_dir):
-    rows = [{"prompt": "Hi", "completion": "Hello"}, {"prompt": "Hi", "completion": "Hello"},
-            {"prompt": "", "completion": "x"}, {"prompt": "word " * 200, "completion": "long"},
-            {"nonsense": 1}, {"prompt": "Bye", "completion": "Goodbye"}]
+    rows = [
+        {"prompt": "Hi", "completion": "Hello"},
+        {"prompt": "Hi", "completion": "Hello"},
+        {"prompt": "", "completion": "x"},
+        {"prompt": "word " * 200, "completion": "long"},
+        {"nonsense": 1},
+        {"prompt": "Bye", "completion": "Goodbye"},
+    ]
     raw = "".join(json.dumps(r) + "\n" for r in rows) + "{not json\n"
     result, out = prepare(tmp_path, tiny_model_dir, "raw.jsonl", raw, "--max-tokens", "100")
     assert result.exit_code == 0, result.output
@@ -117,9 +193,24 @@ def test_split_is_seeded_and_system_prompt_added(tmp_path, tiny_model_dir):
     raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
     outs = []
     for name in ("one", "two"):
-        result = runner.invoke(app, ["prepare-data", "-i", str(raw), "-o", str(tmp_path / name), "--model",
-                                     str(tiny_model_dir), "--eval-fraction", "0.25", "--seed", "3",
-                                     "--system", "Be brief."])
+        result = runner.invoke(
+            app,
+            [
+                "prepare-data",
+                "-i",
+                str(raw),
+                "-o",
+                str(tmp_path / name),
+                "--model",
+                str(tiny_model_dir),
+                "--eval-fraction",
+                "0.25",
+                "--seed",
+                "3",
+                "--system",
+                "Be brief.",
+            ],
+        )
         assert result.exit_code == 0, result.output
         outs.append(tmp_path / name)
     train, held = rows_of(outs[0], "sft.train"), rows_of(outs[0], "sft.eval")
@@ -145,11 +236,35 @@ def test_errors_are_one_paragraph(tmp_path, tiny_model_dir):
         (["prepare-data", "-i", str(tmp_path / "x.docx"), "-o", str(tmp_path / "x")], "does not exist"),
     ]
     (tmp_path / "odd.docx").write_text("x")
-    cases.append((["prepare-data", "-i", str(tmp_path / "odd.docx"), "-o", str(tmp_path / "x"), "--model",
-                   str(tiny_model_dir)], "file type"))
+    cases.append(
+        (
+            [
+                "prepare-data",
+                "-i",
+                str(tmp_path / "odd.docx"),
+                "-o",
+                str(tmp_path / "x"),
+                "--model",
+                str(tiny_model_dir),
+            ],
+            "file type",
+        )
+    )
     (tmp_path / "junk.jsonl").write_text('{"a": 1}\n')
-    cases.append((["prepare-data", "-i", str(tmp_path / "junk.jsonl"), "-o", str(tmp_path / "x"), "--model",
-                   str(tiny_model_dir)], "No row"))
+    cases.append(
+        (
+            [
+                "prepare-data",
+                "-i",
+                str(tmp_path / "junk.jsonl"),
+                "-o",
+                str(tmp_path / "x"),
+                "--model",
+                str(tiny_model_dir),
+            ],
+            "No row",
+        )
+    )
     for args, expected in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output, result.output
@@ -157,6 +272,6 @@ def test_errors_are_one_paragraph(tmp_path, tiny_model_dir):
     result, out = prepare(tmp_path, tiny_model_dir, "raw.jsonl", [{"prompt": "Hi"}])
     assert result.exit_code == 0
     with pytest.raises(Exception, match="--task prefs"):
-        data.read_split(out, "prefs.train")
+        data_folders.read_split(out, "prefs.train")
     again, _ = prepare(tmp_path, tiny_model_dir, "raw.jsonl", [{"prompt": "Hi"}])
     assert again.exit_code == 2 and "--force" in again.output

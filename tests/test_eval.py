@@ -10,10 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from instruct_cli import artifacts, evaluate, models
 from instruct_cli.cli import app
-from instruct_cli.config import EvalConfig
-from instruct_cli.generate import encode_prompt
+from instruct_cli.core import artifacts, models
+from instruct_cli.core.chat import encode_prompt
+from instruct_cli.core.config import EvalConfig
+from instruct_cli.steps import evaluate
 
 runner = CliRunner()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -79,10 +80,36 @@ def test_distinct_n_and_sequence_kl_by_hand():
 def pipeline(tmp_path_factory, tiny_sft_rm):
     """The shared tiny sft and rm runs (conftest) and a 2-iteration ppo run from them."""
     root = tmp_path_factory.mktemp("eval-pipeline")
-    invoke("ppo", "--sft", tiny_sft_rm["sft"], "--reward", tiny_sft_rm["rm"], "--data", tiny_sft_rm["data-prompts"],
-           "--out", root / "ppo", "--quantization", "none", "--no-gradient-checkpointing", "--iterations", 2,
-           "--rollout-batch-size", 4, "--minibatch-size", 4, "--ppo-epochs", 1, "--max-new-tokens", 8, "--lr", "1e-2",
-           "--eval-every", 100, "--eval-prompts", 2)
+    invoke(
+        "ppo",
+        "--sft",
+        tiny_sft_rm["sft"],
+        "--reward",
+        tiny_sft_rm["rm"],
+        "--data",
+        tiny_sft_rm["data-prompts"],
+        "--out",
+        root / "ppo",
+        "--quantization",
+        "none",
+        "--no-gradient-checkpointing",
+        "--iterations",
+        2,
+        "--rollout-batch-size",
+        4,
+        "--minibatch-size",
+        4,
+        "--ppo-epochs",
+        1,
+        "--max-new-tokens",
+        8,
+        "--lr",
+        "1e-2",
+        "--eval-every",
+        100,
+        "--eval-prompts",
+        2,
+    )
     return {**tiny_sft_rm, "root": root, "ppo": root / "ppo"}
 
 
@@ -90,9 +117,25 @@ def pipeline(tmp_path_factory, tiny_sft_rm):
 def report(pipeline):
     """One full evaluation through the CLI: sft and ppo against the bare base model."""
     out = pipeline["root"] / "report"
-    result = invoke("eval", "--models", f"{pipeline['sft']},{pipeline['ppo']}", "--baseline", "base",
-                    "--reward", pipeline["rm"], "--data", pipeline["data-prompts"], "--out", out,
-                    "--quantization", "none", "--max-new-tokens", 8, "--bootstrap", 200)
+    result = invoke(
+        "eval",
+        "--models",
+        f"{pipeline['sft']},{pipeline['ppo']}",
+        "--baseline",
+        "base",
+        "--reward",
+        pipeline["rm"],
+        "--data",
+        pipeline["data-prompts"],
+        "--out",
+        out,
+        "--quantization",
+        "none",
+        "--max-new-tokens",
+        8,
+        "--bootstrap",
+        200,
+    )
     return {"out": out, "output": result.output}
 
 
@@ -161,8 +204,21 @@ def test_generations_file_is_scored_like_generated_samples(pipeline, report, tmp
     """A report's samples.jsonl read back with --generations gives the same rewards (same RM, same texts)."""
     sft, ppo = str(pipeline["sft"]), str(pipeline["ppo"])
     out = tmp_path / "rescored"
-    invoke("eval", "--models", f"{sft},{ppo}", "--reward", pipeline["rm"], "--generations",
-           report["out"] / "samples.jsonl", "--out", out, "--quantization", "none", "--bootstrap", 200)
+    invoke(
+        "eval",
+        "--models",
+        f"{sft},{ppo}",
+        "--reward",
+        pipeline["rm"],
+        "--generations",
+        report["out"] / "samples.jsonl",
+        "--out",
+        out,
+        "--quantization",
+        "none",
+        "--bootstrap",
+        200,
+    )
     first = [json.loads(line) for line in (report["out"] / "samples.jsonl").read_text().splitlines()]
     again = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     for name in (sft, ppo):  # the token ids travel with the samples: lengths, EOS and KL are exactly the same
@@ -170,7 +226,8 @@ def test_generations_file_is_scored_like_generated_samples(pipeline, report, tmp
             assert [r["responses"][name][field] for r in again] == [r["responses"][name][field] for r in first]
         assert _rewards_from(again, name) == pytest.approx(_rewards_from(first, name), abs=1e-5)
         assert [r["responses"][name]["kl"] for r in again] == pytest.approx(
-            [r["responses"][name]["kl"] for r in first], abs=1e-4)
+            [r["responses"][name]["kl"] for r in first], abs=1e-4
+        )
     assert json.loads((out / "report.json").read_text())["baseline"] == sft  # the first model by default
     assert "generations" in artifacts.read_manifest(out)["parents"]
 
@@ -190,16 +247,24 @@ def test_plots_are_pngs_with_the_expected_series(pipeline, tmp_path):
     assert set(panel) == {"runs/sft (mean +0.30)", "runs/ppo (mean +0.93)"}
     assert all(sum(counts) == 4 for counts in panel.values())
 
-    models_ = [{"name": "runs/sft", "win_rate": None},
-               {"name": "runs/ppo", "win_rate": {"rate": 0.68, "low": 0.55, "high": 0.8}},
-               {"name": "runs/ppo2", "win_rate": {"rate": 0.3, "low": 0.2, "high": 0.41}}]
+    models_ = [
+        {"name": "runs/sft", "win_rate": None},
+        {"name": "runs/ppo", "win_rate": {"rate": 0.68, "low": 0.55, "high": 0.8}},
+        {"name": "runs/ppo2", "win_rate": {"rate": 0.3, "low": 0.2, "high": 0.41}},
+    ]
     (panel,) = evaluate.plot_win_rates(models_, "runs/sft", tmp_path / "win.png").values()
     assert panel["win-rate vs runs/sft"] == pytest.approx([68.0, 30.0])
 
     runs = [("sft", "sft", pipeline["sft"]), ("rm", "rm", pipeline["rm"]), ("ppo", "ppo", pipeline["ppo"])]
     panels = evaluate.plot_training_curves(runs, tmp_path / "curves.png")
-    assert set(panels) == {"sft (sft): loss", "rm (rm): loss", "rm (rm): accuracy", "ppo (ppo): score",
-                           "ppo (ppo): KL (nats)", "ppo (ppo): beta"}
+    assert set(panels) == {
+        "sft (sft): loss",
+        "rm (rm): loss",
+        "rm (rm): accuracy",
+        "ppo (ppo): score",
+        "ppo (ppo): KL (nats)",
+        "ppo (ppo): beta",
+    }
     sft_rows = evaluate.read_metrics(pipeline["sft"])
     ppo_rows = evaluate.read_metrics(pipeline["ppo"])
     assert panels["sft (sft): loss"]["loss/train"] == pytest.approx([row["loss/train"] for row in sft_rows])
@@ -218,13 +283,15 @@ def test_plots_are_pngs_with_the_expected_series(pipeline, tmp_path):
 def test_reading_generate_output_as_generations(tmp_path):
     """Rows of `instruct generate --output` (one model per row): prompts in file order, only those every model
     answered, at most --max-prompts of them."""
-    rows = [{"prompt": "one", "response": "a", "model": "runs/sft"},
-            {"prompt": [{"role": "user", "content": "two"}], "response": "b", "model": "runs/sft/"},
-            {"prompt": "one", "response": "c", "model": "runs/ppo"},
-            {"prompt": "two", "response": {"text": "d", "eos": False}, "model": "runs/ppo"},
-            {"prompt": "three", "response": "e", "model": "runs/ppo"},
-            {"prompt": "four", "response": "f", "model": "runs/sft"},
-            {"prompt": "four", "response": "g", "model": "runs/ppo"}]
+    rows = [
+        {"prompt": "one", "response": "a", "model": "runs/sft"},
+        {"prompt": [{"role": "user", "content": "two"}], "response": "b", "model": "runs/sft/"},
+        {"prompt": "one", "response": "c", "model": "runs/ppo"},
+        {"prompt": "two", "response": {"text": "d", "eos": False}, "model": "runs/ppo"},
+        {"prompt": "three", "response": "e", "model": "runs/ppo"},
+        {"prompt": "four", "response": "f", "model": "runs/sft"},
+        {"prompt": "four", "response": "g", "model": "runs/ppo"},
+    ]
     path = tmp_path / "answers.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     entries = [evaluate.Entry("runs/sft", "runs/sft", "sft"), evaluate.Entry("runs/ppo", "runs/ppo", "ppo")]
@@ -259,22 +326,54 @@ def test_kl_estimate_against_the_exact_kl_of_one_token(two_models):
 
     # every token of the vocabulary as a one-token response: the log-ratios weighted by p sum to the exact KL
     vocab = list(range(len(log_p)))
-    own = evaluate.response_logprobs(model, [query] * len(vocab), [[v] for v in vocab], pad_id=tokenizer.pad_token_id,
-                                     temperature=temperature, batch_size=128)
-    ref = evaluate.response_logprobs(reference, [query] * len(vocab), [[v] for v in vocab],
-                                     pad_id=tokenizer.pad_token_id, temperature=temperature, batch_size=128)
+    own = evaluate.response_logprobs(
+        model,
+        [query] * len(vocab),
+        [[v] for v in vocab],
+        pad_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        batch_size=128,
+    )
+    ref = evaluate.response_logprobs(
+        reference,
+        [query] * len(vocab),
+        [[v] for v in vocab],
+        pad_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        batch_size=128,
+    )
     assert [lp[0] for lp in own] == pytest.approx(log_p.tolist(), abs=1e-4)
     log_ratio = torch.tensor(evaluate.sequence_kl(own, ref), dtype=torch.float64)
     assert float((log_p.exp() * log_ratio).sum()) == pytest.approx(exact, abs=1e-4)
 
     # and the sample estimate over the model's own samples (the real sampling code) approaches it
     torch.manual_seed(0)
-    samples = evaluate.sample_responses(model, tokenizer, [prompt] * 1500, max_new_tokens=1, temperature=temperature,
-                                        top_p=1.0, batch_size=500, max_length=1024)
-    own = evaluate.response_logprobs(model, samples.queries, samples.responses, pad_id=tokenizer.pad_token_id,
-                                     temperature=temperature, batch_size=500)
-    ref = evaluate.response_logprobs(reference, samples.queries, samples.responses, pad_id=tokenizer.pad_token_id,
-                                     temperature=temperature, batch_size=500)
+    samples = evaluate.sample_responses(
+        model,
+        tokenizer,
+        [prompt] * 1500,
+        max_new_tokens=1,
+        temperature=temperature,
+        top_p=1.0,
+        batch_size=500,
+        max_length=1024,
+    )
+    own = evaluate.response_logprobs(
+        model,
+        samples.queries,
+        samples.responses,
+        pad_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        batch_size=500,
+    )
+    ref = evaluate.response_logprobs(
+        reference,
+        samples.queries,
+        samples.responses,
+        pad_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        batch_size=500,
+    )
     estimates = np.array(evaluate.sequence_kl(own, ref))
     standard_error = estimates.std() / math.sqrt(len(estimates))
     assert abs(estimates.mean() - exact) < 4 * standard_error + 1e-3, (estimates.mean(), exact, standard_error)
@@ -286,16 +385,18 @@ def test_batched_log_probs_equal_an_unpadded_recomputation(two_models):
     model, reference, tokenizer = two_models
     prompts = [[{"role": "user", "content": text}] for text in ("red?", "blue green cat dog sun?", "tree water?")]
     torch.manual_seed(1)
-    samples = evaluate.sample_responses(model, tokenizer, prompts, max_new_tokens=6, temperature=0.7, top_p=1.0,
-                                        batch_size=3, max_length=1024)
+    samples = evaluate.sample_responses(
+        model, tokenizer, prompts, max_new_tokens=6, temperature=0.7, top_p=1.0, batch_size=3, max_length=1024
+    )
     assert len({len(q) for q in samples.queries}) == 3
     for scorer in (model, reference):
-        batched = evaluate.response_logprobs(scorer, samples.queries, samples.responses,
-                                             pad_id=tokenizer.pad_token_id, temperature=0.7, batch_size=3)
+        batched = evaluate.response_logprobs(
+            scorer, samples.queries, samples.responses, pad_id=tokenizer.pad_token_id, temperature=0.7, batch_size=3
+        )
         for query, response, got in zip(samples.queries, samples.responses, batched):
             with torch.no_grad():
                 logits = scorer(input_ids=torch.tensor([query + response])).logits[0].float() / 0.7
-            expected = torch.log_softmax(logits[len(query) - 1:-1], -1).gather(-1, torch.tensor(response)[:, None])
+            expected = torch.log_softmax(logits[len(query) - 1 : -1], -1).gather(-1, torch.tensor(response)[:, None])
             assert got == pytest.approx(expected[:, 0].tolist(), abs=1e-4)
 
 
@@ -306,11 +407,13 @@ def test_bad_input_gives_a_one_paragraph_error(pipeline, report, tmp_path):
     common = ["eval", "--quantization", "none", "--out", str(tmp_path / "x")]
     assert "--reward" in fails(*common, "--models", sft, "--data", data)
     assert "--models" in fails(*common, "--reward", rm, "--data", data)
-    assert "needs the output of `instruct sft or ppo`" in fails(*common, "--models", f"{sft},{ppo}", "--baseline", rm, "--reward", rm,
-                                                "--data", data)
+    assert "needs the output of `instruct sft or ppo`" in fails(
+        *common, "--models", f"{sft},{ppo}", "--baseline", rm, "--reward", rm, "--data", data
+    )
     assert "needs the output of `instruct rm`" in fails(*common, "--models", sft, "--reward", sft, "--data", data)
-    assert "no sft or ppo run folder" in fails(*common, "--models", pipeline["model"], "--baseline", "base",
-                                               "--reward", rm, "--data", data)
+    assert "no sft or ppo run folder" in fails(
+        *common, "--models", pipeline["model"], "--baseline", "base", "--reward", rm, "--data", data
+    )
     assert "listed twice" in fails(*common, "--models", f"{sft},{sft}/", "--reward", rm, "--data", data)
     same_run = f"{sft}/../{Path(sft).name}"  # another spelling of the same folder
     assert "listed twice" in fails(*common, "--models", f"{sft},{same_run}", "--reward", rm, "--data", data)
@@ -320,10 +423,10 @@ def test_bad_input_gives_a_one_paragraph_error(pipeline, report, tmp_path):
     other.write_text(json.dumps({"prompt": "hi", "response": "hello", "model": "runs/elsewhere"}) + "\n")
     message = fails(*common, "--models", sft, "--reward", rm, "--generations", other)
     assert "no responses of" in message and "runs/elsewhere" in message
-    assert "holds prompts data" in fails(*common, "--models", sft, "--reward", rm, "--data", data,
-                                         "--sft-data", data)
+    assert "holds prompts data" in fails(*common, "--models", sft, "--reward", rm, "--data", data, "--sft-data", data)
     assert "already holds a complete report" in fails(
-        "eval", "--models", sft, "--reward", rm, "--data", data, "--quantization", "none", "--out", report["out"])
+        "eval", "--models", sft, "--reward", rm, "--data", data, "--quantization", "none", "--out", report["out"]
+    )
     assert "needs the output of `instruct eval`" in fails("eval", "--compare", report["out"], sft)
 
     # an unfinished input run is refused, with how to finish it
@@ -339,8 +442,13 @@ def test_a_failed_evaluation_never_looks_complete(pipeline, tmp_path, monkeypatc
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(evaluate, "answer_and_measure", broken)
-    config = EvalConfig(models=[str(pipeline["sft"])], reward=pipeline["rm"], data=pipeline["data-prompts"],
-                                 out=tmp_path / "half", quantization="none")
+    config = EvalConfig(
+        models=[str(pipeline["sft"])],
+        reward=pipeline["rm"],
+        data=pipeline["data-prompts"],
+        out=tmp_path / "half",
+        quantization="none",
+    )
     with pytest.raises(RuntimeError):
         evaluate.run(config)
     assert artifacts.read_manifest(tmp_path / "half")["status"] == "failed"

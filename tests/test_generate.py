@@ -28,8 +28,16 @@ def test_prompt_from_stdin(tiny_model_dir):
 
 
 def test_batch_prompts_from_stdin(tiny_model_dir):
-    result = invoke("generate", "--model", tiny_model_dir, "--max-new-tokens", 4, "--input", "-",
-                    input='{"prompt": "one"}\n{"prompt": "two"}\n')
+    result = invoke(
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--max-new-tokens",
+        4,
+        "--input",
+        "-",
+        input='{"prompt": "one"}\n{"prompt": "two"}\n',
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [row["prompt"][-1]["content"] for row in rows] == ["one", "two"]
@@ -37,11 +45,25 @@ def test_batch_prompts_from_stdin(tiny_model_dir):
 
 def test_batch_file_to_jsonl(tmp_path, tiny_model_dir):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "one"}\n\n{"prompt": [{"role": "user", "content": "two two two"}]}\n'
-                       '{"prompt": "three"}\n')
+    prompts.write_text(
+        '{"prompt": "one"}\n\n{"prompt": [{"role": "user", "content": "two two two"}]}\n{"prompt": "three"}\n'
+    )
     out = tmp_path / "answers.jsonl"
-    result = invoke("generate", "--model", tiny_model_dir, "--input", prompts, "--output", out,
-                    "--max-new-tokens", 5, "--batch-size", 2, "--system", "Be brief.")
+    result = invoke(
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--input",
+        prompts,
+        "--output",
+        out,
+        "--max-new-tokens",
+        5,
+        "--batch-size",
+        2,
+        "--system",
+        "Be brief.",
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["prompt"][-1]["content"] for row in rows] == ["one", "two two two", "three"]
@@ -51,10 +73,20 @@ def test_batch_file_to_jsonl(tmp_path, tiny_model_dir):
 
 def test_run_folder_uses_its_adapter(tmp_path, tiny_model_dir):
     run = make_run_folder(tmp_path, tiny_model_dir)
-    base = invoke("generate", "--model", tiny_model_dir, "--quantization", "none", "--greedy",
-                  "--max-new-tokens", 12, "apple banana")
-    tuned = invoke("generate", "--model", run, "--quantization", "none", "--greedy", "--max-new-tokens", 12,
-                   "apple banana")
+    base = invoke(
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--quantization",
+        "none",
+        "--greedy",
+        "--max-new-tokens",
+        12,
+        "apple banana",
+    )
+    tuned = invoke(
+        "generate", "--model", run, "--quantization", "none", "--greedy", "--max-new-tokens", 12, "apple banana"
+    )
     assert tuned.exit_code == 0, tuned.output
     assert tuned.stdout != base.stdout  # the random adapter changes the greedy answer
 

@@ -15,9 +15,10 @@ import pexpect
 import pytest
 from typer.testing import CliRunner
 
-from instruct_cli import artifacts, label
 from instruct_cli.cli import app
-from instruct_cli.label import Command, OrderError, parse_command, parse_order
+from instruct_cli.core import artifacts
+from instruct_cli.steps import label
+from instruct_cli.steps.label import Command, OrderError, parse_command, parse_order
 from tests.test_rm import rm_flags
 
 runner = CliRunner()
@@ -38,11 +39,21 @@ def test_parse_order_ties_are_broken_by_typing_order(typed):
     assert label.format_order(*parse_order("2 1=4 3", 4)) == "2 > 1 = 4 > 3"
 
 
-@pytest.mark.parametrize("typed, message", [
-    ("", "Type an order"), ("2 1 4", "3 is missing"), ("2 1 4 3 5", "no response 5"), ("0 1 2 3", "no response 0"),
-    ("2 2 1 4 3", "appears more than once"), ("1=2=3=4", "type `s` to skip"), ("2 1=", "`=` must stand"),
-    ("2 < 1 4 3", "Cannot read '<'"), ("a b", "Cannot read"), ("1 2 3 4 x", "Cannot read 'x'"),
-])
+@pytest.mark.parametrize(
+    "typed, message",
+    [
+        ("", "Type an order"),
+        ("2 1 4", "3 is missing"),
+        ("2 1 4 3 5", "no response 5"),
+        ("0 1 2 3", "no response 0"),
+        ("2 2 1 4 3", "appears more than once"),
+        ("1=2=3=4", "type `s` to skip"),
+        ("2 1=", "`=` must stand"),
+        ("2 < 1 4 3", "Cannot read '<'"),
+        ("a b", "Cannot read"),
+        ("1 2 3 4 x", "Cannot read 'x'"),
+    ],
+)
 def test_parse_order_refuses_bad_input_with_a_reason(typed, message):
     with pytest.raises(OrderError, match=message):
         parse_order(typed, 4)
@@ -174,23 +185,64 @@ def prompts_dir(tmp_path_factory, tiny_model_dir):
 
 def make_prompts(folder, model_dir, prompts):
     (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    result = runner.invoke(app, ["prepare-data", "-i", str(folder / "prompts.txt"), "-o", str(folder / "data"),
-                                 "--task", "prompts", "--eval-fraction", "0", "--model", str(model_dir)])
+    result = runner.invoke(
+        app,
+        [
+            "prepare-data",
+            "-i",
+            str(folder / "prompts.txt"),
+            "-o",
+            str(folder / "data"),
+            "--task",
+            "prompts",
+            "--eval-fraction",
+            "0",
+            "--model",
+            str(model_dir),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return folder / "data"
 
 
 def label_args(model_dir, prompts, out, labeler="alice"):
     # temperature 2: the random tiny model says only newlines at 1.0, and empty responses are dropped by prepare-data
-    return ["label", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out), "--k", "4",
-            "--labeler", labeler, "--quantization", "none", "--max-new-tokens", "12", "--temperature", "2",
-            "--top-p", "1", "--batch-size", "4"]
+    return [
+        "label",
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--k",
+        "4",
+        "--labeler",
+        labeler,
+        "--quantization",
+        "none",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "2",
+        "--top-p",
+        "1",
+        "--batch-size",
+        "4",
+    ]
 
 
 def spawn(args):
     env = dict(os.environ, TERM="xterm-256color", PAGER="cat", OMP_NUM_THREADS="1")  # tiny model: one thread
-    child = pexpect.spawn(sys.executable, ["-m", "instruct_cli", *args], cwd=str(REPO), env=env, encoding="utf-8",
-                          dimensions=(30, 110), timeout=180)
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "instruct_cli", *args],
+        cwd=str(REPO),
+        env=env,
+        encoding="utf-8",
+        dimensions=(30, 110),
+        timeout=180,
+    )
     child.logfile_read = transcript = Transcript()
     return child, transcript
 
@@ -265,7 +317,9 @@ def alice_labels(tmp_path_factory, tiny_model_dir, prompts_dir, isolated_cache):
 
 
 def typed_rows(path, labeler="alice"):
-    return [(r["index"], r["typed"], r["ranking"], r["ties"]) for r in artifacts.read_jsonl(path) if r["labeler"] == labeler]
+    return [
+        (r["index"], r["typed"], r["ranking"], r["ties"]) for r in artifacts.read_jsonl(path) if r["labeler"] == labeler
+    ]
 
 
 def test_terminal_session_rank_undo_quit_resume_kill_finish(alice_labels):
@@ -301,8 +355,9 @@ def two_labelers(alice_labels, tmp_path_factory, tiny_model_dir, prompts_dir):
     """Bob labels a copy of Alice's folder from a pipe (plain text), with a tie, a skip and a flag."""
     out = tmp_path_factory.mktemp("two") / "labels"
     shutil.copytree(alice_labels[0], out)
-    result = runner.invoke(app, label_args(tiny_model_dir, prompts_dir, out, labeler="bob"),
-                           input="2 1 4 3\nnonsense\n2 1=3 4\ns\nf\n")
+    result = runner.invoke(
+        app, label_args(tiny_model_dir, prompts_dir, out, labeler="bob"), input="2 1 4 3\nnonsense\n2 1=3 4\ns\nf\n"
+    )
     return out, result
 
 
@@ -313,8 +368,11 @@ def test_plain_text_mode_reads_commands_from_a_pipe(two_labelers, tiny_model_dir
     assert "\x1b[" not in result.output  # plain text, no terminal codes
     bob = [r for r in artifacts.read_jsonl(out / label.RANKINGS) if r["labeler"] == "bob"]
     assert [(r["index"], r.get("ranking"), r.get("ties"), r.get("skipped"), r.get("flagged")) for r in bob] == [
-        (0, [1, 0, 3, 2], [], None, None), (1, [1, 0, 2, 3], [[0, 2]], None, None),
-        (2, None, None, True, None), (3, None, None, None, True)]
+        (0, [1, 0, 3, 2], [], None, None),
+        (1, [1, 0, 2, 3], [[0, 2]], None, None),
+        (2, None, None, True, None),
+        (3, None, None, None, True),
+    ]
     assert "judged this session" in result.output and "4 (2 ranked, 1 skipped, 1 flagged)" in result.output
     again = runner.invoke(app, label_args(tiny_model_dir, prompts_dir, out, labeler="bob"), input="")
     assert again.exit_code == 0 and "Nothing left to label for bob" in again.output
@@ -334,8 +392,22 @@ def test_stats_counts_and_agreement(two_labelers):
 
 def test_rankings_feed_prepare_data_and_rm(two_labelers, tiny_model_dir, tmp_path):
     out, _ = two_labelers
-    result = runner.invoke(app, ["prepare-data", "-i", str(out), "-o", str(tmp_path / "prefs"), "--task", "prefs",
-                                 "--eval-fraction", "0.2", "--model", str(tiny_model_dir)])
+    result = runner.invoke(
+        app,
+        [
+            "prepare-data",
+            "-i",
+            str(out),
+            "-o",
+            str(tmp_path / "prefs"),
+            "--task",
+            "prefs",
+            "--eval-fraction",
+            "0.2",
+            "--model",
+            str(tiny_model_dir),
+        ],
+    )
     assert result.exit_code == 0, result.output
     manifest = artifacts.read_manifest(tmp_path / "prefs")
     assert manifest["sources"][0]["format"] == "ranked"
@@ -345,8 +417,20 @@ def test_rankings_feed_prepare_data_and_rm(two_labelers, tiny_model_dir, tmp_pat
     assert kept + manifest["dropped"].get("duplicate", 0) + manifest["dropped"].get("empty", 0) == 6 and kept >= 2
     row = json.loads((tmp_path / "prefs" / "prefs.train.jsonl").read_text().splitlines()[0])
     assert len(row["responses"]) == 4 and sorted(row["ranking"]) == [0, 1, 2, 3]
-    result = runner.invoke(app, rm_flags(tiny_model_dir, tmp_path / "prefs", tmp_path / "rm", "--max-steps", "2",
-                                         "--batch-size", "2", "--eval-every", "2"))
+    result = runner.invoke(
+        app,
+        rm_flags(
+            tiny_model_dir,
+            tmp_path / "prefs",
+            tmp_path / "rm",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-every",
+            "2",
+        ),
+    )
     assert result.exit_code == 0, result.output
     assert artifacts.require_complete(tmp_path / "rm", "rm")["status"] == "complete"
 
@@ -361,7 +445,7 @@ def test_errors_are_one_paragraph_with_exit_code_2(tmp_path, tiny_model_dir, pro
 
     def with_flag(flag, value, args=base):
         position = args.index(flag)
-        return args[:position + 1] + [str(value)] + args[position + 2:]
+        return args[: position + 1] + [str(value)] + args[position + 2 :]
 
     cases = [
         (["label"], "needs --prompts"),

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from instruct_cli import artifacts, models
-from instruct_cli.errors import UserError
+from instruct_cli.core import artifacts, models
+from instruct_cli.core.errors import UserError
 
 
 def make_run_folder(tmp_path, tiny_model_dir, kind="sft"):
@@ -107,8 +107,9 @@ def test_lora_gradients_after_generate_equal_those_without(tiny_model_dir):
 
     torch.manual_seed(0)
     base = models.load_base_model(models.resolve_model(str(tiny_model_dir)), "nf4", "cpu")
-    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
-                                            lora_dropout=0.0))
+    model = get_peft_model(
+        base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.0)
+    )
     ids = torch.tensor([[1, 20, 30, 40, 50, 60, 2]])
     before = lora_gradients(model, ids)
     model.eval()

@@ -13,8 +13,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from instruct_cli import artifacts, pipeline
-from instruct_cli.cli import app
+from instruct_cli.cli import app, recipe_steps
+from instruct_cli.core import artifacts, recipes
+from instruct_cli.steps import pipeline
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -29,18 +30,51 @@ def tiny_recipe(folder: Path, model_dir: Path) -> Path:
         "prepare-data": [
             {"inputs": [str(EXAMPLE_DATA / "demonstrations.jsonl")], "task": "sft", "out": "data/sft"},
             {"inputs": [str(EXAMPLE_DATA / "preferences.jsonl")], "task": "prefs", "out": "data/prefs"},
-            {"inputs": [str(EXAMPLE_DATA / "prompts.jsonl")], "task": "prompts", "eval_fraction": 0.25,
-             "out": "data/prompts"},
+            {
+                "inputs": [str(EXAMPLE_DATA / "prompts.jsonl")],
+                "task": "prompts",
+                "eval_fraction": 0.25,
+                "out": "data/prompts",
+            },
         ],
-        "sft": {"data": "data/sft", "out": "runs/sft", "max_steps": 4, "batch_size": 4,
-                "gradient_checkpointing": False},
-        "rm": {"model": "runs/sft", "data": "data/prefs", "out": "runs/rm", "max_steps": 4, "batch_size": 4,
-               "gradient_checkpointing": False},
-        "ppo": {"sft": "runs/sft", "reward": "runs/rm", "data": "data/prompts", "out": "runs/ppo",
-                "quantization": "none", "iterations": 2, "rollout_batch_size": 4, "minibatch_size": 2,
-                "ppo_epochs": 1, "max_new_tokens": 8, "gradient_checkpointing": False, "eval_prompts": 4},
-        "eval": {"models": ["runs/sft", "runs/ppo"], "reward": "runs/rm", "data": "data/prompts",
-                 "out": "reports/tiny", "quantization": "none", "max_new_tokens": 8, "max_prompts": 8},
+        "sft": {
+            "data": "data/sft",
+            "out": "runs/sft",
+            "max_steps": 4,
+            "batch_size": 4,
+            "gradient_checkpointing": False,
+        },
+        "rm": {
+            "model": "runs/sft",
+            "data": "data/prefs",
+            "out": "runs/rm",
+            "max_steps": 4,
+            "batch_size": 4,
+            "gradient_checkpointing": False,
+        },
+        "ppo": {
+            "sft": "runs/sft",
+            "reward": "runs/rm",
+            "data": "data/prompts",
+            "out": "runs/ppo",
+            "quantization": "none",
+            "iterations": 2,
+            "rollout_batch_size": 4,
+            "minibatch_size": 2,
+            "ppo_epochs": 1,
+            "max_new_tokens": 8,
+            "gradient_checkpointing": False,
+            "eval_prompts": 4,
+        },
+        "eval": {
+            "models": ["runs/sft", "runs/ppo"],
+            "reward": "runs/rm",
+            "data": "data/prompts",
+            "out": "reports/tiny",
+            "quantization": "none",
+            "max_new_tokens": 8,
+            "max_prompts": 8,
+        },
     }
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -52,10 +86,10 @@ def actions(tasks):
 
 
 def test_every_recipe_in_the_repository_is_valid():
-    recipes = sorted((REPO / "recipes").rglob("*.yaml"))
-    assert recipes, "no recipes found"
-    for recipe in recipes:
-        tasks = pipeline.read_tasks(recipe)
+    recipe_files = sorted((REPO / "recipes").rglob("*.yaml"))
+    assert recipe_files, "no recipes found"
+    for recipe in recipe_files:
+        tasks = recipes.read_tasks(recipe)
         assert [t.step for t in tasks][-1] == "eval", recipe
         # paths are relative to the recipe file, whatever the working directory
         assert all(Path(t.config.out).is_absolute() for t in tasks), recipe
@@ -70,7 +104,7 @@ def test_run_every_step_then_skip_then_rerun_only_what_changed(tmp_path, tiny_mo
     assert (tmp_path / "reports/tiny/report.md").is_file()
 
     # again: every step is up to date
-    tasks = pipeline.run(recipe)
+    tasks = pipeline.run(recipe, recipe_steps())
     assert all(action == "skip" for _, action in actions(tasks)), actions(tasks)
     headlines = {task.step: task.headline for task in tasks}  # the summary's "headline" column
     assert re.fullmatch(r"ppo wins \d+% \(\d+%-\d+%\)", headlines["eval"]), headlines
@@ -81,13 +115,13 @@ def test_run_every_step_then_skip_then_rerun_only_what_changed(tmp_path, tiny_mo
     plan = runner.invoke(app, ["run", str(recipe), "--dry-run"])
     assert plan.exit_code == 0 and "no output yet" in plan.output
     assert not (tmp_path / "runs/ppo").exists()  # a dry run runs nothing
-    tasks = pipeline.run(recipe)
+    tasks = pipeline.run(recipe, recipe_steps())
     assert [label for label, action in actions(tasks) if action != "skip"] == ["ppo", "eval"]
 
     # a changed setting reruns that step and everything downstream of it
     text = recipe.read_text().replace("max_steps: 4", "max_steps: 5", 1)
     recipe.write_text(text)
-    tasks = pipeline.plan(pipeline.read_tasks(recipe), {"prepare-data", "sft", "rm", "ppo", "eval"}, force=False)
+    tasks = pipeline.plan(recipes.read_tasks(recipe), {"prepare-data", "sft", "rm", "ppo", "eval"}, force=False)
     assert [label for label, action in actions(tasks) if action != "skip"] == ["sft", "rm", "ppo", "eval"]
 
 
@@ -107,10 +141,17 @@ def test_recipe_errors_name_the_key(tmp_path, tiny_model_dir):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_examples_pipeline_script_runs_on_the_tiny_model(tmp_path, tiny_model_dir):
-    env = {**os.environ, "MODEL": str(tiny_model_dir), "OUT": str(tmp_path / "out"), "STEPS": "2",
-           "ITERATIONS": "1", "INSTRUCT": f"{sys.executable} -m instruct_cli"}
-    result = subprocess.run(["bash", str(REPO / "examples" / "pipeline.sh")], env=env, capture_output=True,
-                            text=True, timeout=900)
+    env = {
+        **os.environ,
+        "MODEL": str(tiny_model_dir),
+        "OUT": str(tmp_path / "out"),
+        "STEPS": "2",
+        "ITERATIONS": "1",
+        "INSTRUCT": f"{sys.executable} -m instruct_cli",
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "examples" / "pipeline.sh")], env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out/reports/pipeline/report.json").is_file()
     report = json.loads((tmp_path / "out/reports/pipeline/report.json").read_text())

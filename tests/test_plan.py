@@ -14,16 +14,25 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from instruct_cli import plan
 from instruct_cli.cli import app
-from instruct_cli.config import EvalConfig, PPOConfig, RMConfig, SFTConfig
-from instruct_cli.errors import UserError
+from instruct_cli.core import training
+from instruct_cli.core.config import EvalConfig, PPOConfig, RMConfig, SFTConfig
+from instruct_cli.core.errors import UserError
+from instruct_cli.steps import plan
 
 runner = CliRunner()
 GiB = plan.GiB
 
-LLAMA = dict(model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
-             num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+LLAMA = dict(
+    model_type="llama",
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 CONFIGS = {
     "llama, grouped-query, untied": LLAMA,
     "llama, tied, biases": {**LLAMA, "tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True},
@@ -31,8 +40,7 @@ CONFIGS = {
     "mistral": {**LLAMA, "model_type": "mistral"},
     "qwen2 (q/k/v bias)": {**LLAMA, "model_type": "qwen2"},
     "qwen3 (per-head q/k norms)": {**LLAMA, "model_type": "qwen3", "head_dim": 16},
-    "phi3 (fused qkv and gate/up)": {**LLAMA, "model_type": "phi3", "num_key_value_heads": 8,
-                                     "pad_token_id": 0},
+    "phi3 (fused qkv and gate/up)": {**LLAMA, "model_type": "phi3", "num_key_value_heads": 8, "pad_token_id": 0},
 }
 
 
@@ -53,15 +61,20 @@ def test_parameter_count_equals_the_real_model(name):
     model = meta_model(values)
     counts = plan.parameter_counts(plan.ModelShape.from_config(values, name))
     assert counts.total == sum(p.numel() for p in model.parameters())
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    linear = sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    )
     assert counts.linear == linear  # what nf4/int8 quantise
 
 
 def test_reference_models_have_their_published_sizes():
-    sizes = {"Qwen/Qwen2.5-0.5B-Instruct": 0.494e9, "Qwen/Qwen2.5-1.5B-Instruct": 1.544e9,
-             "Qwen/Qwen2.5-7B-Instruct": 7.616e9, "meta-llama/Llama-3.1-8B-Instruct": 8.030e9,
-             "Qwen/Qwen2.5-14B-Instruct": 14.77e9}
+    sizes = {
+        "Qwen/Qwen2.5-0.5B-Instruct": 0.494e9,
+        "Qwen/Qwen2.5-1.5B-Instruct": 1.544e9,
+        "Qwen/Qwen2.5-7B-Instruct": 7.616e9,
+        "meta-llama/Llama-3.1-8B-Instruct": 8.030e9,
+        "Qwen/Qwen2.5-14B-Instruct": 14.77e9,
+    }
     for name, size in sizes.items():
         assert plan.parameter_counts(plan.read_model_shape(name)).total == pytest.approx(size, rel=0.002)
 
@@ -71,7 +84,7 @@ def test_lora_count_equals_peft_trainable_count(tiny_model_dir, targets):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from instruct_cli import models
+    from instruct_cli.core import models
 
     options = SFTConfig(lora_r=8, lora_targets=targets)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), models.lora_config(options))
@@ -87,8 +100,9 @@ def test_unknown_lora_target_is_a_user_error():
 
 
 def test_kv_cache_bytes_hand_computed():
-    shape = plan.ModelShape(name="hand", vocab=10, hidden=32, intermediate=64, layers=2, heads=8, kv_heads=2,
-                            head_dim=4)
+    shape = plan.ModelShape(
+        name="hand", vocab=10, hidden=32, intermediate=64, layers=2, heads=8, kv_heads=2, head_dim=4
+    )
     # 2 (k and v) x 2 layers x 2 kv heads x 4 dims x 10 tokens x 3 sequences x 2 bytes
     assert plan.kv_cache_bytes(shape, batch=3, tokens=10, nbytes=2) == 2 * 2 * 2 * 4 * 10 * 3 * 2 == 1920
 
@@ -113,8 +127,9 @@ def test_layer_inventory_hand_computed():
     # fp32 on a CPU, no dropout, MHA (no repeated k/v): per token 4 bytes x (2 norm inputs h, normed inputs of
     # q/k/v and gate/up h each, q, k, v, attention output, the float mask (seq), 4 MLP tensors, 7 LoRA A outputs
     # of width r, 2 x 1/rms, the log-sum-exp per head)
-    shape = plan.ModelShape(name="hand", vocab=10, hidden=32, intermediate=64, layers=2, heads=4, kv_heads=4,
-                            head_dim=8)
+    shape = plan.ModelShape(
+        name="hand", vocab=10, hidden=32, intermediate=64, layers=2, heads=4, kv_heads=4, head_dim=8
+    )
     lora = plan.Lora(2, plan.lora_targets(shape, ["all-linear"]))
     prec = plan.precision("cpu", "none", training=True)
     h, i, r, seq = 32, 64, 2, 16
@@ -128,12 +143,15 @@ def test_layer_inventory_hand_computed():
 def test_saved_tensors_of_a_real_forward_match_the_inventory(tiny_model_dir):
     """Everything autograd keeps during a training forward of the tiny model, counted with saved-tensor
     hooks, equals the activation estimate (fp32, without checkpointing, with and without LoRA dropout)."""
-    from instruct_cli import models, sft
+    from instruct_cli.core import models
 
     for dropout in (0.0, 0.1):
-        config = SFTConfig(model=str(tiny_model_dir), quantization="none", gradient_checkpointing=False,
-                           lora_dropout=dropout, lora_r=4)
-        model, _ = sft.load_trainable_policy(config, models.resolve_model(str(tiny_model_dir)), torch.device("cpu"))
+        config = SFTConfig(
+            model=str(tiny_model_dir), quantization="none", gradient_checkpointing=False, lora_dropout=dropout, lora_r=4
+        )
+        model, _ = training.load_trainable_policy(
+            config, models.resolve_model(str(tiny_model_dir)), torch.device("cpu")
+        )
         model.train()
         batch, seq = 3, 40
         ids = torch.randint(5, 300, (batch, seq))
@@ -142,7 +160,7 @@ def test_saved_tensors_of_a_real_forward_match_the_inventory(tiny_model_dir):
         parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved = {}
 
-        def pack(tensor):
+        def pack(tensor, parameters=parameters, saved=saved):
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in parameters:
                 saved[storage.data_ptr()] = storage.nbytes()
@@ -151,8 +169,9 @@ def test_saved_tensors_of_a_real_forward_match_the_inventory(tiny_model_dir):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             model(input_ids=ids, attention_mask=mask)
         shape = plan.read_model_shape(str(tiny_model_dir))
-        kept, _ = plan.training_activation_bytes(shape, plan.precision("cpu", "none", True),
-                                                 plan.lora_for(shape, config), batch, seq, checkpointing=False)
+        kept, _ = plan.training_activation_bytes(
+            shape, plan.precision("cpu", "none", True), plan.lora_for(shape, config), batch, seq, checkpointing=False
+        )
         assert kept == pytest.approx(sum(saved.values()), rel=0.03), dropout
 
 
@@ -170,8 +189,18 @@ def test_estimate_matches_the_measured_peak_of_a_tiny_step(tmp_path, tiny_model_
     """The benchmark's measurement (allocator events via torch.profiler) on the tiny model: within 10%."""
     bench = _bench()
     shape = plan.read_model_shape(str(tiny_model_dir))
-    args = SimpleNamespace(batch_size=2, max_length=64, lora_r=4, lora_dropout=0.05, bf16=False, work=tmp_path,
-                           rollout_batch_size=4, minibatch_size=2, prompt_length=24, new_tokens=8)
+    args = SimpleNamespace(
+        batch_size=2,
+        max_length=64,
+        lora_r=4,
+        lora_dropout=0.05,
+        bf16=False,
+        work=tmp_path,
+        rollout_batch_size=4,
+        minibatch_size=2,
+        prompt_length=24,
+        new_tokens=8,
+    )
     measured, estimate, _ = bench.BENCHES[step](tiny_model_dir, args, "none", False, shape, "cpu")
     assert estimate.total == pytest.approx(measured.total, rel=0.10)
 
@@ -184,8 +213,13 @@ def test_checkpointing_lowers_activations_and_rm_has_no_logits():
     assert on.total < off.total and on.activations < off.activations / 5
     assert on.logits == 3 * 4 * 1024 * shape.vocab * 4  # 3 fp32 copies of batch x seq x vocab
     assert plan.estimate_rm(shape, RMConfig()).logits == 0
-    assert sum(vars(on)[k] for k in ("weights", "adapters", "gradients", "optimizer", "activations", "logits",
-                                     "kv_cache", "workspace")) == on.total
+    assert (
+        sum(
+            vars(on)[k]
+            for k in ("weights", "adapters", "gradients", "optimizer", "activations", "logits", "kv_cache", "workspace")
+        )
+        == on.total
+    )
 
 
 def test_ppo_keeps_four_adapters_and_two_heads_and_trains_two():
@@ -194,8 +228,15 @@ def test_ppo_keeps_four_adapters_and_two_heads_and_trains_two():
     ppo = plan.estimate_ppo(shape, PPOConfig(), lora, lora)
     per_adapter = plan.lora_parameters(shape, lora)
     assert ppo.adapters == 4 * (4 * per_adapter + 2 * (shape.hidden + 1))
-    assert {m.name for m in ppo.moments} >= {"rollout prefill", "rollout end", "scoring", "rollout log-probs",
-                                             "update loss", "update backward", "optimizer step"}
+    assert {m.name for m in ppo.moments} >= {
+        "rollout prefill",
+        "rollout end",
+        "scoring",
+        "rollout log-probs",
+        "update loss",
+        "update backward",
+        "optimizer step",
+    }
     assert ppo.optimizer == 8 * (2 * per_adapter + shape.hidden + 1)
     # the rollout's KV cache: fp32 (the kbit-prepared stream) x prompt + new tokens x rollouts
     end = next(m for m in ppo.moments if m.name == "rollout end")
@@ -230,7 +271,7 @@ def test_verdicts_reserve_the_cuda_context_and_mark_tight_fits():
 def test_memory_sizes_and_gpu_names():
     assert plan.parse_memory("12GB") == 12 * GiB
     assert plan.parse_memory("11.5 GiB") == int(11.5 * GiB)
-    assert plan.parse_memory("24000MB") == 24000 * 1024 ** 2
+    assert plan.parse_memory("24000MB") == 24000 * 1024**2
     assert plan.parse_memory("8") == 8 * GiB
     for bad in ("twelve", "12XB", "-3GB", ""):
         with pytest.raises(UserError):
@@ -317,11 +358,13 @@ def test_cli_plans_a_config_json_without_a_recipe(tmp_path):
 
 
 def test_cli_user_errors_exit_2_without_a_traceback(tmp_path):
-    for args, words in ((["plan", "--gpu", "RTX 4099"], "Did you mean"),
-                        (["plan", "--gpu-memory", "lots"], "12GB"),
-                        (["plan", str(tmp_path / "missing.yaml")], "does not exist"),
-                        (["plan", "--model-config", str(tmp_path / "none.json")], "config.json"),
-                        (["plan", "--gpu", "T4", "--gpu-memory", "16GB"], "one of them")):
+    for args, words in (
+        (["plan", "--gpu", "RTX 4099"], "Did you mean"),
+        (["plan", "--gpu-memory", "lots"], "12GB"),
+        (["plan", str(tmp_path / "missing.yaml")], "does not exist"),
+        (["plan", "--model-config", str(tmp_path / "none.json")], "config.json"),
+        (["plan", "--gpu", "T4", "--gpu-memory", "16GB"], "one of them"),
+    ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert words in result.output and "Traceback" not in result.output, (args, result.output)

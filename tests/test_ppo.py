@@ -11,8 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from instruct_cli import artifacts, config as cfg, heads, models, ppo, rl, training
 from instruct_cli.cli import app
+from instruct_cli.core import artifacts, heads, models, rl, training
+from instruct_cli.core import config as cfg
+from instruct_cli.steps import ppo
 
 runner = CliRunner()
 
@@ -30,10 +32,24 @@ def pipeline(tiny_sft_rm):
 
 
 def ppo_config(pipeline, out, **overrides):
-    values = dict(sft=pipeline["sft"], reward=pipeline["rm"], data=pipeline["prompts"], out=out,
-                  quantization="none", gradient_checkpointing=False, iterations=4, rollout_batch_size=8,
-                  minibatch_size=4, ppo_epochs=2, max_new_tokens=16, eval_every=100, save_every=100,
-                  eval_prompts=4, lr=1e-3, seed=0)
+    values = dict(
+        sft=pipeline["sft"],
+        reward=pipeline["rm"],
+        data=pipeline["prompts"],
+        out=out,
+        quantization="none",
+        gradient_checkpointing=False,
+        iterations=4,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=2,
+        max_new_tokens=16,
+        eval_every=100,
+        save_every=100,
+        eval_prompts=4,
+        lr=1e-3,
+        seed=0,
+    )
     values.update(overrides)
     return cfg.build_config(cfg.PPOConfig, "ppo", None, values)
 
@@ -87,7 +103,7 @@ def test_roles_start_from_sft_and_rm(pipeline, tmp_path):
     for row, mask_row in zip(trajectory.response, trajectory.response_mask):
         if (row == tokenizer.eos_token_id).any():
             first = int((row == tokenizer.eos_token_id).nonzero()[0])
-            assert mask_row[:first + 1].eq(1).all() and mask_row[first + 1:].eq(0).all()
+            assert mask_row[: first + 1].eq(1).all() and mask_row[first + 1 :].eq(0).all()
 
 
 def test_update_on_4bit_base_trains_only_policy_and_value(pipeline, tmp_path):
@@ -127,10 +143,38 @@ def test_update_on_4bit_base_trains_only_policy_and_value(pipeline, tmp_path):
 # ------------------------------------------------------------------------------------- the whole step
 def test_ppo_learns_to_please_the_reward_model(pipeline, tmp_path):
     out = tmp_path / "ppo"
-    invoke("ppo", "--sft", pipeline["sft"], "--reward", pipeline["rm"], "--data", pipeline["prompts"],
-           "--out", out, "--quantization", "none", "--no-gradient-checkpointing", "--iterations", 20,
-           "--rollout-batch-size", 16, "--minibatch-size", 8, "--ppo-epochs", 2, "--max-new-tokens", 24,
-           "--lr", "1e-3", "--kl-coef", "0.02", "--eval-every", 10, "--eval-prompts", 8)
+    invoke(
+        "ppo",
+        "--sft",
+        pipeline["sft"],
+        "--reward",
+        pipeline["rm"],
+        "--data",
+        pipeline["prompts"],
+        "--out",
+        out,
+        "--quantization",
+        "none",
+        "--no-gradient-checkpointing",
+        "--iterations",
+        20,
+        "--rollout-batch-size",
+        16,
+        "--minibatch-size",
+        8,
+        "--ppo-epochs",
+        2,
+        "--max-new-tokens",
+        24,
+        "--lr",
+        "1e-3",
+        "--kl-coef",
+        "0.02",
+        "--eval-every",
+        10,
+        "--eval-prompts",
+        8,
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     scores = [row["objective/score"] for row in rows]
     # iteration 1 is scored before any update: the policy is then the SFT model
@@ -138,9 +182,18 @@ def test_ppo_learns_to_please_the_reward_model(pipeline, tmp_path):
     lengths = [row["response/length"] for row in rows]
     assert sum(lengths[-5:]) / 5 < lengths[0] / 2, lengths  # the RM prefers short answers: PPO shortens them
     assert rows[0]["objective/kl"] == 0.0
-    for name in ("objective/kl", "objective/entropy", "loss/policy", "loss/value", "policy/clipfrac",
-                 "policy/approxkl", "val/explained_variance", "response/length", "response/eos_rate",
-                 "objective/beta"):
+    for name in (
+        "objective/kl",
+        "objective/entropy",
+        "loss/policy",
+        "loss/value",
+        "policy/clipfrac",
+        "policy/approxkl",
+        "val/explained_variance",
+        "response/length",
+        "response/eos_rate",
+        "objective/beta",
+    ):
         assert name in rows[-1], name
     assert "eval/reward" in rows[9] and "eval/reward" in rows[19]
     manifest = artifacts.require_complete(out, "ppo")
@@ -181,19 +234,39 @@ def test_resume_after_interrupt_equals_uninterrupted(pipeline, tmp_path, monkeyp
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
     assert artifacts.read_manifest(straight)["final_beta"] == pytest.approx(
-        artifacts.read_manifest(resumed)["final_beta"])
+        artifacts.read_manifest(resumed)["final_beta"]
+    )
 
 
 def test_cli_errors(pipeline, tmp_path):
     base = ["ppo", "--quantization", "none", "--out", str(tmp_path / "x")]
     cases = [
         (base + ["--reward", str(pipeline["rm"]), "--data", str(pipeline["prompts"])], "--sft"),
-        (base + ["--sft", str(pipeline["rm"]), "--reward", str(pipeline["rm"]), "--data", str(pipeline["prompts"])],
-         "sft"),
-        (base + ["--sft", str(pipeline["sft"]), "--reward", str(pipeline["sft"]), "--data", str(pipeline["prompts"])],
-         "--reward"),
-        (base + ["--sft", str(pipeline["sft"]), "--reward", str(pipeline["rm"]), "--data", str(pipeline["prompts"]),
-                 "--minibatch-size", "32", "--rollout-batch-size", "8"], "--minibatch-size"),
+        (
+            base + ["--sft", str(pipeline["rm"]), "--reward", str(pipeline["rm"]), "--data", str(pipeline["prompts"])],
+            "sft",
+        ),
+        (
+            base
+            + ["--sft", str(pipeline["sft"]), "--reward", str(pipeline["sft"]), "--data", str(pipeline["prompts"])],
+            "--reward",
+        ),
+        (
+            base
+            + [
+                "--sft",
+                str(pipeline["sft"]),
+                "--reward",
+                str(pipeline["rm"]),
+                "--data",
+                str(pipeline["prompts"]),
+                "--minibatch-size",
+                "32",
+                "--rollout-batch-size",
+                "8",
+            ],
+            "--minibatch-size",
+        ),
     ]
     for args, expected in cases:
         result = runner.invoke(app, args)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from instruct_cli import rl
+from instruct_cli.core import rl
 
 
 def test_gae_by_hand():
@@ -74,7 +74,7 @@ def test_clipped_policy_loss():
     assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
     assert stats["policy/clipfrac"] == pytest.approx(1.0)
     log_ratio = torch.log(torch.tensor([1.5, 0.5]))
-    assert stats["policy/approxkl"] == pytest.approx(0.5 * (log_ratio ** 2).mean().item())
+    assert stats["policy/approxkl"] == pytest.approx(0.5 * (log_ratio**2).mean().item())
 
 
 def test_clipped_value_loss():

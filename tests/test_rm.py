@@ -9,8 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from instruct_cli import artifacts, config as cfg, heads, models, rm
 from instruct_cli.cli import app
+from instruct_cli.core import artifacts, heads, models, preferences
+from instruct_cli.core import config as cfg
 
 runner = CliRunner()
 
@@ -19,22 +20,25 @@ runner = CliRunner()
 def test_pairwise_loss_matches_hand_computed_values():
     better, worse = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
     expected = (-math.log(1 / (1 + math.exp(-1))) - math.log(0.5)) / 2  # 0.31326 and 0.69315
-    assert rm.pairwise_loss(better, worse).item() == pytest.approx(expected, abs=1e-6)
+    assert preferences.pairwise_loss(better, worse).item() == pytest.approx(expected, abs=1e-6)
     with_margin = (-math.log(1 / (1 + math.exp(-0.5))) - math.log(1 / (1 + math.exp(0.5)))) / 2
-    assert rm.pairwise_loss(better, worse, margin=0.5).item() == pytest.approx(with_margin, abs=1e-6)
+    assert preferences.pairwise_loss(better, worse, margin=0.5).item() == pytest.approx(with_margin, abs=1e-6)
 
 
 def test_k_wise_expansion_and_per_prompt_weighting():
-    assert rm.ranking_pairs([2, 0, 1]) == [(2, 0), (2, 1), (0, 1)]
-    assert len(rm.ranking_pairs([3, 1, 0, 2])) == 6  # C(4, 2)
-    assert rm.ranking_pairs([3, 1, 0, 2], ties=[[1, 0]]) == [(3, 1), (3, 0), (3, 2), (1, 2), (0, 2)]
+    assert preferences.ranking_pairs([2, 0, 1]) == [(2, 0), (2, 1), (0, 1)]
+    assert len(preferences.ranking_pairs([3, 1, 0, 2])) == 6  # C(4, 2)
+    assert preferences.ranking_pairs([3, 1, 0, 2], ties=[[1, 0]]) == [(3, 1), (3, 0), (3, 2), (1, 2), (0, 2)]
     # one K=3 group (3 pairs) and one pair group: the loss is the mean over the two prompts of their mean loss
-    groups = [rm.Group([[5, 6], [5, 7], [5]], rm.ranking_pairs([2, 0, 1])), rm.Group([[8], [9, 9]], [(0, 1)])]
-    batch = rm.collate(groups, pad_id=0, device="cpu")
+    groups = [
+        preferences.Group([[5, 6], [5, 7], [5]], preferences.ranking_pairs([2, 0, 1])),
+        preferences.Group([[8], [9, 9]], [(0, 1)]),
+    ]
+    batch = preferences.collate(groups, pad_id=0, device="cpu")
     assert batch["better"].tolist() == [2, 2, 0, 3] and batch["worse"].tolist() == [0, 1, 1, 4]
     assert batch["input_ids"].shape == (5, 2)  # every response encoded once
     scores = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0])
-    loss = rm.pairwise_loss(scores[batch["better"]], scores[batch["worse"]], batch["pair_weight"])
+    loss = preferences.pairwise_loss(scores[batch["better"]], scores[batch["worse"]], batch["pair_weight"])
 
     def nll(x):
         return -math.log(1 / (1 + math.exp(-x)))
@@ -46,8 +50,8 @@ def test_k_wise_expansion_and_per_prompt_weighting():
 
 def test_normalization_gives_mean_zero_std_one():
     raw = [1.0, 2.0, 3.0, 6.0]
-    norm = rm.normalization(raw)
-    normalised = torch.tensor([rm.normalize(r, norm) for r in raw], dtype=torch.float64)
+    norm = preferences.normalization(raw)
+    normalised = torch.tensor([preferences.normalize(r, norm) for r in raw], dtype=torch.float64)
     assert normalised.mean().item() == pytest.approx(0.0, abs=1e-9)
     assert normalised.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-9)
 
@@ -110,34 +114,81 @@ def synthetic_preferences(n, seed=0):
     """Chosen answers say 'thanks'; rejected ones are the same kind of words without it."""
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         prompt = " ".join(rng.choices(WORDS, k=4)) + "?"
         plain = rng.choices(WORDS, k=rng.randint(3, 6))
         polite = list(plain)
         polite.insert(rng.randint(0, len(polite)), "thanks")
-        rows.append({"prompt": prompt, "chosen": " ".join(polite), "rejected": " ".join(rng.choices(WORDS, k=len(plain)))})
+        rows.append(
+            {"prompt": prompt, "chosen": " ".join(polite), "rejected": " ".join(rng.choices(WORDS, k=len(plain)))}
+        )
     return rows
 
 
 def make_prefs(tmp_path, model_dir, rows, name="prefs", eval_fraction="0.25"):
     raw = tmp_path / f"{name}.jsonl"
     raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    result = runner.invoke(app, ["prepare-data", "-i", str(raw), "-o", str(tmp_path / name), "--task", "prefs",
-                                 "--eval-fraction", eval_fraction, "--model", str(model_dir)])
+    result = runner.invoke(
+        app,
+        [
+            "prepare-data",
+            "-i",
+            str(raw),
+            "-o",
+            str(tmp_path / name),
+            "--task",
+            "prefs",
+            "--eval-fraction",
+            eval_fraction,
+            "--model",
+            str(model_dir),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return tmp_path / name
 
 
 def rm_flags(model, data, out, *extra):
-    return ["rm", "--model", str(model), "--data", str(data), "--out", str(out), "--quantization", "none",
-            "--lora-dropout", "0", "--no-gradient-checkpointing", "--warmup-ratio", "0", *extra]
+    return [
+        "rm",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--quantization",
+        "none",
+        "--lora-dropout",
+        "0",
+        "--no-gradient-checkpointing",
+        "--warmup-ratio",
+        "0",
+        *extra,
+    ]
 
 
 def test_rm_learns_a_preference_and_scores_are_normalised(tmp_path, tiny_model_dir):
     data = make_prefs(tmp_path, tiny_model_dir, synthetic_preferences(96))
     out = tmp_path / "rm"
-    result = runner.invoke(app, rm_flags(tiny_model_dir, data, out, "--lr", "3e-3", "--batch-size", "8",
-                                         "--max-steps", "60", "--eval-every", "20", "--save-every", "30"))
+    result = runner.invoke(
+        app,
+        rm_flags(
+            tiny_model_dir,
+            data,
+            out,
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "60",
+            "--eval-every",
+            "20",
+            "--save-every",
+            "30",
+        ),
+    )
     assert result.exit_code == 0, result.output
     manifest = artifacts.require_complete(out, "rm")
     assert manifest["metrics"]["eval/accuracy"] > 0.9, manifest["metrics"]
@@ -147,11 +198,26 @@ def test_rm_learns_a_preference_and_scores_are_normalised(tmp_path, tiny_model_d
     train = [json.loads(line) for line in (data / "prefs.train.jsonl").read_text().splitlines()]
     rows = [{"prompt": row["prompt"], "response": row[key]} for row in train for key in ("chosen", "rejected")]
     (tmp_path / "responses.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    result = runner.invoke(app, ["rm", "score", "--model", str(out), "--quantization", "none",
-                                 "--input", str(tmp_path / "responses.jsonl"), "--output", str(tmp_path / "scored.jsonl")])
+    result = runner.invoke(
+        app,
+        [
+            "rm",
+            "score",
+            "--model",
+            str(out),
+            "--quantization",
+            "none",
+            "--input",
+            str(tmp_path / "responses.jsonl"),
+            "--output",
+            str(tmp_path / "scored.jsonl"),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    rewards = torch.tensor([json.loads(line)["reward"] for line in (tmp_path / "scored.jsonl").read_text().splitlines()],
-                           dtype=torch.float64)
+    rewards = torch.tensor(
+        [json.loads(line)["reward"] for line in (tmp_path / "scored.jsonl").read_text().splitlines()],
+        dtype=torch.float64,
+    )
     assert rewards.mean().item() == pytest.approx(0.0, abs=1e-3)
     assert rewards.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
     chosen, rejected = rewards[0::2], rewards[1::2]
@@ -166,7 +232,9 @@ def test_ranked_data_trains_k_wise(tmp_path, tiny_model_dir):
         rows.append({"prompt": " ".join(rng.choices(WORDS, k=3)), "responses": responses, "ranking": [2, 0, 3, 1]})
     data = make_prefs(tmp_path, tiny_model_dir, rows, name="ranked")
     assert "responses" in json.loads((data / "prefs.train.jsonl").read_text().splitlines()[0])
-    result = runner.invoke(app, rm_flags(tiny_model_dir, data, tmp_path / "rm", "--max-steps", "3", "--batch-size", "2"))
+    result = runner.invoke(
+        app, rm_flags(tiny_model_dir, data, tmp_path / "rm", "--max-steps", "3", "--batch-size", "2")
+    )
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/train" in row for row in metrics)
@@ -175,13 +243,18 @@ def test_ranked_data_trains_k_wise(tmp_path, tiny_model_dir):
 def test_cli_errors(tmp_path, tiny_model_dir):
     sft_raw = tmp_path / "sft.jsonl"
     sft_raw.write_text(json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n")
-    runner.invoke(app, ["prepare-data", "-i", str(sft_raw), "-o", str(tmp_path / "sftdata"), "--model", str(tiny_model_dir)])
+    runner.invoke(
+        app, ["prepare-data", "-i", str(sft_raw), "-o", str(tmp_path / "sftdata"), "--model", str(tiny_model_dir)]
+    )
     scoring = tmp_path / "score.jsonl"
     scoring.write_text(json.dumps({"prompt": "Hi", "response": "Hello"}) + "\n")
     cases = [
         (rm_flags(tiny_model_dir, tmp_path / "sftdata", tmp_path / "x"), "--task prefs"),
         (rm_flags(tiny_model_dir, tmp_path / "missing", tmp_path / "x"), "does not exist"),
-        (["rm", "score", "--model", str(tmp_path / "sftdata"), "--input", str(scoring)], "needs the output of `instruct rm`"),
+        (
+            ["rm", "score", "--model", str(tmp_path / "sftdata"), "--input", str(scoring)],
+            "needs the output of `instruct rm`",
+        ),
         (["rm", "score", "--model", str(tmp_path / "sftdata"), "--input", str(sft_raw)], "`response`"),
         (["rm", "score", "--model", str(tmp_path / "nothing")], "--input"),
     ]

@@ -6,9 +6,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from instruct_cli import artifacts, config as cfg, models, sft
 from instruct_cli.cli import app
-from instruct_cli.errors import UserError
+from instruct_cli.core import artifacts, chat, lm, models
+from instruct_cli.core import config as cfg
+from instruct_cli.core.errors import UserError
+from instruct_cli.steps import sft
 
 runner = CliRunner()
 
@@ -31,8 +33,22 @@ def make_data(tmp_path, model_dir, rows, name="data"):
     raw = tmp_path / f"{name}.jsonl"
     raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / name
-    result = runner.invoke(app, ["prepare-data", "-i", str(raw), "-o", str(out), "--task", "sft",
-                                 "--eval-fraction", "0", "--model", str(model_dir)])
+    result = runner.invoke(
+        app,
+        [
+            "prepare-data",
+            "-i",
+            str(raw),
+            "-o",
+            str(out),
+            "--task",
+            "sft",
+            "--eval-fraction",
+            "0",
+            "--model",
+            str(model_dir),
+        ],
+    )
     assert result.exit_code == 0, result.output
     (out / "sft.eval.jsonl").write_text((out / "sft.train.jsonl").read_text())
     return out
@@ -47,13 +63,13 @@ def test_label_mask_token_by_token(tiny_model_dir):
         {"role": "user", "content": "one two"},
         {"role": "assistant", "content": "three"},
     ]
-    input_ids, labels = sft.encode_conversation(tokenizer, messages, max_length=512)
-    kept = [tokenizer.decode([t]) for t, label in zip(input_ids, labels) if label != sft.IGNORE]
+    input_ids, labels = chat.encode_conversation(tokenizer, messages, max_length=512)
+    kept = [tokenizer.decode([t]) for t, label in zip(input_ids, labels) if label != chat.IGNORE]
     assert "".join(kept) == "hello world<|im_end|>three<|im_end|>"
     for token, label in zip(input_ids, labels):
-        assert label in (sft.IGNORE, token)
+        assert label in (chat.IGNORE, token)
     # exactly the assistant contents and their EOS are kept: nothing of the system or user turns
-    masked_text = tokenizer.decode([t for t, label in zip(input_ids, labels) if label == sft.IGNORE])
+    masked_text = tokenizer.decode([t for t, label in zip(input_ids, labels) if label == chat.IGNORE])
     assert "Be brief." in masked_text and "one two" in masked_text and "assistant" in masked_text
     assert labels.count(tokenizer.eos_token_id) == 2  # both EOS kept (pad is a different token)
 
@@ -65,11 +81,15 @@ def test_loss_on_labelled_positions_equals_the_full_forward_loss(tiny_model_dir)
 
     tokenizer = models.load_tokenizer(str(tiny_model_dir))
     torch.manual_seed(0)
-    model = get_peft_model(models.load_base_model(models.resolve_model(str(tiny_model_dir)), "none", "cpu"),
-                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    rows = [sft.encode_conversation(tokenizer, conversation(q, a)["messages"], 512)
-            for q, a in [("red cat?", "blue dog sun"), ("a much longer question with words?", "tree")]]
-    batch = sft.collate(rows, tokenizer.pad_token_id, "cpu")  # right-padded: the second row is shorter
+    model = get_peft_model(
+        models.load_base_model(models.resolve_model(str(tiny_model_dir)), "none", "cpu"),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    rows = [
+        chat.encode_conversation(tokenizer, conversation(q, a)["messages"], 512)
+        for q, a in [("red cat?", "blue dog sun"), ("a much longer question with words?", "tree")]
+    ]
+    batch = lm.collate(rows, tokenizer.pad_token_id, "cpu")  # right-padded: the second row is shorter
 
     def loss_and_grads(loss_fn):
         model.zero_grad()
@@ -80,28 +100,46 @@ def test_loss_on_labelled_positions_equals_the_full_forward_loss(tiny_model_dir)
     def full_forward():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
-        total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                  ignore_index=sft.IGNORE, reduction="sum")
-        return total, int((labels != sft.IGNORE).sum())
+        total = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=chat.IGNORE, reduction="sum"
+        )
+        return total, int((labels != chat.IGNORE).sum())
 
-    fast, reference = loss_and_grads(lambda: sft.token_nll(model, batch)), loss_and_grads(full_forward)
-    assert fast[1] == reference[1] == sft.labelled_tokens(batch) > 0
+    fast, reference = loss_and_grads(lambda: lm.token_nll(model, batch)), loss_and_grads(full_forward)
+    assert fast[1] == reference[1] == lm.labelled_tokens(batch) > 0
     assert fast[0] == pytest.approx(reference[0], rel=1e-5)
     for mine, theirs in zip(fast[2], reference[2]):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
 
 
 def sft_config(tmp_path, tiny_model_dir, data, out="sft", **overrides):
-    values = dict(model=str(tiny_model_dir), data=data, out=tmp_path / out, quantization="none", lora_r=16,
-                  lora_alpha=32, lora_dropout=0.0, lr=1e-2, batch_size=3, max_steps=300, eval_every=50,
-                  save_every=100, warmup_ratio=0.0, gradient_checkpointing=False, seed=0)
+    values = dict(
+        model=str(tiny_model_dir),
+        data=data,
+        out=tmp_path / out,
+        quantization="none",
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        lr=1e-2,
+        batch_size=3,
+        max_steps=300,
+        eval_every=50,
+        save_every=100,
+        warmup_ratio=0.0,
+        gradient_checkpointing=False,
+        seed=0,
+    )
     values.update(overrides)
     return cfg.build_config(cfg.SFTConfig, "sft", None, values)
 
 
 def eval_losses(run_dir):
-    return [row["eval/loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if "eval/loss" in row]
+    return [
+        row["eval/loss"]
+        for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "eval/loss" in row
+    ]
 
 
 def test_sft_memorises_and_generate_reproduces(tmp_path, tiny_model_dir):
@@ -111,16 +149,31 @@ def test_sft_memorises_and_generate_reproduces(tmp_path, tiny_model_dir):
     assert manifest["parents"]["data"]["sha256"] == artifacts.sha256_folder(data)
     losses = eval_losses(out)
     assert losses[-1] < 0.1 * losses[0] or losses[-1] < 0.05, losses
-    result = runner.invoke(app, ["generate", "--model", str(out), "--quantization", "none", "--greedy",
-                                 "--max-new-tokens", "8", "What colour is grass?"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(out),
+            "--quantization",
+            "none",
+            "--greedy",
+            "--max-new-tokens",
+            "8",
+            "What colour is grass?",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "green"
 
 
 def test_sft_on_4bit_base_learns(tmp_path, tiny_model_dir):
     data = make_data(tmp_path, tiny_model_dir, [conversation(q, a) for q, a in FACTS])
-    out = sft.run(sft_config(tmp_path, tiny_model_dir, data, quantization="nf4", max_steps=60, eval_every=20,
-                             gradient_checkpointing=True))
+    out = sft.run(
+        sft_config(
+            tmp_path, tiny_model_dir, data, quantization="nf4", max_steps=60, eval_every=20, gradient_checkpointing=True
+        )
+    )
     losses = eval_losses(out)
     assert losses[-1] < 0.5 * losses[0], losses
 
@@ -131,7 +184,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, tiny_model_dir, m
     straight = sft.run(sft_config(tmp_path, tiny_model_dir, data, out="straight", **settings))
 
     calls = {"n": 0}
-    real_loss = sft.sft_loss
+    real_loss = lm.sft_loss
 
     def interrupting_loss(model, batch):
         calls["n"] += 1
@@ -139,11 +192,11 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, tiny_model_dir, m
             raise KeyboardInterrupt
         return real_loss(model, batch)
 
-    monkeypatch.setattr(sft, "sft_loss", interrupting_loss)
+    monkeypatch.setattr(lm, "sft_loss", interrupting_loss)
     with pytest.raises(KeyboardInterrupt):
         sft.run(sft_config(tmp_path, tiny_model_dir, data, out="resumed", **settings))
     assert artifacts.read_manifest(tmp_path / "resumed")["status"] == "interrupted"
-    monkeypatch.setattr(sft, "sft_loss", real_loss)
+    monkeypatch.setattr(lm, "sft_loss", real_loss)
 
     # a checkpoint that does not fit the run (other LoRA settings, another version): a clear error, no KeyError
     checkpoint = max((tmp_path / "resumed").rglob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
@@ -181,7 +234,8 @@ def test_export_loads_without_peft_and_matches(tmp_path, tiny_model_dir):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "merged" / "chat_template.jinja").exists() or "chat_template" in (
-        tmp_path / "merged" / "tokenizer_config.json").read_text()
+        tmp_path / "merged" / "tokenizer_config.json"
+    ).read_text()
 
 
 def test_cli_errors(tmp_path, tiny_model_dir):
@@ -209,19 +263,59 @@ def test_scale_out_on_two_processes_matches_one(tmp_path, tiny_model_dir):
     from pathlib import Path
 
     data = make_data(tmp_path, tiny_model_dir, [conversation(q, a) for q, a in FACTS * 3])
-    flags = ["--model", str(tiny_model_dir), "--data", str(data), "--quantization", "none", "--max-steps", "8",
-             "--lr", "5e-3", "--no-gradient-checkpointing", "--lora-dropout", "0", "--eval-every", "4",
-             "--warmup-ratio", "0"]
+    flags = [
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--quantization",
+        "none",
+        "--max-steps",
+        "8",
+        "--lr",
+        "5e-3",
+        "--no-gradient-checkpointing",
+        "--lora-dropout",
+        "0",
+        "--eval-every",
+        "4",
+        "--warmup-ratio",
+        "0",
+    ]
     single = runner.invoke(app, ["sft", *flags, "--batch-size", "4", "--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
     # --multi_gpu selects accelerate's torchrun launcher, which on a machine without GPUs forms a CPU (gloo)
     # group; `--cpu` alone starts a single process unless MPI is installed
     accelerate = Path(sys.executable).parent / "accelerate"
     launched = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-         "-m", "instruct_cli", "sft", *flags, "--batch-size", "2", "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        [
+            str(accelerate),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29533",
+            "-m",
+            "instruct_cli",
+            "sft",
+            *flags,
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stderr.count("steps of 4 rows") == 1  # one global batch of 4, one process talking
 

@@ -110,8 +110,11 @@ class ProgressTask:
         task = next(task for task in self._bar.tasks if task.id == self._task_id)
         done = f"{task.completed:.0f}/{task.total:.0f}" if task.total else f"{task.completed:.0f}"
         eta = f"  eta {_clock(task.time_remaining)}" if task.time_remaining is not None else ""
-        console.print(f"{task.description}  {done}  elapsed {_clock(task.elapsed or 0)}{eta}  "
-                      f"{task.fields['metrics']}", soft_wrap=True, markup=False)
+        console.print(
+            f"{task.description}  {done}  elapsed {_clock(task.elapsed or 0)}{eta}  {task.fields['metrics']}",
+            soft_wrap=True,
+            markup=False,
+        )
 
     def set_completed(self, completed: int) -> None:
         """Jump the bar to `completed` (used when resuming part-way)."""

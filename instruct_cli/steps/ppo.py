@@ -34,11 +34,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from instruct_cli import artifacts, data, heads, models, rl, training
-from instruct_cli.config import PPOConfig, to_recipe_dict
-from instruct_cli.console import console, info, progress, summary_table, warn
-from instruct_cli.errors import UserError
-from instruct_cli.generate import encode_prompt, left_pad
+from instruct_cli.core import artifacts, chat, data_folders, heads, lm, models, rl, sampling, training
+from instruct_cli.core.chat import encode_prompt
+from instruct_cli.core.config import PPOConfig, to_recipe_dict
+from instruct_cli.core.console import console, info, progress, summary_table
+from instruct_cli.core.errors import UserError
+from instruct_cli.core.sampling import left_pad
 
 POLICY, REFERENCE, VALUE, REWARD = "policy", "reference", "value", "reward"
 
@@ -61,8 +62,11 @@ class Roles(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters PPO updates: the policy and value adapters and the value head."""
-        adapters = [p for name, p in self.model.named_parameters()
-                    if "lora_" in name and (f".{POLICY}." in name or f".{VALUE}." in name)]
+        adapters = [
+            p
+            for name, p in self.model.named_parameters()
+            if "lora_" in name and (f".{POLICY}." in name or f".{VALUE}." in name)
+        ]
         return adapters + list(self.value_head.parameters())
 
 
@@ -73,13 +77,19 @@ def load_roles(config: PPOConfig, device) -> tuple[Roles, object, models.ModelSo
 
     sft_source = models.resolve_model(str(config.sft), flag="--sft")
     if sft_source.run_manifest.get("kind") != "sft":
-        raise UserError(f"{config.sft} is a {sft_source.run_manifest.get('kind')} run, not an sft run", where="--sft",
-                        fix="Pass the folder written by `instruct sft`")
+        raise UserError(
+            f"{config.sft} is a {sft_source.run_manifest.get('kind')} run, not an sft run",
+            where="--sft",
+            fix="Pass the folder written by `instruct sft`",
+        )
     rm_manifest = artifacts.require_complete(config.reward, "rm", flag="--reward")
     if rm_manifest["base_model"]["fingerprint"] != sft_source.run_manifest["base_model"]["fingerprint"]:
-        raise UserError("The reward model and the SFT run were trained on different base models "
-                        f"({rm_manifest['base_model']['id']} vs {sft_source.reference})", where="--reward",
-                        fix="Train the reward model on the same base (e.g. `instruct rm --model RUNS/sft`)")
+        raise UserError(
+            "The reward model and the SFT run were trained on different base models "
+            f"({rm_manifest['base_model']['id']} vs {sft_source.reference})",
+            where="--reward",
+            fix="Train the reward model on the same base (e.g. `instruct rm --model RUNS/sft`)",
+        )
     tokenizer = models.load_tokenizer(sft_source)
     base = models.load_base_model(sft_source, config.quantization, device)
     base = training.prepare_for_training(base, config.quantization, config.gradient_checkpointing)
@@ -130,26 +140,26 @@ class Trajectory(NamedTuple):
         return Trajectory(*(field[index] for field in self))
 
 
-def sequences(query, query_mask, response, response_mask):
-    """Prompt + response as one sequence: (input_ids, attention_mask, position_ids), each (B, P + T)."""
-    input_ids = torch.cat([query, response], dim=1)
-    attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids
-
-
 # -------------------------------------------------------------------------------------- 1. rollout
 @torch.no_grad()
 def rollout(roles: Roles, tokenizer, prompts: list[list[int]], config: PPOConfig, device):
     """Sample one response per prompt with the policy; returns (query, query_mask, response, mask, ended)."""
     roles.use(POLICY)
     roles.model.eval()
-    query, query_mask = left_pad([p[-config.max_prompt_length:] for p in prompts], tokenizer.pad_token_id, device)
+    query, query_mask = left_pad([p[-config.max_prompt_length :] for p in prompts], tokenizer.pad_token_id, device)
     output = roles.model.generate(
-        input_ids=query, attention_mask=query_mask, do_sample=True, temperature=config.temperature, top_k=0,
-        top_p=1.0, max_new_tokens=config.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, use_cache=True)
-    response = output[:, query.shape[1]:]
+        input_ids=query,
+        attention_mask=query_mask,
+        do_sample=True,
+        temperature=config.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+    response = output[:, query.shape[1] :]
     response_mask, ended = rl.truncate_after_eos(response, tokenizer.eos_token_id)
     response = torch.where(response_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     roles.model.train()
@@ -161,7 +171,7 @@ def rollout(roles: Roles, tokenizer, prompts: list[list[int]], config: PPOConfig
 def score(roles: Roles, query, query_mask, response, response_mask, ended, penalty: float) -> torch.Tensor:
     """Normalised reward of each prompt + response, read at its last real token; minus `penalty` if no EOS."""
     roles.use(REWARD)
-    input_ids, attention_mask, _ = sequences(query, query_mask, response, response_mask)
+    input_ids, attention_mask, _ = sampling.sequences(query, query_mask, response, response_mask)
     raw = heads.sequence_scores(roles.model, roles.reward_head, input_ids, attention_mask).float()
     return roles.reward_gain * raw + roles.reward_bias - penalty * (~ended).float()
 
@@ -171,10 +181,15 @@ def response_logits(roles: Roles, role: str, query, query_mask, response, respon
     """Logits that predict each response token under `role`: (B, T, V). Only the last T+1 positions are
     projected to the vocabulary."""
     roles.use(role)
-    input_ids, attention_mask, position_ids = sequences(query, query_mask, response, response_mask)
+    input_ids, attention_mask, position_ids = sampling.sequences(query, query_mask, response, response_mask)
     steps = response.shape[1]
-    output = roles.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         logits_to_keep=steps + 1, use_cache=False)
+    output = roles.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=steps + 1,
+        use_cache=False,
+    )
     return output.logits[:, :-1]
 
 
@@ -182,15 +197,16 @@ def response_logits(roles: Roles, role: str, query, query_mask, response, respon
 def response_values(roles: Roles, query, query_mask, response, response_mask) -> torch.Tensor:
     """Value estimates at the state before each response token (value role + value head): (B, T)."""
     roles.use(VALUE)
-    input_ids, attention_mask, _ = sequences(query, query_mask, response, response_mask)
+    input_ids, attention_mask, _ = sampling.sequences(query, query_mask, response, response_mask)
     hidden = heads.last_hidden_states(roles.model, input_ids, attention_mask)
     steps = response.shape[1]
-    return roles.value_head(hidden[:, -steps - 1:-1]).squeeze(-1).float()
+    return roles.value_head(hidden[:, -steps - 1 : -1]).squeeze(-1).float()
 
 
 @torch.no_grad()
-def make_trajectory(roles: Roles, tokenizer, prompts: list[list[int]], config: PPOConfig, beta: float,
-                    device) -> tuple[Trajectory, dict[str, float]]:
+def make_trajectory(
+    roles: Roles, tokenizer, prompts: list[list[int]], config: PPOConfig, beta: float, device
+) -> tuple[Trajectory, dict[str, float]]:
     """Steps 1-4 for one batch of prompts: the trajectory the update learns from, and its statistics."""
     query, query_mask, response, mask, ended = rollout(roles, tokenizer, prompts, config, device)
     scores = score(roles, query, query_mask, response, mask, ended, config.missing_eos_penalty)
@@ -203,16 +219,19 @@ def make_trajectory(roles: Roles, tokenizer, prompts: list[list[int]], config: P
         logprobs.append(rl.token_logprobs(policy_logits, response[rows], config.temperature) * mask[rows])
         entropies.append(rl.entropy_from_logits(policy_logits, config.temperature))
         del policy_logits
-        ref_logprobs.append(rl.token_logprobs(response_logits(roles, REFERENCE, *chunk), response[rows],
-                                              config.temperature) * mask[rows])
+        ref_logprobs.append(
+            rl.token_logprobs(response_logits(roles, REFERENCE, *chunk), response[rows], config.temperature)
+            * mask[rows]
+        )
         values.append(response_values(roles, *chunk) * mask[rows])
     logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
     entropy = rl.masked_mean(torch.cat(entropies), mask).item()
     rewards, kl = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, beta)
     advantages, returns = rl.gae(rewards, values, mask, config.gamma, config.lam)
     advantages = rl.whiten(advantages, mask)
-    trajectory = Trajectory(query, query_mask, response, mask, ended, logprobs, ref_logprobs, values, scores, kl,
-                            advantages, returns)
+    trajectory = Trajectory(
+        query, query_mask, response, mask, ended, logprobs, ref_logprobs, values, scores, kl, advantages, returns
+    )
     stats = {
         "objective/score": scores.mean().item(),
         "objective/kl": kl.sum(1).mean().item(),
@@ -225,8 +244,9 @@ def make_trajectory(roles: Roles, tokenizer, prompts: list[list[int]], config: P
 
 
 # -------------------------------------------------------------------------------------- 5. update
-def update(roles: Roles, optimizer, trajectory: Trajectory, config: PPOConfig, accelerator,
-           ptx_batches=None) -> dict[str, float]:
+def update(
+    roles: Roles, optimizer, trajectory: Trajectory, config: PPOConfig, accelerator, ptx_batches=None
+) -> dict[str, float]:
     """Clipped policy and value losses over `ppo_epochs` passes of shuffled minibatches; returns mean stats."""
     totals: dict[str, float] = {}
     count = 0
@@ -246,27 +266,28 @@ def update(roles: Roles, optimizer, trajectory: Trajectory, config: PPOConfig, a
     return {name: total / count for name, total in totals.items()}
 
 
-def update_minibatch(roles: Roles, batch: Trajectory, config: PPOConfig, accelerator, ptx_batch=None
-                     ) -> dict[str, float]:
+def update_minibatch(
+    roles: Roles, batch: Trajectory, config: PPOConfig, accelerator, ptx_batch=None
+) -> dict[str, float]:
     """Backpropagate the policy loss (with its adapter active), then the value loss (with its own)."""
     with accelerator.autocast():
         logits = response_logits(roles, POLICY, batch.query, batch.query_mask, batch.response, batch.response_mask)
         new_logprobs = rl.token_logprobs(logits, batch.response, config.temperature)
-        pg_loss, stats = rl.policy_loss(new_logprobs, batch.logprobs, batch.advantages, batch.response_mask,
-                                        config.clip_range)
+        pg_loss, stats = rl.policy_loss(
+            new_logprobs, batch.logprobs, batch.advantages, batch.response_mask, config.clip_range
+        )
         loss = pg_loss
         if ptx_batch is not None:
-            from instruct_cli.sft import sft_loss
-
-            ptx_loss, _ = sft_loss(roles.model, ptx_batch)  # policy adapter still active
+            ptx_loss, _ = lm.sft_loss(roles.model, ptx_batch)  # policy adapter still active
             loss = loss + config.ptx_coef * ptx_loss
             stats["loss/ptx"] = ptx_loss.item()
     check_finite(loss, "policy loss")
     accelerator.backward(loss)
     with accelerator.autocast():
         new_values = response_values(roles, batch.query, batch.query_mask, batch.response, batch.response_mask)
-        vf_loss, value_stats = rl.value_loss(new_values, batch.values, batch.returns, batch.response_mask,
-                                             config.value_clip_range)
+        vf_loss, value_stats = rl.value_loss(
+            new_values, batch.values, batch.returns, batch.response_mask, config.value_clip_range
+        )
     check_finite(vf_loss, "value loss")
     accelerator.backward(config.vf_coef * vf_loss)
     return {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), **stats, **value_stats}
@@ -294,19 +315,22 @@ class NonFinite(Exception):
 
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def evaluate(roles: Roles, tokenizer, prompts: list[list[dict]], config: PPOConfig, device
-             ) -> tuple[dict[str, float], list[dict]]:
+def evaluate(
+    roles: Roles, tokenizer, prompts: list[list[dict]], config: PPOConfig, device
+) -> tuple[dict[str, float], list[dict]]:
     """Mean normalised reward, KL to the reference, length and EOS rate on held-out prompts, plus samples."""
     scores, kls, lengths, ends, samples = [], [], [], [], []
     for start in range(0, len(prompts), config.rollout_batch_size):
-        chunk = prompts[start:start + config.rollout_batch_size]
+        chunk = prompts[start : start + config.rollout_batch_size]
         encoded = [encode_prompt(tokenizer, messages) for messages in chunk]
         query, query_mask, response, mask, ended = rollout(roles, tokenizer, encoded, config, device)
         batch_scores = score(roles, query, query_mask, response, mask, ended, penalty=0.0)
-        policy = rl.token_logprobs(response_logits(roles, POLICY, query, query_mask, response, mask), response,
-                                   config.temperature)
-        reference = rl.token_logprobs(response_logits(roles, REFERENCE, query, query_mask, response, mask),
-                                      response, config.temperature)
+        policy = rl.token_logprobs(
+            response_logits(roles, POLICY, query, query_mask, response, mask), response, config.temperature
+        )
+        reference = rl.token_logprobs(
+            response_logits(roles, REFERENCE, query, query_mask, response, mask), response, config.temperature
+        )
         scores += batch_scores.tolist()
         kls += ((policy - reference) * mask).sum(1).tolist()
         lengths += mask.sum(1).tolist()
@@ -314,8 +338,12 @@ def evaluate(roles: Roles, tokenizer, prompts: list[list[dict]], config: PPOConf
         for messages, ids, row_mask, reward in zip(chunk, response, mask, batch_scores.tolist()):
             text = tokenizer.decode(ids[row_mask.bool()], skip_special_tokens=True).strip()
             samples.append({"prompt": messages, "response": text, "reward": reward})
-    metrics = {"eval/reward": sum(scores) / len(scores), "eval/kl": sum(kls) / len(kls),
-               "eval/length": sum(lengths) / len(lengths), "eval/eos_rate": sum(ends) / len(ends)}
+    metrics = {
+        "eval/reward": sum(scores) / len(scores),
+        "eval/kl": sum(kls) / len(kls),
+        "eval/length": sum(lengths) / len(lengths),
+        "eval/eos_rate": sum(ends) / len(ends),
+    }
     return metrics, samples
 
 
@@ -323,8 +351,10 @@ def show_samples(samples: list[dict], iteration: int, how_many: int = 2) -> None
     """Print a few prompt/response pairs with their reward."""
     for sample in samples[:how_many]:
         prompt = sample["prompt"][-1]["content"]
-        console.print(f"[dim]iter {iteration}[/dim] [bold]{prompt[:80]}[/bold] -> {sample['response'][:160]!r} "
-                      f"[dim](reward {sample['reward']:.2f})[/dim]")
+        console.print(
+            f"[dim]iter {iteration}[/dim] [bold]{prompt[:80]}[/bold] -> {sample['response'][:160]!r} "
+            f"[dim](reward {sample['reward']:.2f})[/dim]"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -334,22 +364,31 @@ def prompt_batches(count: int, batch_size: int, seed: int, iteration: int) -> li
     epoch, position = divmod(iteration, per_epoch)
     order = list(range(count))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    chosen = order[position * batch_size:(position + 1) * batch_size]
+    chosen = order[position * batch_size : (position + 1) * batch_size]
     return chosen if len(chosen) == batch_size else (order * batch_size)[:batch_size]
 
 
 # ------------------------------------------------------------------------------------------------- run
 def run(config: PPOConfig) -> Path:
     """PPO from an SFT run against an RM run on a data folder's prompts; writes the ppo run folder."""
-    for flag, value in (("--sft", config.sft), ("--reward", config.reward), ("--data", config.data),
-                        ("--out", config.out)):
+    for flag, value in (
+        ("--sft", config.sft),
+        ("--reward", config.reward),
+        ("--data", config.data),
+        ("--out", config.out),
+    ):
         if value is None:
             raise UserError(f"{flag} is required", where=flag, fix="See `instruct ppo --help` for an example")
     if config.minibatch_size > config.rollout_batch_size:
-        raise UserError("--minibatch-size cannot exceed --rollout-batch-size", where="--minibatch-size",
-                        fix=f"Use at most {config.rollout_batch_size}")
-    train_prompts = data.read_prompts(config.data, "train")
-    eval_prompts = data.read_prompts(config.data, "eval")[: config.eval_prompts] or train_prompts[: config.eval_prompts]
+        raise UserError(
+            "--minibatch-size cannot exceed --rollout-batch-size",
+            where="--minibatch-size",
+            fix=f"Use at most {config.rollout_batch_size}",
+        )
+    train_prompts = data_folders.read_prompts(config.data, "train")
+    eval_prompts = (
+        data_folders.read_prompts(config.data, "eval")[: config.eval_prompts] or train_prompts[: config.eval_prompts]
+    )
     accelerator = training.make_accelerator(config.seed)
     device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
     sft_manifest = artifacts.require_complete(config.sft, "sft", flag="--sft")
@@ -366,19 +405,40 @@ def run(config: PPOConfig) -> Path:
         if run_folder.resuming:
             info(f"Resuming from iteration {start} of {config.iterations}")
         ptx = ptx_stream(config, tokenizer, sft_manifest, device) if config.ptx_coef > 0 else None
-        info(f"ppo: {len(encoded)} prompts, {config.iterations} iterations of {config.rollout_batch_size} rollouts "
-             f"on {device} ({config.quantization}; policy/reference/value/reward adapters on one base)")
-        metrics = train(run_folder, roles, tokenizer, encoded, eval_prompts, config, controller, trainable,
-                        checkpoint, start, ptx, device)
+        info(
+            f"ppo: {len(encoded)} prompts, {config.iterations} iterations of {config.rollout_batch_size} rollouts "
+            f"on {device} ({config.quantization}; policy/reference/value/reward adapters on one base)"
+        )
+        metrics = train(
+            run_folder,
+            roles,
+            tokenizer,
+            encoded,
+            eval_prompts,
+            config,
+            controller,
+            trainable,
+            checkpoint,
+            start,
+            ptx,
+            device,
+        )
         save_outputs(roles, run_folder.path)
         run_folder.complete(metrics, iterations=config.iterations, final_beta=controller.beta)
-    summary_table("ppo", {"output": str(config.out), "iterations": config.iterations,
-                          **{k: v for k, v in metrics.items() if k.startswith(("eval/", "objective/"))}})
+    summary_table(
+        "ppo",
+        {
+            "output": str(config.out),
+            "iterations": config.iterations,
+            **{k: v for k, v in metrics.items() if k.startswith(("eval/", "objective/"))},
+        },
+    )
     return Path(config.out)
 
 
-def train(run_folder, roles, tokenizer, encoded, eval_prompts, config, controller, trainable, checkpoint,
-          start, ptx, device) -> dict[str, float]:
+def train(
+    run_folder, roles, tokenizer, encoded, eval_prompts, config, controller, trainable, checkpoint, start, ptx, device
+) -> dict[str, float]:
     """The iterations: trajectory, update, KL controller, logs, evaluation, checkpoints."""
     metrics: dict[str, float] = {}
     started, rollouts = time.time(), 0
@@ -388,8 +448,9 @@ def train(run_folder, roles, tokenizer, encoded, eval_prompts, config, controlle
         try:
             while iteration < config.iterations:
                 checkpoint.mark_step_start()
-                batch = [encoded[i] for i in prompt_batches(len(encoded), config.rollout_batch_size, config.seed,
-                                                           iteration)]
+                batch = [
+                    encoded[i] for i in prompt_batches(len(encoded), config.rollout_batch_size, config.seed, iteration)
+                ]
                 trajectory, stats = make_trajectory(roles, tokenizer, batch, config, controller.beta, device)
                 if not torch.isfinite(trajectory.scores).all():
                     raise NonFinite("reward")
@@ -408,9 +469,15 @@ def train(run_folder, roles, tokenizer, encoded, eval_prompts, config, controlle
                     show_samples(samples, iteration)
                 metrics = stats
                 run_folder.log_metrics(iteration, stats)
-                bar.advance(1, score=stats["objective/score"], kl=stats["objective/kl"], beta=controller.beta,
-                            clip=stats["policy/clipfrac"], samples_s=stats["train/samples_per_s"],
-                            **kl_warning(stats["objective/kl"], config))
+                bar.advance(
+                    1,
+                    score=stats["objective/score"],
+                    kl=stats["objective/kl"],
+                    beta=controller.beta,
+                    clip=stats["policy/clipfrac"],
+                    samples_s=stats["train/samples_per_s"],
+                    **kl_warning(stats["objective/kl"], config),
+                )
                 if iteration % config.save_every == 0 and iteration < config.iterations:
                     checkpoint.save(iteration, math.inf)
         except KeyboardInterrupt:
@@ -418,10 +485,11 @@ def train(run_folder, roles, tokenizer, encoded, eval_prompts, config, controlle
             raise
         except NonFinite as exc:
             last = checkpoint.latest()
-            raise UserError(f"PPO stopped at iteration {iteration + 1}: the {exc} became NaN or infinite",
-                            where=str(last) if last else "before the first checkpoint",
-                            fix="Lower --lr or raise --kl-coef; --resume continues from the last good checkpoint"
-                            ) from None
+            raise UserError(
+                f"PPO stopped at iteration {iteration + 1}: the {exc} became NaN or infinite",
+                where=str(last) if last else "before the first checkpoint",
+                fix="Lower --lr or raise --kl-coef; --resume continues from the last good checkpoint",
+            ) from None
     return metrics
 
 
@@ -433,17 +501,15 @@ def kl_warning(kl: float, config: PPOConfig) -> dict[str, str]:
 
 def ptx_stream(config: PPOConfig, tokenizer, sft_manifest: dict, device):
     """An endless stream of SFT batches for PPO-ptx (from --ptx-data, or the SFT run's own data)."""
-    from instruct_cli import sft
-
     folder = config.ptx_data or Path(sft_manifest["parents"]["data"]["path"])
-    rows = data.read_split(folder, "sft.train")
-    encoded = [sft.encode_conversation(tokenizer, row["messages"], 1024) for row in rows]
+    rows = data_folders.read_split(folder, "sft.train")
+    encoded = [chat.encode_conversation(tokenizer, row["messages"], 1024) for row in rows]
     rng = random.Random(config.seed)
 
     def stream():
         while True:
             chosen = rng.sample(encoded, k=min(config.minibatch_size, len(encoded)))
-            yield sft.collate(chosen, tokenizer.pad_token_id, device)
+            yield lm.collate(chosen, tokenizer.pad_token_id, device)
 
     return stream()
 
@@ -473,9 +539,17 @@ def open_ppo_run(config: PPOConfig, accelerator, sft_manifest: dict) -> artifact
     """Open the ppo run folder (main process), naming its three parents."""
     if accelerator.is_main_process:
         run_folder = artifacts.RunFolder.open(
-            config.out, "ppo", to_recipe_dict(config), force=config.force, resume=config.resume,
-            parents={"sft": artifacts.parent_record(config.sft), "rm": artifacts.parent_record(config.reward),
-                     "data": artifacts.parent_record(config.data)},
-            extra={"base_model": sft_manifest["base_model"], "quantization": config.quantization})
+            config.out,
+            "ppo",
+            to_recipe_dict(config),
+            force=config.force,
+            resume=config.resume,
+            parents={
+                "sft": artifacts.parent_record(config.sft),
+                "rm": artifacts.parent_record(config.reward),
+                "data": artifacts.parent_record(config.data),
+            },
+            extra={"base_model": sft_manifest["base_model"], "quantization": config.quantization},
+        )
     accelerator.wait_for_everyone()
     return run_folder if accelerator.is_main_process else artifacts.RunFolder.follow(config.out)

@@ -53,10 +53,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from instruct_cli import artifacts
-from instruct_cli.config import GenerateConfig, LabelConfig
-from instruct_cli.console import console, info, print_table, summary_table
-from instruct_cli.errors import UserError
+from instruct_cli.core import artifacts
+from instruct_cli.core.config import GenerateConfig, LabelConfig
+from instruct_cli.core.console import console, info, print_table, summary_table
+from instruct_cli.core.errors import UserError
 
 RANKINGS = "rankings.jsonl"
 SAMPLES = "samples.jsonl"
@@ -95,8 +95,22 @@ class Command:
     """For `view`: the response to show (0-based)."""
 
 
-WORDS = {"s": "skip", "skip": "skip", "f": "flag", "flag": "flag", "u": "undo", "undo": "undo", "q": "quit",
-         "quit": "quit", "exit": "quit", "m": "more", "more": "more", "?": "help", "h": "help", "help": "help"}
+WORDS = {
+    "s": "skip",
+    "skip": "skip",
+    "f": "flag",
+    "flag": "flag",
+    "u": "undo",
+    "undo": "undo",
+    "q": "quit",
+    "quit": "quit",
+    "exit": "quit",
+    "m": "more",
+    "more": "more",
+    "?": "help",
+    "h": "help",
+    "help": "help",
+}
 
 
 def parse_command(text: str, k: int) -> Command:
@@ -129,8 +143,10 @@ def parse_order(text: str, k: int) -> tuple[list[int], list[list[int]]]:
         raise OrderError(f"Type an order of the {k} responses, best first, e.g. {' '.join(map(str, range(k, 0, -1)))}")
     stray = sorted(set(re.sub(r"[\d\s>,=]", "", text)))
     if stray:
-        raise OrderError(f"Cannot read {''.join(stray)!r} in {text!r}: use numbers, spaces or `>` between them, "
-                         "and `=` for ties (or a command: s, f, u, v N, m, q, ?)")
+        raise OrderError(
+            f"Cannot read {''.join(stray)!r} in {text!r}: use numbers, spaces or `>` between them, "
+            "and `=` for ties (or a command: s, f, u, v N, m, q, ?)"
+        )
     if k < 10 and re.fullmatch(r"\d(=?\d)+", text):
         text = re.sub(r"(\d)(?=\d)", r"\1 ", text)  # compact form: 21=43 -> 2 1=4 3
     groups = []
@@ -150,8 +166,9 @@ def parse_order(text: str, k: int) -> tuple[list[int], list[list[int]]]:
         raise OrderError(f"Response {', '.join(map(str, repeated))} appears more than once")
     missing = sorted(set(range(1, k + 1)) - set(numbers))
     if missing:
-        raise OrderError(f"Rank all {k} responses: {', '.join(map(str, missing))} "
-                         f"{'is' if len(missing) == 1 else 'are'} missing")
+        raise OrderError(
+            f"Rank all {k} responses: {', '.join(map(str, missing))} {'is' if len(missing) == 1 else 'are'} missing"
+        )
     if len(groups) == 1:
         raise OrderError("Everything tied says nothing about which is better; type `s` to skip instead")
     ranking = [number - 1 for number in numbers]
@@ -271,8 +288,15 @@ def judgment_row(sample: dict, labeler: str, command: Command, typed: str, secon
         row["flagged"] = True
     else:
         raise ValueError(f"{command.action} is not a judgment")
-    row.update(id=uuid.uuid4().hex[:12], index=sample["index"], labeler=labeler, typed=typed.strip(),
-               seconds=round(seconds, 2), time=now(), generation=sample.get("generation", {}))
+    row.update(
+        id=uuid.uuid4().hex[:12],
+        index=sample["index"],
+        labeler=labeler,
+        typed=typed.strip(),
+        seconds=round(seconds, 2),
+        time=now(),
+        generation=sample.get("generation", {}),
+    )
     return row
 
 
@@ -332,8 +356,9 @@ class SampleStore:
 
 
 # ----------------------------------------------------------------------------------- sampling, ahead
-def sample_responses(model, tokenizer, prompts: list[list[dict]], k: int, settings: GenerateConfig,
-                     stop: threading.Event | None = None) -> list[list[str]] | None:
+def sample_responses(
+    model, tokenizer, prompts: list[list[dict]], k: int, settings: GenerateConfig, stop: threading.Event | None = None
+) -> list[list[str]] | None:
     """K sampled responses for each prompt, generated as one left-padded batch of len(prompts) x K sequences.
 
     Returns None when `stop` was set during generation (the batch is then incomplete and thrown away).
@@ -341,23 +366,29 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], k: int, settin
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from instruct_cli.generate import encode_prompt, left_pad, sampling_kwargs
+    from instruct_cli.core.chat import encode_prompt
+    from instruct_cli.core.sampling import left_pad, sampling_kwargs
 
     class Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), bool(stop and stop.is_set()), dtype=torch.bool,
-                              device=input_ids.device)
+            return torch.full(
+                (input_ids.shape[0],), bool(stop and stop.is_set()), dtype=torch.bool, device=input_ids.device
+            )
 
     device = next(model.parameters()).device
     encoded = [ids for messages in prompts for ids in [encode_prompt(tokenizer, messages)] * k]
     input_ids, attention_mask = left_pad(encoded, tokenizer.pad_token_id, device)
     with torch.inference_mode():
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                stopping_criteria=StoppingCriteriaList([Stop()]), **sampling_kwargs(settings, tokenizer))
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            stopping_criteria=StoppingCriteriaList([Stop()]),
+            **sampling_kwargs(settings, tokenizer),
+        )
     if stop is not None and stop.is_set():
         return None
-    texts = [tokenizer.decode(row[input_ids.shape[1]:], skip_special_tokens=True).strip() for row in output]
-    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+    texts = [tokenizer.decode(row[input_ids.shape[1] :], skip_special_tokens=True).strip() for row in output]
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
 class Queue:
@@ -405,8 +436,9 @@ class Sampler:
     def __init__(self, config: LabelConfig, prompts: list[list[dict]], store: SampleStore, queue: Queue):
         self.config, self.prompts, self.store, self.queue = config, prompts, store, queue
         self.generation = generation_settings(config)
-        self.settings = GenerateConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                       top_p=config.top_p, top_k=config.top_k)
+        self.settings = GenerateConfig(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k
+        )
         self.loaded = False
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -421,16 +453,17 @@ class Sampler:
         missing = [i for i in self.queue.upcoming(1 + 2 * self.config.batch_size) if self.store.get(i) is None]
         if missing and missing[0] == self.queue.current():
             return missing[:1]
-        return missing[:self.config.batch_size]
+        return missing[: self.config.batch_size]
 
     def _loop(self) -> None:
         import torch
 
-        from instruct_cli import models
+        from instruct_cli.core import models
 
         try:
-            model, tokenizer, _ = models.load_for_inference(self.config.model, self.config.quantization,
-                                                             self.config.device)
+            model, tokenizer, _ = models.load_for_inference(
+                self.config.model, self.config.quantization, self.config.device
+            )
             self.loaded = True
             while not self._stop.is_set():
                 with self.queue.cond:
@@ -439,8 +472,9 @@ class Sampler:
                         self.queue.cond.wait(timeout=1.0)
                         continue
                 torch.manual_seed(self.config.seed * 1_000_003 + batch[0])
-                responses = sample_responses(model, tokenizer, [self.prompts[i] for i in batch], self.config.k,
-                                             self.settings, self._stop)
+                responses = sample_responses(
+                    model, tokenizer, [self.prompts[i] for i in batch], self.config.k, self.settings, self._stop
+                )
                 if responses is None:
                     break
                 for index, texts in zip(batch, responses):
@@ -496,8 +530,9 @@ def prompt_text(messages: list[dict]) -> str:
 
 def printable(text: str) -> str:
     """`text` safe to put on a terminal: control characters (a model may sample ESC) shown as escapes."""
-    return "".join(ch if ch in "\n\t" or unicodedata.category(ch) != "Cc" else ch.encode("unicode_escape").decode()
-                   for ch in text)
+    return "".join(
+        ch if ch in "\n\t" or unicodedata.category(ch) != "Cc" else ch.encode("unicode_escape").decode() for ch in text
+    )
 
 
 def wrap(text: str, width: int) -> list[str]:
@@ -557,16 +592,34 @@ class TerminalUI:
         needs = [len(wrap(text, inner)) for text in responses]
         budgets = line_budgets(needs, room - 2 * len(responses))  # each panel has two border lines
         console.clear()
-        console.print(f"[bold]instruct label[/bold] · prompt {screen.position} of {screen.total} "
-                      f"(#{screen.sample['index']}) · labeler [bold]{escape(screen.labeler)}[/bold] · "
-                      f"{screen.judged} judged this session", overflow="ellipsis", no_wrap=True)
-        console.print(Panel(Text(prompt), title="prompt", title_align="left", border_style="cyan",
-                            subtitle=f"{more(prompt_hidden)} · m more" if prompt_hidden else None,
-                            subtitle_align="right"))
+        console.print(
+            f"[bold]instruct label[/bold] · prompt {screen.position} of {screen.total} "
+            f"(#{screen.sample['index']}) · labeler [bold]{escape(screen.labeler)}[/bold] · "
+            f"{screen.judged} judged this session",
+            overflow="ellipsis",
+            no_wrap=True,
+        )
+        console.print(
+            Panel(
+                Text(prompt),
+                title="prompt",
+                title_align="left",
+                border_style="cyan",
+                subtitle=f"{more(prompt_hidden)} · m more" if prompt_hidden else None,
+                subtitle_align="right",
+            )
+        )
         for number, (text, budget) in enumerate(zip(responses, budgets), start=1):
             shown, hidden = clip(text, inner, budget)
-            console.print(Panel(Text(shown), title=f"[bold]{number}[/bold]", title_align="left",
-                                subtitle=f"{more(hidden)} · v {number}" if hidden else None, subtitle_align="right"))
+            console.print(
+                Panel(
+                    Text(shown),
+                    title=f"[bold]{number}[/bold]",
+                    title_align="left",
+                    subtitle=f"{more(hidden)} · v {number}" if hidden else None,
+                    subtitle_align="right",
+                )
+            )
         console.print(f"[dim]{KEYS_HELP}[/dim]", overflow="ellipsis", no_wrap=True)
 
     def ask(self) -> str | None:
@@ -589,12 +642,14 @@ class TerminalUI:
 
         with console.pager(styles=False):
             if only is None:
-                console.print(Panel(Text(printable(prompt_text(screen.sample["prompt"]))), title="prompt",
-                                    title_align="left"))
+                console.print(
+                    Panel(Text(printable(prompt_text(screen.sample["prompt"]))), title="prompt", title_align="left")
+                )
             for number, text in enumerate(screen.sample["responses"], start=1):
                 if only is None or only == number - 1:
-                    console.print(Panel(Text(printable(text) or "(empty response)"), title=str(number),
-                                        title_align="left"))
+                    console.print(
+                        Panel(Text(printable(text) or "(empty response)"), title=str(number), title_align="left")
+                    )
 
     @contextlib.contextmanager
     def waiting(self, message: str) -> Iterator[None]:
@@ -609,8 +664,11 @@ class PlainUI:
 
     def show(self, screen: Screen) -> None:
         """Print the prompt and its K responses in full."""
-        out = [f"== prompt {screen.position} of {screen.total} (#{screen.sample['index']}) · labeler "
-               f"{screen.labeler} ==", "[prompt]", printable(prompt_text(screen.sample["prompt"]))]
+        out = [
+            f"== prompt {screen.position} of {screen.total} (#{screen.sample['index']}) · labeler {screen.labeler} ==",
+            "[prompt]",
+            printable(prompt_text(screen.sample["prompt"])),
+        ]
         for number, text in enumerate(screen.sample["responses"], start=1):
             out += [f"[{number}]", printable(text) or "(empty response)"]
         out.append(KEYS_HELP)
@@ -633,8 +691,11 @@ class PlainUI:
         if only is None:
             self.show(screen)
         else:
-            console.print(f"[{only + 1}]\n{printable(screen.sample['responses'][only]) or '(empty response)'}",
-                          markup=False, highlight=False)
+            console.print(
+                f"[{only + 1}]\n{printable(screen.sample['responses'][only]) or '(empty response)'}",
+                markup=False,
+                highlight=False,
+            )
 
     @contextlib.contextmanager
     def waiting(self, message: str) -> Iterator[None]:
@@ -653,17 +714,23 @@ def read_prompts(config: LabelConfig) -> list[list[dict]]:
 
     Reads only JSON files (no torch), so a resumed session starts at once.
     """
-    from instruct_cli import data
+    from instruct_cli.core import data_folders
 
     folder = Path(config.prompts)
     if folder.is_file():
-        raise UserError("--prompts takes a data folder, not a file", where=str(folder),
-                        fix=f"Make one with `instruct prepare-data -i {folder} --task prompts -o data/prompts`")
-    prompts = data.read_prompts(folder, config.split, flag="--prompts")
+        raise UserError(
+            "--prompts takes a data folder, not a file",
+            where=str(folder),
+            fix=f"Make one with `instruct prepare-data -i {folder} --task prompts -o data/prompts`",
+        )
+    prompts = data_folders.read_prompts(folder, config.split, flag="--prompts")
     if not prompts:
-        raise UserError(f"The {config.split} split of the data folder has no prompts", where=str(folder),
-                        fix="Pick the other split with --split, or prepare the data with more rows")
-    return prompts[:config.max_prompts] if config.max_prompts else prompts
+        raise UserError(
+            f"The {config.split} split of the data folder has no prompts",
+            where=str(folder),
+            fix="Pick the other split with --split, or prepare the data with more rows",
+        )
+    return prompts[: config.max_prompts] if config.max_prompts else prompts
 
 
 def open_folder(config: LabelConfig) -> dict:
@@ -674,19 +741,34 @@ def open_folder(config: LabelConfig) -> dict:
     manifest = artifacts.read_manifest(out) if out.is_dir() else None
     if manifest is not None:
         if manifest.get("kind") != KIND:
-            raise UserError(f"{out} holds a {manifest.get('kind')!r} output, not labels", where="--out",
-                            fix="Choose a new folder for --out, or the labels folder you started")
+            raise UserError(
+                f"{out} holds a {manifest.get('kind')!r} output, not labels",
+                where="--out",
+                fix="Choose a new folder for --out, or the labels folder you started",
+            )
         if manifest.get("k") != config.k:
-            raise UserError(f"{out} was started with --k {manifest.get('k')}, not {config.k}", where="--k",
-                            fix=f"Pass --k {manifest.get('k')} to go on labelling it, or choose a new --out")
+            raise UserError(
+                f"{out} was started with --k {manifest.get('k')}, not {config.k}",
+                where="--k",
+                fix=f"Pass --k {manifest.get('k')} to go on labelling it, or choose a new --out",
+            )
         return manifest
     if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"{out} exists, is not empty and is not a labels folder", where="--out",
-                        fix="Choose a new or empty folder for --out")
-    manifest = {"schema_version": artifacts.SCHEMA_VERSION, "kind": KIND, "status": artifacts.STATUS_COMPLETE,
-                "k": config.k, "prompts": {"path": str(Path(config.prompts).resolve()), "split": config.split},
-                "created": now(), "files": {"rankings": RANKINGS, "samples": SAMPLES, "undone": UNDONE},
-                "note": "append-only logs, always consistent; `instruct label --stats` summarises them"}
+        raise UserError(
+            f"{out} exists, is not empty and is not a labels folder",
+            where="--out",
+            fix="Choose a new or empty folder for --out",
+        )
+    manifest = {
+        "schema_version": artifacts.SCHEMA_VERSION,
+        "kind": KIND,
+        "status": artifacts.STATUS_COMPLETE,
+        "k": config.k,
+        "prompts": {"path": str(Path(config.prompts).resolve()), "split": config.split},
+        "created": now(),
+        "files": {"rankings": RANKINGS, "samples": SAMPLES, "undone": UNDONE},
+        "note": "append-only logs, always consistent; `instruct label --stats` summarises them",
+    }
     artifacts.atomic_write_json(out / artifacts.MANIFEST, manifest)
     return manifest
 
@@ -695,9 +777,12 @@ def check_samples_match(store: SampleStore, prompts: list[list[dict]], config: L
     """Refuse to go on when the stored samples were drawn for other prompts (another data folder or split)."""
     for index in store.indices():
         if index < len(prompts) and store.get(index)["prompt"] != prompts[index]:
-            raise UserError(f"Prompt #{index} of {config.prompts} ({config.split}) is not the prompt the labels "
-                            "folder sampled responses for: it was started with other prompts", where=str(config.out),
-                            fix="Pass the --prompts folder and --split the folder was started with, or a new --out")
+            raise UserError(
+                f"Prompt #{index} of {config.prompts} ({config.split}) is not the prompt the labels "
+                "folder sampled responses for: it was started with other prompts",
+                where=str(config.out),
+                fix="Pass the --prompts folder and --split the folder was started with, or a new --out",
+            )
 
 
 def generation_settings(config: LabelConfig) -> dict:
@@ -705,24 +790,39 @@ def generation_settings(config: LabelConfig) -> dict:
     model = config.model
     if Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
-    return {"model": model, "quantization": config.quantization, "k": config.k, "temperature": config.temperature,
-            "top_p": config.top_p, "top_k": config.top_k, "max_new_tokens": config.max_new_tokens,
-            "seed": config.seed}
+    return {
+        "model": model,
+        "quantization": config.quantization,
+        "k": config.k,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "top_k": config.top_k,
+        "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed,
+    }
 
 
 def check_config(config: LabelConfig) -> None:
     """The checks the shared validation does not make."""
     if config.prompts is None or config.out is None:
-        raise UserError("`instruct label` needs --prompts (a data folder) and --out (the labels folder)",
-                        where="instruct label",
-                        fix="Run e.g. `instruct label --model runs/sft --prompts data/prompts --out labels/`, "
-                            "or `instruct label --stats labels/`")
+        raise UserError(
+            "`instruct label` needs --prompts (a data folder) and --out (the labels folder)",
+            where="instruct label",
+            fix="Run e.g. `instruct label --model runs/sft --prompts data/prompts --out labels/`, "
+            "or `instruct label --stats labels/`",
+        )
     if config.k < 2:
-        raise UserError(f"--k must be at least 2 to rank anything, not {config.k}", where="--k",
-                        fix="Use --k 4 (InstructGPT sampled 4 to 9 responses per prompt)")
+        raise UserError(
+            f"--k must be at least 2 to rank anything, not {config.k}",
+            where="--k",
+            fix="Use --k 4 (InstructGPT sampled 4 to 9 responses per prompt)",
+        )
     if config.max_prompts is not None and config.max_prompts <= 0:
-        raise UserError(f"--max-prompts must be greater than 0, not {config.max_prompts}", where="--max-prompts",
-                        fix="Pass a positive number, or leave it out to label every prompt")
+        raise UserError(
+            f"--max-prompts must be greater than 0, not {config.max_prompts}",
+            where="--max-prompts",
+            fix="Pass a positive number, or leave it out to label every prompt",
+        )
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -780,8 +880,9 @@ def run(config: LabelConfig) -> Session | None:
     return session
 
 
-def label_loop(ui, queue: Queue, store: SampleStore, sampler: Sampler | None, session: Session, folder: Path,
-               total: int) -> None:
+def label_loop(
+    ui, queue: Queue, store: SampleStore, sampler: Sampler | None, session: Session, folder: Path, total: int
+) -> None:
     """Show prompts and read commands until every prompt is judged or the labeler quits.
 
     `total` is the number of prompts; the screen shows the labeler's place among them.
@@ -795,8 +896,9 @@ def label_loop(ui, queue: Queue, store: SampleStore, sampler: Sampler | None, se
             doing = "Sampling" if sampler.loaded else "Loading the model and sampling"
             with ui.waiting(f"{doing} the responses to prompt #{index} ..."):
                 sample = sampler.wait_for(index)
-        screen = Screen(sample, position=total - len(queue) + 1, total=total, labeler=session.labeler,
-                        judged=len(session.rows))
+        screen = Screen(
+            sample, position=total - len(queue) + 1, total=total, labeler=session.labeler, judged=len(session.rows)
+        )
         ui.show(screen)
         if notice:
             ui.say(notice, "cyan")
@@ -842,20 +944,25 @@ def summarise(session: Session, folder: Path, prompts: int) -> None:
     mine = [row for row in live if row.get("labeler") == session.labeler]
     seconds = [row["seconds"] for row in session.rows if isinstance(row.get("seconds"), (int, float))]
     kinds = kind_counts(session.rows)
-    summary_table("label", {
-        "labeler": session.labeler,
-        "judged this session": f"{len(session.rows)} ({kinds['ranked']} ranked, {kinds['skipped']} skipped, "
-                               f"{kinds['flagged']} flagged)",
-        f"judged by {session.labeler}": f"{len(mine)} of {prompts} prompts",
-        "judgments in the folder": f"{len(live)} by {len({row.get('labeler') for row in live})} labeler(s)",
-        "time per judgment (median)": f"{statistics.median(seconds):.1f} s" if seconds else "-",
-        "rankings": str(folder / RANKINGS),
-    })
+    summary_table(
+        "label",
+        {
+            "labeler": session.labeler,
+            "judged this session": f"{len(session.rows)} ({kinds['ranked']} ranked, {kinds['skipped']} skipped, "
+            f"{kinds['flagged']} flagged)",
+            f"judged by {session.labeler}": f"{len(mine)} of {prompts} prompts",
+            "judgments in the folder": f"{len(live)} by {len({row.get('labeler') for row in live})} labeler(s)",
+            "time per judgment (median)": f"{statistics.median(seconds):.1f} s" if seconds else "-",
+            "rankings": str(folder / RANKINGS),
+        },
+    )
     if kinds["ranked"] and len(mine) < prompts:
         info(f"Run the same command again to go on from prompt {len(mine) + 1} of {prompts}.")
     if kinds["ranked"]:
-        info(f"Train a reward model on them: instruct prepare-data -i {folder} --task prefs -o data/labelled "
-             "&& instruct rm --data data/labelled --out runs/rm")
+        info(
+            f"Train a reward model on them: instruct prepare-data -i {folder} --task prefs -o data/labelled "
+            "&& instruct rm --data data/labelled --out runs/rm"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- stats
@@ -882,8 +989,9 @@ def levels(ranking: list[int], ties: list[list[int]] = ()) -> dict[int, int]:
 
 def pair_signs(places: dict[int, int]) -> dict[tuple[int, int], int]:
     """For every pair i < j: +1 when i is ranked better, -1 when j is, 0 when they are tied."""
-    return {(i, j): (places[j] > places[i]) - (places[j] < places[i])
-            for i, j in itertools.combinations(sorted(places), 2)}
+    return {
+        (i, j): (places[j] > places[i]) - (places[j] < places[i]) for i, j in itertools.combinations(sorted(places), 2)
+    }
 
 
 def pairwise_agreement(a: dict[int, int], b: dict[int, int]) -> tuple[int, int]:
@@ -928,17 +1036,24 @@ def agreement(rows: list[dict]) -> list[dict]:
             tau = kendall_tau(a, b)
             if tau is not None:
                 taus.append(tau)
-        result.append({"labelers": (first, second), "prompts": len(shared), "pairs": compared,
-                       "agreement": agreed / compared if compared else None,
-                       "kendall_tau": statistics.fmean(taus) if taus else None})
+        result.append(
+            {
+                "labelers": (first, second),
+                "prompts": len(shared),
+                "pairs": compared,
+                "agreement": agreed / compared if compared else None,
+                "kendall_tau": statistics.fmean(taus) if taus else None,
+            }
+        )
     return result
 
 
 def show_stats(folder: Path) -> None:
     """Print counts, time per judgment and agreement between labelers for a labels folder."""
     if not (folder / RANKINGS).is_file():
-        raise UserError("The folder has no rankings.jsonl", where=str(folder),
-                        fix="Pass the --out folder of `instruct label`")
+        raise UserError(
+            "The folder has no rankings.jsonl", where=str(folder), fix="Pass the --out folder of `instruct label`"
+        )
     live = live_judgments(artifacts.read_jsonl(folder / RANKINGS))
     samples = SampleStore(folder).indices()
     per_labeler: dict[str, list[dict]] = defaultdict(list)
@@ -948,30 +1063,50 @@ def show_stats(folder: Path) -> None:
     for labeler, judged in sorted(per_labeler.items()):
         kinds = kind_counts(judged)
         seconds = [row["seconds"] for row in judged if isinstance(row.get("seconds"), (int, float))]
-        rows.append([labeler, kinds["ranked"], kinds["skipped"], kinds["flagged"],
-                     f"{statistics.median(seconds):.1f}" if seconds else "-",
-                     f"{statistics.fmean(seconds):.1f}" if seconds else "-"])
+        rows.append(
+            [
+                labeler,
+                kinds["ranked"],
+                kinds["skipped"],
+                kinds["flagged"],
+                f"{statistics.median(seconds):.1f}" if seconds else "-",
+                f"{statistics.fmean(seconds):.1f}" if seconds else "-",
+            ]
+        )
     print_table(f"Labelers ({folder})", ["labeler", "ranked", "skipped", "flagged", "median s", "mean s"], rows)
     pairs = agreement(live)
     if pairs:
-        print_table("Agreement where prompts overlap", ["labelers", "prompts", "pairs compared", "pairwise agreement",
-                                                        "Kendall tau-b"],
-                    [[" / ".join(p["labelers"]), p["prompts"], p["pairs"], fmt_fraction(p["agreement"]),
-                      fmt_fraction(p["kendall_tau"], signed=True)] for p in pairs])
+        print_table(
+            "Agreement where prompts overlap",
+            ["labelers", "prompts", "pairs compared", "pairwise agreement", "Kendall tau-b"],
+            [
+                [
+                    " / ".join(p["labelers"]),
+                    p["prompts"],
+                    p["pairs"],
+                    fmt_fraction(p["agreement"]),
+                    fmt_fraction(p["kendall_tau"], signed=True),
+                ]
+                for p in pairs
+            ],
+        )
     ranked_by = defaultdict(set)
     for row in live:
         if not (row.get("skipped") or row.get("flagged")):
             ranked_by[row["index"]].add(row["labeler"])
     totals = kind_counts(live)
     all_seconds = [row["seconds"] for row in live if isinstance(row.get("seconds"), (int, float))]
-    summary_table("label --stats", {
-        "prompts sampled": len(samples),
-        "judgments": f"{len(live)} ({totals['ranked']} ranked, {totals['skipped']} skipped, {totals['flagged']} flagged)",
-        "labelers": len(per_labeler),
-        "prompts ranked by 2+ labelers": sum(1 for who in ranked_by.values() if len(who) > 1),
-        "time per judgment (median)": f"{statistics.median(all_seconds):.1f} s" if all_seconds else "-",
-        "pairwise agreement (all overlaps)": fmt_fraction(pooled_agreement(pairs)),
-    })
+    summary_table(
+        "label --stats",
+        {
+            "prompts sampled": len(samples),
+            "judgments": f"{len(live)} ({totals['ranked']} ranked, {totals['skipped']} skipped, {totals['flagged']} flagged)",
+            "labelers": len(per_labeler),
+            "prompts ranked by 2+ labelers": sum(1 for who in ranked_by.values() if len(who) > 1),
+            "time per judgment (median)": f"{statistics.median(all_seconds):.1f} s" if all_seconds else "-",
+            "pairwise agreement (all overlaps)": fmt_fraction(pooled_agreement(pairs)),
+        },
+    )
 
 
 def pooled_agreement(pairs: list[dict]) -> float | None:

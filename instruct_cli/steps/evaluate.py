@@ -42,11 +42,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from instruct_cli import artifacts, data, models, ppo, rl, rm, sft, training
-from instruct_cli.config import EvalConfig, to_recipe_dict
-from instruct_cli.console import display_path, info, print_table, progress, summary_table, warn
-from instruct_cli.errors import UserError
-from instruct_cli.generate import encode_prompt, left_pad, to_messages
+from instruct_cli.core import artifacts, chat, data_folders, lm, models, preferences, rl, sampling, training
+from instruct_cli.core.config import EvalConfig, to_recipe_dict
+from instruct_cli.core.console import display_path, info, print_table, progress, summary_table, warn
+from instruct_cli.core.errors import UserError
 
 BASE = "base"
 TIE_TOLERANCE = 1e-6
@@ -57,8 +56,7 @@ REWARD_PLOT, WIN_PLOT, CURVES_PLOT = "reward_distribution.png", "win_rate.png", 
 
 
 # ------------------------------------------------------------------------------------------- statistics
-def outcomes(rewards: Sequence[float], baseline_rewards: Sequence[float], tie: float = TIE_TOLERANCE
-             ) -> np.ndarray:
+def outcomes(rewards: Sequence[float], baseline_rewards: Sequence[float], tie: float = TIE_TOLERANCE) -> np.ndarray:
     """Per prompt: 1.0 when the model's reward beats the baseline's, 0.5 for a tie (equal within `tie`), else 0."""
     model, baseline = np.asarray(rewards, dtype=float), np.asarray(baseline_rewards, dtype=float)
     if model.shape != baseline.shape:
@@ -71,8 +69,9 @@ def win_rate(rewards: Sequence[float], baseline_rewards: Sequence[float], tie: f
     return float(outcomes(rewards, baseline_rewards, tie).mean())
 
 
-def bootstrap_interval(values: Sequence[float], resamples: int = 1000, seed: int = 0, level: float = 0.95
-                       ) -> tuple[float, float]:
+def bootstrap_interval(
+    values: Sequence[float], resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile-bootstrap interval of the mean of `values`.
 
     The values (one per prompt) are resampled with replacement `resamples` times with a seeded numpy
@@ -89,8 +88,7 @@ def bootstrap_interval(values: Sequence[float], resamples: int = 1000, seed: int
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct word n-grams / all word n-grams, pooled over the texts (0 when there are none)."""
-    grams = [tuple(words[i:i + n]) for words in (text.split() for text in texts)
-             for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for words in (text.split() for text in texts) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -112,8 +110,16 @@ def describe(values: Sequence[float]) -> dict[str, float]:
     """Mean, standard deviation and quartiles of `values`."""
     array = np.asarray(values, dtype=float)
     lowest, p25, median, p75, highest = np.percentile(array, [0, 25, 50, 75, 100])
-    return {"mean": float(array.mean()), "std": float(array.std()), "min": float(lowest), "p25": float(p25),
-            "median": float(median), "p75": float(p75), "max": float(highest), "n": int(len(array))}
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std()),
+        "min": float(lowest),
+        "p25": float(p25),
+        "median": float(median),
+        "p75": float(p75),
+        "max": float(highest),
+        "n": int(len(array)),
+    }
 
 
 # ---------------------------------------------------------------------------------------- what is measured
@@ -171,23 +177,41 @@ def same_model(a: str, b: str) -> bool:
 
 # ------------------------------------------------------------------------------------- models on prompts
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, temperature: float,
-                     top_p: float, batch_size: int, max_length: int, bar=None) -> Samples:
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    max_length: int,
+    bar=None,
+) -> Samples:
     """Answer each prompt once: left-padded batches in prompt order, sampled at `temperature` (top-k off,
     nucleus `top_p`), each response cut after its first EOS. The caller seeds torch."""
     device = next(model.parameters()).device
-    queries = [encode_prompt(tokenizer, messages)[-max_length:] for messages in prompts]
+    queries = [chat.encode_prompt(tokenizer, messages)[-max_length:] for messages in prompts]
     responses, texts, ended = [], [], []
     for start in range(0, len(queries), batch_size):
-        chunk = queries[start:start + batch_size]
-        input_ids, attention_mask = left_pad(chunk, tokenizer.pad_token_id, device)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                                temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        generated = output[:, input_ids.shape[1]:]
+        chunk = queries[start : start + batch_size]
+        input_ids, attention_mask = sampling.left_pad(chunk, tokenizer.pad_token_id, device)
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        generated = output[:, input_ids.shape[1] :]
         mask, has_eos = rl.truncate_after_eos(generated, tokenizer.eos_token_id)
         for row in range(len(chunk)):
-            ids = generated[row, :int(mask[row].sum())].tolist()
+            ids = generated[row, : int(mask[row].sum())].tolist()
             responses.append(ids)
             texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
             ended.append(bool(has_eos[row]))
@@ -199,35 +223,53 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], *, max_new_tok
 def samples_from_file(tokenizer, prompts: list[list[dict]], answers: list[dict], max_length: int) -> Samples:
     """Samples for responses read from a file ({"text", "eos", "ids"}): their token ids when the file has them
     (a report's samples.jsonl does), else the text re-encoded with an EOS appended unless `eos` is false."""
-    queries = [encode_prompt(tokenizer, messages)[-max_length:] for messages in prompts]
-    responses = [answer["ids"] if answer.get("ids") else tokenizer.encode(answer["text"], add_special_tokens=False)
-                 + ([] if answer.get("eos") is False else [tokenizer.eos_token_id]) for answer in answers]
+    queries = [chat.encode_prompt(tokenizer, messages)[-max_length:] for messages in prompts]
+    responses = [
+        answer["ids"]
+        if answer.get("ids")
+        else tokenizer.encode(answer["text"], add_special_tokens=False)
+        + ([] if answer.get("eos") is False else [tokenizer.eos_token_id])
+        for answer in answers
+    ]
     return Samples(queries, responses, [a["text"] for a in answers], [a.get("eos") for a in answers])
 
 
 @torch.no_grad()
-def response_logprobs(model, queries: list[list[int]], responses: list[list[int]], *, pad_id: int,
-                      temperature: float, batch_size: int, bar=None) -> list[list[float]]:
+def response_logprobs(
+    model,
+    queries: list[list[int]],
+    responses: list[list[int]],
+    *,
+    pad_id: int,
+    temperature: float,
+    batch_size: int,
+    bar=None,
+) -> list[list[float]]:
     """log p(token | prompt, earlier tokens) of every response token under `model`, with the logits divided by
     the sampling temperature (the distribution the tokens were drawn from). The layout is PPO's: prompts
     left-padded, responses right-padded, positions counted over real tokens."""
     device = next(model.parameters()).device
     logprobs: list[list[float]] = []
     for start in range(0, len(queries), batch_size):
-        chunk = responses[start:start + batch_size]
-        query, query_mask = left_pad(queries[start:start + batch_size], pad_id, device)
+        chunk = responses[start : start + batch_size]
+        query, query_mask = sampling.left_pad(queries[start : start + batch_size], pad_id, device)
         width = max(1, max(len(ids) for ids in chunk))
         response = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         response_mask = torch.zeros((len(chunk), width))
         for row, ids in enumerate(chunk):
-            response[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            response_mask[row, :len(ids)] = 1.0
+            response[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            response_mask[row, : len(ids)] = 1.0
         response, response_mask = response.to(device), response_mask.to(device)
-        input_ids, attention_mask, position_ids = ppo.sequences(query, query_mask, response, response_mask)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+        input_ids, attention_mask, position_ids = sampling.sequences(query, query_mask, response, response_mask)
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=width + 1,
+            use_cache=False,
+        ).logits[:, :-1]
         token_logprobs = rl.token_logprobs(logits, response, temperature)
-        logprobs += [token_logprobs[row, :len(ids)].tolist() for row, ids in enumerate(chunk)]
+        logprobs += [token_logprobs[row, : len(ids)].tolist() for row, ids in enumerate(chunk)]
         if bar is not None:
             bar.advance(len(chunk))
     return logprobs
@@ -236,23 +278,35 @@ def response_logprobs(model, queries: list[list[int]], responses: list[list[int]
 def perplexity(model, tokenizer, conversations: list[list[dict]], max_length: int, batch_size: int) -> dict:
     """Mean assistant-token NLL and perplexity on SFT conversations, exactly as `instruct sft` evaluates."""
     device = next(model.parameters()).device
-    encoded = [sft.encode_conversation(tokenizer, messages, max_length) for messages in conversations]
-    batches = training.eval_batches(encoded, [len(ids) for ids, _ in encoded], batch_size,
-                                    partial(sft.collate, pad_id=tokenizer.pad_token_id, device=device))
-    metrics = sft.evaluate(model, batches)
-    return {"loss": metrics["eval/loss"], "perplexity": metrics["eval/perplexity"],
-            "conversations": len(conversations)}
+    encoded = [chat.encode_conversation(tokenizer, messages, max_length) for messages in conversations]
+    batches = training.eval_batches(
+        encoded,
+        [len(ids) for ids, _ in encoded],
+        batch_size,
+        partial(lm.collate, pad_id=tokenizer.pad_token_id, device=device),
+    )
+    metrics = lm.evaluate(model, batches)
+    return {"loss": metrics["eval/loss"], "perplexity": metrics["eval/perplexity"], "conversations": len(conversations)}
 
 
 def reward_model_accuracy(model, tokenizer, rows: list[dict], max_length: int, batch_size: int, where: str) -> dict:
     """The reward model's pair accuracy, loss and mean margin on preference rows (as `instruct rm` evaluates)."""
     device = next(model.head.parameters()).device
-    groups, _ = rm.encode_rows(tokenizer, rows, max_length, where)
-    batches = training.eval_batches(groups, [g.longest for g in groups], batch_size,
-                                    partial(rm.collate, pad_id=tokenizer.pad_token_id, device=device))
-    metrics = rm.evaluate(model, batches)
-    return {"accuracy": metrics["eval/accuracy"], "loss": metrics["eval/loss"], "margin": metrics["eval/margin"],
-            "pairs": sum(len(group.pairs) for group in groups), "prompts": len(groups)}
+    groups, _ = preferences.encode_rows(tokenizer, rows, max_length, where)
+    batches = training.eval_batches(
+        groups,
+        [g.longest for g in groups],
+        batch_size,
+        partial(preferences.collate, pad_id=tokenizer.pad_token_id, device=device),
+    )
+    metrics = preferences.evaluate(model, batches)
+    return {
+        "accuracy": metrics["eval/accuracy"],
+        "loss": metrics["eval/loss"],
+        "margin": metrics["eval/margin"],
+        "pairs": sum(len(group.pairs) for group in groups),
+        "prompts": len(groups),
+    }
 
 
 def release_memory() -> None:
@@ -266,25 +320,36 @@ def release_memory() -> None:
 def check_config(config: EvalConfig) -> None:
     """The flags `instruct eval` needs, with one-paragraph errors."""
     if not config.models:
-        raise UserError("No models to evaluate", where="--models",
-                        fix="Pass --models runs/sft,runs/ppo (run folders, `base`, or model references)")
+        raise UserError(
+            "No models to evaluate",
+            where="--models",
+            fix="Pass --models runs/sft,runs/ppo (run folders, `base`, or model references)",
+        )
     if config.reward is None:
-        raise UserError("No reward model given", where="--reward", fix="Pass --reward runs/rm (a folder made by "
-                        "`instruct rm`)")
+        raise UserError(
+            "No reward model given", where="--reward", fix="Pass --reward runs/rm (a folder made by `instruct rm`)"
+        )
     if config.data is None and config.generations is None:
-        raise UserError("No prompts to answer", where="--data",
-                        fix="Pass --data DIR (a data folder with an eval split), or --generations FILE")
+        raise UserError(
+            "No prompts to answer",
+            where="--data",
+            fix="Pass --data DIR (a data folder with an eval split), or --generations FILE",
+        )
     if config.out is None:
         raise UserError("No output folder given", where="--out", fix="Pass --out reports/NAME")
     for name in ("max_prompts", "bootstrap"):
         if getattr(config, name) <= 0:
-            raise UserError(f"`{name}` must be greater than 0, not {getattr(config, name)}",
-                            where=f"--{name.replace('_', '-')}", fix="Pass a positive number")
+            raise UserError(
+                f"`{name}` must be greater than 0, not {getattr(config, name)}",
+                where=f"--{name.replace('_', '-')}",
+                fix="Pass a positive number",
+            )
     names = [str(spec).rstrip("/") for spec in config.models]
-    repeated = sorted({a for i, a in enumerate(names) for b in names[i + 1:] if same_model(a, b)})
+    repeated = sorted({a for i, a in enumerate(names) for b in names[i + 1 :] if same_model(a, b)})
     if repeated:
-        raise UserError(f"{', '.join(repeated)} is listed twice in --models", where="--models",
-                        fix="Name each model once")
+        raise UserError(
+            f"{', '.join(repeated)} is listed twice in --models", where="--models", fix="Name each model once"
+        )
 
 
 def resolve_entries(config: EvalConfig) -> tuple[list[Entry], Entry]:
@@ -295,7 +360,8 @@ def resolve_entries(config: EvalConfig) -> tuple[list[Entry], Entry]:
         specs.append(baseline_spec)
     runs = {spec: run_entry(spec) for spec in specs if spec != BASE and is_run_folder(spec)}
     sft_run = next((e.path for e in runs.values() if e.kind == "sft"), None) or next(
-        (e.reference for e in runs.values() if e.kind == "ppo" and e.reference is not None), None)
+        (e.reference for e in runs.values() if e.kind == "ppo" and e.reference is not None), None
+    )
     entries = [runs.get(spec) or other_entry(spec, sft_run, list(runs.values())) for spec in specs]
     baseline = next(entry for entry in entries if same_model(entry.name, baseline_spec))
     return entries, baseline
@@ -325,8 +391,9 @@ def sft_parent(name: str, manifest: dict) -> Path | None:
         warn(f"The KL of {name} is not measured: its SFT run {parent} is missing or incomplete")
         return None
     if record.get("sha256") and artifacts.sha256_folder(parent) != record["sha256"]:
-        warn(f"The SFT run {parent} changed after {name} was trained from it; the KL is measured against it as it "
-             "is now")
+        warn(
+            f"The SFT run {parent} changed after {name} was trained from it; the KL is measured against it as it is now"
+        )
     return parent
 
 
@@ -337,33 +404,40 @@ def other_entry(spec: str, sft_run: Path | None, runs: list[Entry]) -> Entry:
         return Entry(spec, spec, "model", reference=sft_run)
     source_run = sft_run or (runs[0].path if runs else None)
     if source_run is None:
-        raise UserError("`base` means the bare base model of the SFT run, but no sft or ppo run folder is among "
-                        "--models", where="--models / --baseline",
-                        fix="Add an sft or ppo run folder to --models, or name the base model itself "
-                        "(e.g. smollm2-135m)")
+        raise UserError(
+            "`base` means the bare base model of the SFT run, but no sft or ppo run folder is among --models",
+            where="--models / --baseline",
+            fix="Add an sft or ppo run folder to --models, or name the base model itself (e.g. smollm2-135m)",
+        )
     base_id = artifacts.read_manifest(source_run)["base_model"]["id"]
     return Entry(BASE, base_id, BASE, reference=sft_run)
 
 
 def read_prompts(config: EvalConfig) -> list[list[dict]]:
     """The first --max-prompts prompts of the data folder's eval split."""
-    prompts = data.read_prompts(config.data, "eval")
+    prompts = data_folders.read_prompts(config.data, "eval")
     if not prompts:
-        raise UserError("The eval split of the data folder has no prompts", where=str(config.data),
-                        fix="Prepare the data again with --eval-fraction above 0, or pass another --data")
-    return prompts[:config.max_prompts]
+        raise UserError(
+            "The eval split of the data folder has no prompts",
+            where=str(config.data),
+            fix="Prepare the data again with --eval-fraction above 0, or pass another --data",
+        )
+    return prompts[: config.max_prompts]
 
 
 def pick_data(task: str, explicit: Path | None, flag: str, main: Path | None, fallback: Path | None) -> Path | None:
     """The data folder of `task` for a measurement: the flag, else --data if it holds that task, else the
     training data of the run concerned; None when there is none (the measurement is then skipped)."""
     if explicit is not None:
-        found = data.data_task(explicit, flag=flag)
+        found = data_folders.data_task(explicit, flag=flag)
         if found != task:
-            raise UserError(f"{flag} holds {found} data, but needs {task} data", where=str(explicit),
-                            fix=f"Pass a folder made by `instruct prepare-data --task {task}`")
+            raise UserError(
+                f"{flag} holds {found} data, but needs {task} data",
+                where=str(explicit),
+                fix=f"Pass a folder made by `instruct prepare-data --task {task}`",
+            )
         return explicit
-    if main is not None and data.data_task(main) == task:
+    if main is not None and data_folders.data_task(main) == task:
         return main
     manifest = artifacts.read_manifest(fallback) if fallback is not None and Path(fallback).is_dir() else None
     if manifest and manifest.get("status") == artifacts.STATUS_COMPLETE and manifest.get("task") == task:
@@ -378,8 +452,9 @@ def training_data(run: Path | None) -> Path | None:
     return Path(record["path"]) if record else None
 
 
-def read_generations(path: Path, entries: list[Entry], max_prompts: int
-                     ) -> tuple[list[list[dict]], dict[str, list[dict]]]:
+def read_generations(
+    path: Path, entries: list[Entry], max_prompts: int
+) -> tuple[list[list[dict]], dict[str, list[dict]]]:
     """Prompts and each model's responses ({"text", "eos", "ids"}) from a JSONL file: rows of `instruct generate
     --output` (`prompt`, `response`, `model`) or of a report's samples.jsonl (`prompt`, `responses` by model).
 
@@ -392,15 +467,18 @@ def read_generations(path: Path, entries: list[Entry], max_prompts: int
     answers: dict[str, dict[str, dict]] = {}
     unknown: set[str] = set()
     lines = path.read_text(encoding="utf-8").splitlines()
-    for number, row, where in data.json_lines(lines, str(path), fix="Fix the line, or generate the file again"):
+    for number, row, where in data_folders.json_lines(lines, str(path), fix="Fix the line, or generate the file again"):
         if not isinstance(row, dict) or "prompt" not in row or not ("response" in row or "responses" in row):
-            raise UserError(f"Line {number} needs a `prompt` and a `response` (with `model`) or `responses`",
-                            where=where, fix='Write rows as {"prompt": ..., "response": ..., "model": ...}')
+            raise UserError(
+                f"Line {number} needs a `prompt` and a `response` (with `model`) or `responses`",
+                where=where,
+                fix='Write rows as {"prompt": ..., "response": ..., "model": ...}',
+            )
         if "responses" in row and isinstance(row["responses"], dict):
             items = list(row["responses"].items())
         else:
             items = [(row.get("model"), row.get("response"))]
-        messages = to_messages(row["prompt"])
+        messages = chat.to_messages(row["prompt"])
         key = json.dumps(messages, sort_keys=True)
         if key not in prompts:
             order.append(key)
@@ -412,30 +490,40 @@ def read_generations(path: Path, entries: list[Entry], max_prompts: int
                 continue
             value = {"text": value} if isinstance(value, str) else (value or {})
             ids = value.get("ids")
-            if not isinstance(value.get("text"), str) or not (ids is None or (
-                    isinstance(ids, list) and all(isinstance(i, int) for i in ids))):
-                raise UserError(f"Line {number} has no usable response of {model}", where=where,
-                                fix='Give each response as text, or as {"text": ..., "eos": ..., "ids": [token ids]}')
+            if not isinstance(value.get("text"), str) or not (
+                ids is None or (isinstance(ids, list) and all(isinstance(i, int) for i in ids))
+            ):
+                raise UserError(
+                    f"Line {number} has no usable response of {model}",
+                    where=where,
+                    fix='Give each response as text, or as {"text": ..., "eos": ..., "ids": [token ids]}',
+                )
             answers[key][entry.name] = {"text": value["text"], "eos": value.get("eos"), "ids": ids}
     missing = [e.name for e in entries if not any(e.name in got for got in answers.values())]
     if missing:
         seen = f" (it has responses of {', '.join(sorted(unknown))})" if unknown else ""
-        raise UserError(f"The generations file has no responses of {', '.join(missing)}{seen}", where=str(path),
-                        fix="Generate them with `instruct generate --model MODEL --input PROMPTS --output FILE`, "
-                        "or name the models exactly as the file's `model` fields do")
+        raise UserError(
+            f"The generations file has no responses of {', '.join(missing)}{seen}",
+            where=str(path),
+            fix="Generate them with `instruct generate --model MODEL --input PROMPTS --output FILE`, "
+            "or name the models exactly as the file's `model` fields do",
+        )
     complete = [key for key in order if all(e.name in answers[key] for e in entries)]
     if len(complete) < len(order):
         warn(f"{len(order) - len(complete)} prompts of {path} lack a response from some model and are left out")
     if not complete:
-        raise UserError("No prompt of the generations file has a response from every model", where=str(path),
-                        fix="Generate every model's responses for the same prompts")
+        raise UserError(
+            "No prompt of the generations file has a response from every model",
+            where=str(path),
+            fix="Generate every model's responses for the same prompts",
+        )
     complete = complete[:max_prompts]
-    return ([prompts[key] for key in complete],
-            {e.name: [answers[key][e.name] for key in complete] for e in entries})
+    return ([prompts[key] for key in complete], {e.name: [answers[key][e.name] for key in complete] for e in entries})
 
 
-def input_records(config: EvalConfig, entries: list[Entry], sft_folder: Path | None, prefs_folder: Path | None
-                  ) -> dict[str, dict]:
+def input_records(
+    config: EvalConfig, entries: list[Entry], sft_folder: Path | None, prefs_folder: Path | None
+) -> dict[str, dict]:
     """The report's parents: every input folder (or file) with its content hash."""
     records = {"reward": artifacts.parent_record(config.reward)}
     for key, folder in (("data", config.data), ("sft_data", sft_folder), ("prefs_data", prefs_folder)):
@@ -447,14 +535,23 @@ def input_records(config: EvalConfig, entries: list[Entry], sft_folder: Path | N
         if entry.reference is not None and not any(e.path and same_path(e.path, entry.reference) for e in entries):
             records[f"reference:{entry.reference}"] = artifacts.parent_record(entry.reference)
     if config.generations is not None:
-        records["generations"] = {"path": str(Path(config.generations).resolve()), "kind": "generations",
-                                  "sha256": artifacts.sha256_file(config.generations)}
+        records["generations"] = {
+            "path": str(Path(config.generations).resolve()),
+            "kind": "generations",
+            "sha256": artifacts.sha256_file(config.generations),
+        }
     return records
 
 
 # ------------------------------------------------------------------------------------ 2-4. measuring
-def answer_and_measure(entry: Entry, entries: list[Entry], prompts: list[list[dict]], answers: list[dict] | None,
-                       conversations: list[list[dict]], config: EvalConfig) -> None:
+def answer_and_measure(
+    entry: Entry,
+    entries: list[Entry],
+    prompts: list[list[dict]],
+    answers: list[dict] | None,
+    conversations: list[list[dict]],
+    config: EvalConfig,
+) -> None:
     """Load one model: its samples (generated, seed reset first, or from --generations), the log-probs of its
     own samples (when a KL is to be measured), its perplexity on the SFT eval split, and, when it is the KL
     reference of models already answered, their KL. Then free it."""
@@ -464,17 +561,31 @@ def answer_and_measure(entry: Entry, entries: list[Entry], prompts: list[list[di
         torch.manual_seed(config.seed)
         with progress(f"generate {entry.name}", total=len(prompts)) as bar:
             entry.samples = sample_responses(
-                model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                top_p=config.top_p, batch_size=config.batch_size, max_length=config.max_length, bar=bar)
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                batch_size=config.batch_size,
+                max_length=config.max_length,
+                bar=bar,
+            )
     else:
         entry.samples = samples_from_file(tokenizer, prompts, answers, config.max_length)
     if entry.is_own_reference:
         entry.kl = [0.0] * len(prompts)
     elif entry.reference is not None:
         with progress(f"log-probs {entry.name}", total=len(prompts)) as bar:
-            entry.own_logprobs = response_logprobs(model, entry.samples.queries, entry.samples.responses,
-                                                   pad_id=tokenizer.pad_token_id, temperature=config.temperature,
-                                                   batch_size=config.batch_size, bar=bar)
+            entry.own_logprobs = response_logprobs(
+                model,
+                entry.samples.queries,
+                entry.samples.responses,
+                pad_id=tokenizer.pad_token_id,
+                temperature=config.temperature,
+                batch_size=config.batch_size,
+                bar=bar,
+            )
     if conversations:
         entry.perplexity = perplexity(model, tokenizer, conversations, config.max_length, config.batch_size)
     if entry.path is not None:
@@ -483,21 +594,30 @@ def answer_and_measure(entry: Entry, entries: list[Entry], prompts: list[list[di
     release_memory()
 
 
-def kl_against(model, tokenizer, source: models.ModelSource, reference: Path, entries: list[Entry],
-               config: EvalConfig) -> None:
+def kl_against(
+    model, tokenizer, source: models.ModelSource, reference: Path, entries: list[Entry], config: EvalConfig
+) -> None:
     """The KL of every entry measured against `reference` (loaded as `model`) whose own log-probs are ready."""
     for entry in entries:
         if entry.kl is not None or entry.own_logprobs is None or not same_path(entry.reference, reference):
             continue
         if entry.fingerprint != source.fingerprint:
-            warn(f"The KL of {entry.name} is not measured: it has another base model than its reference "
-                 f"{reference}, so their tokens cannot be compared")
+            warn(
+                f"The KL of {entry.name} is not measured: it has another base model than its reference "
+                f"{reference}, so their tokens cannot be compared"
+            )
             entry.own_logprobs = None
             continue
         with progress(f"KL {entry.name}", total=len(entry.samples.responses)) as bar:
-            reference_logprobs = response_logprobs(model, entry.samples.queries, entry.samples.responses,
-                                                   pad_id=tokenizer.pad_token_id, temperature=config.temperature,
-                                                   batch_size=config.batch_size, bar=bar)
+            reference_logprobs = response_logprobs(
+                model,
+                entry.samples.queries,
+                entry.samples.responses,
+                pad_id=tokenizer.pad_token_id,
+                temperature=config.temperature,
+                batch_size=config.batch_size,
+                bar=bar,
+            )
         entry.kl = sequence_kl(entry.own_logprobs, reference_logprobs)
 
 
@@ -505,8 +625,11 @@ def measure_remaining_kl(entries: list[Entry], config: EvalConfig) -> None:
     """Load each KL reference that was not among the models evaluated, once, for the models measured against it."""
     references: list[Path] = []
     for entry in entries:
-        if entry.kl is None and entry.own_logprobs is not None and not any(
-                same_path(entry.reference, r) for r in references):
+        if (
+            entry.kl is None
+            and entry.own_logprobs is not None
+            and not any(same_path(entry.reference, r) for r in references)
+        ):
             references.append(entry.reference)
     for reference in references:
         model, tokenizer, source = models.load_for_inference(str(reference), config.quantization, config.device)
@@ -518,30 +641,36 @@ def measure_remaining_kl(entries: list[Entry], config: EvalConfig) -> None:
 def answering_order(entries: list[Entry]) -> list[Entry]:
     """The entries with the KL references of other entries last, so that a reference evaluated anyway (the sft
     run next to its ppo run) measures their KL while it is loaded, instead of being loaded twice."""
+
     def is_reference(entry: Entry) -> bool:
-        return entry.path is not None and any(other is not entry and other.reference is not None
-                                              and same_path(other.reference, entry.path) for other in entries)
+        return entry.path is not None and any(
+            other is not entry and other.reference is not None and same_path(other.reference, entry.path)
+            for other in entries
+        )
 
     return sorted(entries, key=is_reference)
 
 
-def score_with_reward_model(entries: list[Entry], prompts: list[list[dict]], pref_rows: list[dict],
-                            prefs_where: str, config: EvalConfig) -> dict | None:
+def score_with_reward_model(
+    entries: list[Entry], prompts: list[list[dict]], pref_rows: list[dict], prefs_where: str, config: EvalConfig
+) -> dict | None:
     """Normalised reward of every response (into each entry), and the RM's accuracy on preference rows."""
-    model, tokenizer, norm = rm.load_reward_model(config.reward, config.quantization, config.device)
+    model, tokenizer, norm = preferences.load_reward_model(config.reward, config.quantization, config.device)
     device = next(model.head.parameters()).device
     total = len(prompts) * len(entries)
     with progress("reward model", total=total) as bar:
         for entry in entries:
-            sequences = [rm.encode_response(tokenizer, prompt, [{"role": "assistant", "content": text}],
-                                            config.max_length)
-                         for prompt, text in zip(prompts, entry.samples.texts)]
-            raw = rm.score_sequences(model, sequences, tokenizer.pad_token_id, device, config.batch_size, bar)
-            entry.rewards = [rm.normalize(value, norm) for value in raw]
+            sequences = [
+                preferences.encode_response(
+                    tokenizer, prompt, [{"role": "assistant", "content": text}], config.max_length
+                )
+                for prompt, text in zip(prompts, entry.samples.texts)
+            ]
+            raw = preferences.score_sequences(model, sequences, tokenizer.pad_token_id, device, config.batch_size, bar)
+            entry.rewards = [preferences.normalize(value, norm) for value in raw]
     accuracy = None
     if pref_rows:
-        accuracy = reward_model_accuracy(model, tokenizer, pref_rows, config.max_length, config.batch_size,
-                                         prefs_where)
+        accuracy = reward_model_accuracy(model, tokenizer, pref_rows, config.max_length, config.batch_size, prefs_where)
     del model
     release_memory()
     return {"path": str(config.reward), "normalization": norm, **(accuracy or {})}
@@ -555,12 +684,20 @@ def model_report(entry: Entry, baseline: Entry, config: EvalConfig) -> dict:
     if entry is not baseline:
         results = outcomes(entry.rewards, baseline.rewards)
         low, high = bootstrap_interval(results, config.bootstrap, config.seed)
-        win = {"against": baseline.name, "rate": float(results.mean()), "low": low, "high": high,
-               "wins": int((results == 1.0).sum()), "ties": int((results == 0.5).sum()),
-               "losses": int((results == 0.0).sum())}
+        win = {
+            "against": baseline.name,
+            "rate": float(results.mean()),
+            "low": low,
+            "high": high,
+            "wins": int((results == 1.0).sum()),
+            "ties": int((results == 0.5).sum()),
+            "losses": int((results == 0.0).sum()),
+        }
     known_ends = [ended for ended in samples.ended if ended is not None]
     return {
-        "name": entry.name, "kind": entry.kind, "path": str(entry.path.resolve()) if entry.path else entry.spec,
+        "name": entry.name,
+        "kind": entry.kind,
+        "path": str(entry.path.resolve()) if entry.path else entry.spec,
         "baseline": entry is baseline,
         "reference": str(entry.reference) if entry.reference is not None else None,
         "reward": describe(entry.rewards),
@@ -619,8 +756,9 @@ def verdict(report: dict) -> list[str]:
         elif win["high"] < 0.5:
             sentence = f"{name} loses to {baseline} by the reward model: it wins only {on_prompts}"
         else:
-            sentence = (f"{name} and {baseline} are level by the reward model: {name} wins {on_prompts}, which "
-                        "includes 50%")
+            sentence = (
+                f"{name} and {baseline} are level by the reward model: {name} wins {on_prompts}, which includes 50%"
+            )
         if model["kl"] is not None and model["kind"] != "sft":  # an sft run is its own reference
             sentence += f", at KL {model['kl']['mean']:.2f} nats from its SFT reference"
         base_reward = next(m["reward"]["mean"] for m in report["models"] if m["name"] == baseline)
@@ -631,13 +769,23 @@ def verdict(report: dict) -> list[str]:
         lines.append(f"{only['name']} alone: mean reward {only['reward']['mean']:+.2f} (nothing to compare with).")
     accuracy = report["reward_model"].get("accuracy")
     if accuracy is not None and accuracy < 0.6:
-        lines.append(f"{CAUTION}: the reward model ranks held-out preference pairs correctly only "
-                     f"{percent(accuracy)} of the time.")
+        lines.append(
+            f"{CAUTION}: the reward model ranks held-out preference pairs correctly only "
+            f"{percent(accuracy)} of the time."
+        )
     return lines
 
 
-TABLE_COLUMNS = ["model", "reward ± std", "win-rate (95% CI)", "KL (nats)", "perplexity", "length", "EOS rate",
-                 "distinct-1/2"]
+TABLE_COLUMNS = [
+    "model",
+    "reward ± std",
+    "win-rate (95% CI)",
+    "KL (nats)",
+    "perplexity",
+    "length",
+    "EOS rate",
+    "distinct-1/2",
+]
 
 
 def table_rows(report: dict) -> list[list[str]]:
@@ -645,16 +793,18 @@ def table_rows(report: dict) -> list[list[str]]:
     rows = []
     for model in report["models"]:
         win = model["win_rate"]
-        rows.append([
-            model["name"] + (" (baseline)" if model["baseline"] else ""),
-            f"{model['reward']['mean']:+.2f} ± {model['reward']['std']:.2f}",
-            win_text(win).replace("95% CI ", "") if win else "-",
-            f"{model['kl']['mean']:.2f}" if model["kl"] is not None else "-",
-            f"{model['perplexity']['perplexity']:.4g}" if model["perplexity"] else "-",
-            f"{model['length']:.1f}",
-            percent(model["eos_rate"]) if model["eos_rate"] is not None else "-",
-            f"{model['distinct_1']:.2f} / {model['distinct_2']:.2f}",
-        ])
+        rows.append(
+            [
+                model["name"] + (" (baseline)" if model["baseline"] else ""),
+                f"{model['reward']['mean']:+.2f} ± {model['reward']['std']:.2f}",
+                win_text(win).replace("95% CI ", "") if win else "-",
+                f"{model['kl']['mean']:.2f}" if model["kl"] is not None else "-",
+                f"{model['perplexity']['perplexity']:.4g}" if model["perplexity"] else "-",
+                f"{model['length']:.1f}",
+                percent(model["eos_rate"]) if model["eos_rate"] is not None else "-",
+                f"{model['distinct_1']:.2f} / {model['distinct_2']:.2f}",
+            ]
+        )
     return rows
 
 
@@ -672,26 +822,37 @@ def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str
     lines = ["# Evaluation report", ""]
     for line in report["verdict"]:
         lines += [line if line.startswith(CAUTION) else f"**{line}**", ""]
-    lines += ["## Results", "",
-              f"{report['prompts']} held-out prompts, each answered once by every model (temperature "
-              f"{settings['temperature']}, top-p {settings['top_p']}, at most {settings['max_new_tokens']} tokens, "
-              f"seed {settings['seed']}). Baseline: **{report['baseline']}**.", "",
-              "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += [
+        "## Results",
+        "",
+        f"{report['prompts']} held-out prompts, each answered once by every model (temperature "
+        f"{settings['temperature']}, top-p {settings['top_p']}, at most {settings['max_new_tokens']} tokens, "
+        f"seed {settings['seed']}). Baseline: **{report['baseline']}**.",
+        "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "---|" * len(TABLE_COLUMNS),
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
     rm_report = report["reward_model"]
     lines += [""]
     if rm_report.get("accuracy") is not None:
-        lines += [f"Reward model {rm_report['path']}: {percent(rm_report['accuracy'])} accuracy on "
-                  f"{rm_report['pairs']} held-out preference pairs (mean margin {rm_report['margin']:.2f})."]
+        lines += [
+            f"Reward model {rm_report['path']}: {percent(rm_report['accuracy'])} accuracy on "
+            f"{rm_report['pairs']} held-out preference pairs (mean margin {rm_report['margin']:.2f})."
+        ]
     else:
         lines += [f"Reward model {rm_report['path']}: no preference eval split was available to measure its accuracy."]
-    lines += ["", "How to read it: reward is the reward model's score in units of the standard deviation of its "
-              "training responses (0 = their mean). Win-rate is the share of prompts on which a model's response "
-              "scores higher than the baseline's on the same prompt (ties count half), with a bootstrap 95% "
-              "interval over prompts: an interval above 50% means a real win. KL is the mean over a model's "
-              "responses of log p_model - log p_SFT summed over the response's tokens (nats): how far it moved "
-              "from the SFT model. Perplexity is on the SFT eval split (lower = closer to the demonstrations). "
-              "Length is in tokens, EOS included; distinct-n is the share of unique word n-grams.", ""]
+    lines += [
+        "",
+        "How to read it: reward is the reward model's score in units of the standard deviation of its "
+        "training responses (0 = their mean). Win-rate is the share of prompts on which a model's response "
+        "scores higher than the baseline's on the same prompt (ties count half), with a bootstrap 95% "
+        "interval over prompts: an interval above 50% means a real win. KL is the mean over a model's "
+        "responses of log p_model - log p_SFT summed over the response's tokens (nats): how far it moved "
+        "from the SFT model. Perplexity is on the SFT eval split (lower = closer to the demonstrations). "
+        "Length is in tokens, EOS included; distinct-n is the share of unique word n-grams.",
+        "",
+    ]
     if samples:
         lines += ["## Samples", ""]
         for number, row in enumerate(samples[:how_many], start=1):
@@ -699,13 +860,15 @@ def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str
             lines += [f"### Prompt {number}", "", fenced(prompt), ""]
             for name, answer in row["responses"].items():
                 tokens = f"{answer['tokens']} token" + ("" if answer["tokens"] == 1 else "s")
-                lines += [f"**{name}** - reward {answer['reward']:+.2f}, {tokens}", "",
-                          fenced(answer["text"]), ""]
+                lines += [f"**{name}** - reward {answer['reward']:+.2f}, {tokens}", "", fenced(answer["text"]), ""]
     plots = report["plots"]
     if plots:
         lines += ["## Plots", ""]
-        titles = {REWARD_PLOT: "Reward distributions", WIN_PLOT: "Win-rate against the baseline",
-                  CURVES_PLOT: "Training curves"}
+        titles = {
+            REWARD_PLOT: "Reward distributions",
+            WIN_PLOT: "Win-rate against the baseline",
+            CURVES_PLOT: "Training curves",
+        }
         for plot in plots:
             lines += [f"### {titles.get(plot, plot)}", "", f"![{titles.get(plot, plot)}]({plot})", ""]
     lines += ["## Inputs", "", "| input | path | sha256 |", "|---|---|---|"]
@@ -720,10 +883,14 @@ def sample_rows(prompts: list[list[dict]], entries: list[Entry]) -> list[dict]:
         responses = {}
         for entry in entries:
             samples = entry.samples
-            responses[entry.name] = {"text": samples.texts[index], "reward": entry.rewards[index],
-                                     "tokens": len(samples.responses[index]), "eos": samples.ended[index],
-                                     "kl": entry.kl[index] if entry.kl is not None else None,
-                                     "ids": samples.responses[index]}
+            responses[entry.name] = {
+                "text": samples.texts[index],
+                "reward": entry.rewards[index],
+                "tokens": len(samples.responses[index]),
+                "eos": samples.ended[index],
+                "kl": entry.kl[index] if entry.kl is not None else None,
+                "ids": samples.responses[index],
+            }
         rows.append({"index": index, "prompt": prompt, "responses": responses})
     return rows
 
@@ -758,8 +925,9 @@ def figure_series(figure) -> dict[str, dict[str, list[float]]]:
         for container in axes.containers:
             if isinstance(container, BarContainer) and labelled(container):
                 horizontal = getattr(container, "orientation", "vertical") == "horizontal"
-                series[container.get_label()] = [float(bar.get_width() if horizontal else bar.get_height())
-                                                 for bar in container.patches]
+                series[container.get_label()] = [
+                    float(bar.get_width() if horizontal else bar.get_height()) for bar in container.patches
+                ]
         if series:
             panels[axes.get_title()] = series
     return panels
@@ -784,8 +952,10 @@ def plot_reward_distribution(rewards: dict[str, list[float]], path: Path) -> dic
     """Overlaid histograms of each model's normalised rewards, with each mean as a dashed line."""
     figure = new_figure(8, 4.5)
     axes = figure.add_subplot()
-    edges = np.histogram_bin_edges(np.concatenate([np.asarray(v, dtype=float) for v in rewards.values()]),
-                                   bins=min(30, max(8, max(len(v) for v in rewards.values()) // 3)))
+    edges = np.histogram_bin_edges(
+        np.concatenate([np.asarray(v, dtype=float) for v in rewards.values()]),
+        bins=min(30, max(8, max(len(v) for v in rewards.values()) // 3)),
+    )
     for index, (name, values) in enumerate(rewards.items()):
         counts, _ = np.histogram(values, bins=edges)
         mean = float(np.mean(values))
@@ -809,10 +979,20 @@ def plot_win_rates(results: list[dict], baseline: str, path: Path) -> dict:
     axes = figure.add_subplot()
     names = [m["name"] for m in compared]
     rates = np.array([100 * m["win_rate"]["rate"] for m in compared])
-    errors = np.array([[100 * (m["win_rate"]["rate"] - m["win_rate"]["low"]) for m in compared],
-                       [100 * (m["win_rate"]["high"] - m["win_rate"]["rate"]) for m in compared]])
-    axes.barh(names, rates, xerr=errors, capsize=4, color=[f"C{i}" for i in range(len(compared))],
-              label=f"win-rate vs {baseline}")
+    errors = np.array(
+        [
+            [100 * (m["win_rate"]["rate"] - m["win_rate"]["low"]) for m in compared],
+            [100 * (m["win_rate"]["high"] - m["win_rate"]["rate"]) for m in compared],
+        ]
+    )
+    axes.barh(
+        names,
+        rates,
+        xerr=errors,
+        capsize=4,
+        color=[f"C{i}" for i in range(len(compared))],
+        label=f"win-rate vs {baseline}",
+    )
     axes.axvline(50, color="grey", linestyle="--", linewidth=1, label="_no difference")
     for y, model in enumerate(compared):
         win = model["win_rate"]
@@ -827,8 +1007,11 @@ def plot_win_rates(results: list[dict], baseline: str, path: Path) -> dict:
 CURVES: dict[str, list[tuple[str, list[str]]]] = {
     "sft": [("loss", ["loss/train", "eval/loss"])],
     "rm": [("loss", ["loss/train", "eval/loss"]), ("accuracy", ["train/accuracy", "eval/accuracy"])],
-    "ppo": [("score", ["objective/score", "eval/reward"]), ("KL (nats)", ["objective/kl", "eval/kl"]),
-            ("beta", ["objective/beta"])],
+    "ppo": [
+        ("score", ["objective/score", "eval/reward"]),
+        ("KL (nats)", ["objective/kl", "eval/kl"]),
+        ("beta", ["objective/beta"]),
+    ],
 }
 """The panels of the training curves per kind of run: (panel, metric names read from metrics.jsonl)."""
 
@@ -846,8 +1029,10 @@ def plot_training_curves(runs: list[tuple[str, str, Path]], path: Path) -> dict 
     for name, kind, folder in runs:
         rows = read_metrics(folder)
         for title, metrics in CURVES.get(kind, []):
-            series = {metric: ([row["step"] for row in rows if metric in row],
-                               [row[metric] for row in rows if metric in row]) for metric in metrics}
+            series = {
+                metric: ([row["step"] for row in rows if metric in row], [row[metric] for row in rows if metric in row])
+                for metric in metrics
+            }
             series = {metric: xy for metric, xy in series.items() if xy[0]}
             if series:
                 panels.append((f"{name} ({kind}): {title}", "iteration" if kind == "ppo" else "step", series))
@@ -902,19 +1087,28 @@ def run(config: EvalConfig) -> Path:
     sft_run = next((e.reference for e in entries if e.reference is not None), None)
     sft_folder = pick_data("sft", config.sft_data, "--sft-data", config.data, training_data(sft_run))
     prefs_folder = pick_data("prefs", config.prefs_data, "--prefs-data", config.data, training_data(config.reward))
-    conversations = [row["messages"] for row in data.read_split(sft_folder, "sft.eval")][:config.max_prompts] \
-        if sft_folder else []
-    pref_rows = data.read_split(prefs_folder, "prefs.eval")[:config.max_prompts] if prefs_folder else []
+    conversations = (
+        [row["messages"] for row in data_folders.read_split(sft_folder, "sft.eval")][: config.max_prompts]
+        if sft_folder
+        else []
+    )
+    pref_rows = data_folders.read_split(prefs_folder, "prefs.eval")[: config.max_prompts] if prefs_folder else []
     if not conversations:
         warn("Perplexity is not measured: no SFT eval split (pass --sft-data DIR)")
     if not pref_rows:
         warn("The reward model's accuracy is not measured: no preference eval split (pass --prefs-data DIR)")
     run_folder = artifacts.RunFolder.open(
-        config.out, "report", to_recipe_dict(config), force=config.force or unfinished_report(config.out),
+        config.out,
+        "report",
+        to_recipe_dict(config),
+        force=config.force or unfinished_report(config.out),
         parents=input_records(config, entries, sft_folder, prefs_folder),
-        extra={"base_model": rm_manifest.get("base_model"), "quantization": config.quantization})
-    info(f"eval: {len(entries)} models on {len(prompts)} prompts (baseline {baseline.name}), reward model "
-         f"{config.reward}")
+        extra={"base_model": rm_manifest.get("base_model"), "quantization": config.quantization},
+    )
+    info(
+        f"eval: {len(entries)} models on {len(prompts)} prompts (baseline {baseline.name}), reward model "
+        f"{config.reward}"
+    )
     with run_folder.recording():
         # 2. answer: one model at a time (each KL reference after the models measured against it)
         for entry in answering_order(entries):
@@ -924,19 +1118,31 @@ def run(config: EvalConfig) -> Path:
         # 4. score: the reward model
         reward_model = score_with_reward_model(entries, prompts, pref_rows, f"{prefs_folder}/prefs.eval.jsonl", config)
         # 5. report: every file first, the manifest's complete status last
-        report = write_report(Path(config.out), entries, baseline, prompts, reward_model,
-                              run_folder.manifest["parents"], config)
+        report = write_report(
+            Path(config.out), entries, baseline, prompts, reward_model, run_folder.manifest["parents"], config
+        )
         run_folder.complete(headline_metrics(report), verdict=report["verdict"])
     show(report, Path(config.out))
     return Path(config.out)
 
 
-def write_report(out: Path, entries: list[Entry], baseline: Entry, prompts: list[list[dict]], reward_model: dict,
-                 inputs: dict, config: EvalConfig) -> dict:
+def write_report(
+    out: Path,
+    entries: list[Entry],
+    baseline: Entry,
+    prompts: list[list[dict]],
+    reward_model: dict,
+    inputs: dict,
+    config: EvalConfig,
+) -> dict:
     """Write the plots, samples.jsonl, report.json and report.md into `out`; returns the report."""
     report = {
-        "baseline": baseline.name, "prompts": len(prompts), "settings": to_recipe_dict(config), "inputs": inputs,
-        "reward_model": reward_model, "models": [model_report(entry, baseline, config) for entry in entries],
+        "baseline": baseline.name,
+        "prompts": len(prompts),
+        "settings": to_recipe_dict(config),
+        "inputs": inputs,
+        "reward_model": reward_model,
+        "models": [model_report(entry, baseline, config) for entry in entries],
         "plots": [],
     }
     plot_reward_distribution({entry.name: entry.rewards for entry in entries}, out / REWARD_PLOT)
@@ -962,25 +1168,31 @@ def unfinished_report(folder: Path) -> bool:
 
 def show(report: dict, folder: Path) -> None:
     """The results table, a few answers side by side (from the report folder's samples.jsonl) and the verdict."""
-    print_table(f"eval: {report['prompts']} prompts, baseline {report['baseline']}", TABLE_COLUMNS,
-                table_rows(report))
+    print_table(f"eval: {report['prompts']} prompts, baseline {report['baseline']}", TABLE_COLUMNS, table_rows(report))
     samples = artifacts.read_jsonl(Path(folder) / SAMPLES)
     if samples:
         names = list(samples[0]["responses"])
-        rows = [[row["prompt"][-1]["content"] if row["prompt"] else ""]
-                + [f"{row['responses'][name]['text']}\n(reward {row['responses'][name]['reward']:+.2f})"
-                   for name in names]
-                for row in samples[:SAMPLES_SHOWN]]
-        print_table(f"{min(SAMPLES_SHOWN, len(samples))} of the {len(samples)} answers side by side "
-                    f"(all in {SAMPLES})", ["prompt", *names], rows)
+        rows = [
+            [row["prompt"][-1]["content"] if row["prompt"] else ""]
+            + [f"{row['responses'][name]['text']}\n(reward {row['responses'][name]['reward']:+.2f})" for name in names]
+            for row in samples[:SAMPLES_SHOWN]
+        ]
+        print_table(
+            f"{min(SAMPLES_SHOWN, len(samples))} of the {len(samples)} answers side by side (all in {SAMPLES})",
+            ["prompt", *names],
+            rows,
+        )
     for line in report["verdict"]:
         info(line)
     rm_report = report["reward_model"]
-    summary_table("eval", {
-        "report": display_path(Path(folder) / REPORT_MD),
-        "reward model accuracy": percent(rm_report["accuracy"]) if rm_report.get("accuracy") is not None else "-",
-        "plots": ", ".join(report["plots"]),
-    })
+    summary_table(
+        "eval",
+        {
+            "report": display_path(Path(folder) / REPORT_MD),
+            "reward model accuracy": percent(rm_report["accuracy"]) if rm_report.get("accuracy") is not None else "-",
+            "plots": ", ".join(report["plots"]),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------------ compare
@@ -1003,16 +1215,20 @@ def load_report(folder: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"The report cannot be read ({exc})", where=str(path),
-                        fix="Run `instruct eval` for it again with --force") from None
+        raise UserError(
+            f"The report cannot be read ({exc})", where=str(path), fix="Run `instruct eval` for it again with --force"
+        ) from None
 
 
 def compare(folders: Sequence[Path]) -> dict[str, list[list[str]]]:
     """Print what differs between two reports: per model figures (paired by position in --models), the reward
     model's accuracy, the settings, and the inputs' hashes. Returns the printed rows by table."""
     if len(folders) != 2:
-        raise UserError(f"--compare takes two report folders, not {len(folders)}", where="--compare",
-                        fix="Run `instruct eval --compare reports/a reports/b`")
+        raise UserError(
+            f"--compare takes two report folders, not {len(folders)}",
+            where="--compare",
+            fix="Run `instruct eval --compare reports/a reports/b`",
+        )
     a, b = (load_report(folder) for folder in folders)
     metrics = []
     for model_a, model_b in zip_longest(a["models"], b["models"]):
@@ -1026,19 +1242,31 @@ def compare(folders: Sequence[Path]) -> dict[str, list[list[str]]]:
             change = form.format(value_b - value_a) if value_a is not None and value_b is not None else "-"
             if change[:1].isdigit():
                 change = "+" + change
-            metrics.append([label, metric, form.format(value_a) if value_a is not None else "-",
-                            form.format(value_b) if value_b is not None else "-", change])
+            metrics.append(
+                [
+                    label,
+                    metric,
+                    form.format(value_a) if value_a is not None else "-",
+                    form.format(value_b) if value_b is not None else "-",
+                    change,
+                ]
+            )
     accuracies = [report["reward_model"].get("accuracy") for report in (a, b)]
     if any(value is not None for value in accuracies):
         change = f"{accuracies[1] - accuracies[0]:+.1%}" if None not in accuracies else "-"
         shown = [f"{v:.1%}" if v is not None else "-" for v in accuracies]
         metrics.append(["reward model", "accuracy", *shown, change])
-    settings = [[key, str(a["settings"].get(key)), str(b["settings"].get(key))]
-                for key in sorted(set(a["settings"]) | set(b["settings"]))
-                if key != "out" and a["settings"].get(key) != b["settings"].get(key)]
+    settings = [
+        [key, str(a["settings"].get(key)), str(b["settings"].get(key))]
+        for key in sorted(set(a["settings"]) | set(b["settings"]))
+        if key != "out" and a["settings"].get(key) != b["settings"].get(key)
+    ]
     hashes = [{key: record.get("sha256", "-") for key, record in report["inputs"].items()} for report in (a, b)]
-    inputs = [[key, hashes[0].get(key, "-")[:12], hashes[1].get(key, "-")[:12]]
-              for key in sorted(set(hashes[0]) | set(hashes[1])) if hashes[0].get(key) != hashes[1].get(key)]
+    inputs = [
+        [key, hashes[0].get(key, "-")[:12], hashes[1].get(key, "-")[:12]]
+        for key in sorted(set(hashes[0]) | set(hashes[1]))
+        if hashes[0].get(key) != hashes[1].get(key)
+    ]
     first, second = (str(folder) for folder in folders)
     print_table(f"{first} (a) vs {second} (b)", ["model", "metric", "a", "b", "change (b - a)"], metrics)
     if settings:

@@ -53,8 +53,13 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tenso
     return -(logp.exp() * logp).sum(-1)
 
 
-def shaped_rewards(scores: torch.Tensor, policy_logprobs: torch.Tensor, reference_logprobs: torch.Tensor,
-                   mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def shaped_rewards(
+    scores: torch.Tensor,
+    policy_logprobs: torch.Tensor,
+    reference_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: -beta * KL at every response token, plus the sequence score at its last token.
 
     KL per token is the sample estimate logp_policy - logp_reference. Returns (rewards, kl), both (B, T).
@@ -66,8 +71,9 @@ def shaped_rewards(scores: torch.Tensor, policy_logprobs: torch.Tensor, referenc
     return rewards * mask, kl
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens; returns (advantages, returns), both (B, T).
 
     delta_t = r_t + gamma * V_{t+1} - V_t, and A_t = delta_t + gamma * lam * A_{t+1}, where V and A after the
@@ -87,8 +93,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict[str, float]]:
+def policy_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate objective (as a loss to minimise), with clip fraction and approximate KL."""
     log_ratio = (new_logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
@@ -97,19 +108,23 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     stats = {
         "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-        "policy/approxkl": 0.5 * masked_mean(log_ratio ** 2, mask).item(),
+        "policy/approxkl": 0.5 * masked_mean(log_ratio**2, mask).item(),
     }
     return loss, stats
 
 
-def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_range: float) -> tuple[torch.Tensor, dict[str, float]]:
+def value_loss(
+    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss: 0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped within clip_range of the old V."""
     clipped_values = old_values + torch.clamp(new_values - old_values, -clip_range, clip_range)
     losses = torch.maximum((new_values - returns) ** 2, (clipped_values - returns) ** 2)
     loss = 0.5 * masked_mean(losses, mask)
-    return loss, {"value/clipfrac": masked_mean(((new_values - returns) ** 2 < (clipped_values - returns) ** 2)
-                                                .float(), mask).item()}
+    return loss, {
+        "value/clipfrac": masked_mean(
+            ((new_values - returns) ** 2 < (clipped_values - returns) ** 2).float(), mask
+        ).item()
+    }
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -154,8 +169,9 @@ def truncate_after_eos(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor,
     """
     is_eos = tokens == eos_id
     ended = is_eos.any(1)
-    first_eos = torch.where(ended, is_eos.float().argmax(1), torch.full_like(ended, tokens.shape[1] - 1,
-                                                                             dtype=torch.long))
+    first_eos = torch.where(
+        ended, is_eos.float().argmax(1), torch.full_like(ended, tokens.shape[1] - 1, dtype=torch.long)
+    )
     positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
     mask = (positions <= first_eos.unsqueeze(1)).float()
     return mask, ended

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from instruct_cli.errors import UserError
+from instruct_cli.core.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -179,17 +179,26 @@ def require_complete(folder: Path, kinds: tuple[str, ...] | str, flag: str = "in
     wanted = " or ".join(kinds)
     maker = COMMAND_OF_KIND.get(kinds[0], kinds[0])
     if not folder.exists():
-        raise UserError(f"The {wanted} folder given as {flag} does not exist", where=str(folder),
-                        fix=f"Check the path, or create it with `instruct {maker}`")
+        raise UserError(
+            f"The {wanted} folder given as {flag} does not exist",
+            where=str(folder),
+            fix=f"Check the path, or create it with `instruct {maker}`",
+        )
     manifest = read_manifest(folder)
     if manifest is None:
-        raise UserError(f"{folder} is not an instruct {wanted} folder (it has no {MANIFEST})", where=flag,
-                        fix=f"Pass a folder written by `instruct {maker}`")
+        raise UserError(
+            f"{folder} is not an instruct {wanted} folder (it has no {MANIFEST})",
+            where=flag,
+            fix=f"Pass a folder written by `instruct {maker}`",
+        )
     if manifest.get("kind") not in kinds:
         found = manifest.get("kind")
-        raise UserError(f"{folder} is the output of `instruct {COMMAND_OF_KIND.get(found, found)}`, but {flag} "
-                        f"needs the output of `instruct {' or '.join(COMMAND_OF_KIND.get(k, k) for k in kinds)}`",
-                        where=str(folder / MANIFEST), fix=f"Pass a folder written by `instruct {maker}`")
+        raise UserError(
+            f"{folder} is the output of `instruct {COMMAND_OF_KIND.get(found, found)}`, but {flag} "
+            f"needs the output of `instruct {' or '.join(COMMAND_OF_KIND.get(k, k) for k in kinds)}`",
+            where=str(folder / MANIFEST),
+            fix=f"Pass a folder written by `instruct {maker}`",
+        )
     status = manifest.get("status")
     if status != STATUS_COMPLETE:
         command = manifest.get("command") or f"instruct {maker} ..."
@@ -251,22 +260,32 @@ class RunFolder:
         path = Path(path)
         existing = read_manifest(path) if path.exists() else None
         if path.exists() and not path.is_dir():
-            raise UserError(f"The output path {path} is a file, not a folder", where="--out",
-                            fix="Choose another --out")
+            raise UserError(
+                f"The output path {path} is a file, not a folder", where="--out", fix="Choose another --out"
+            )
         if existing is not None and not force:
             if existing.get("status") == STATUS_COMPLETE:
-                raise UserError(f"{path} already holds a complete {existing.get('kind')} output", where="--out",
-                                fix="Pass --force to replace it, or choose another --out")
+                raise UserError(
+                    f"{path} already holds a complete {existing.get('kind')} output",
+                    where="--out",
+                    fix="Pass --force to replace it, or choose another --out",
+                )
             if not resume:
                 raise UserError(
                     f"{path} holds an unfinished {existing.get('kind')} run (status: {existing.get('status')})",
-                    where="--out", fix="Pass --resume to continue it, or --force to start over")
+                    where="--out",
+                    fix="Pass --resume to continue it, or --force to start over",
+                )
             if existing.get("kind") != kind:
-                raise UserError(f"{path} holds a {existing.get('kind')} run, not {kind}", where="--out",
-                                fix="Choose another --out")
+                raise UserError(
+                    f"{path} holds a {existing.get('kind')} run, not {kind}", where="--out", fix="Choose another --out"
+                )
         elif path.exists() and any(path.iterdir()) and not force and existing is None:
-            raise UserError(f"{path} exists and is not empty, and is not an instruct folder", where="--out",
-                            fix="Choose an empty or new folder for --out, or pass --force to replace it")
+            raise UserError(
+                f"{path} exists and is not empty, and is not an instruct folder",
+                where="--out",
+                fix="Choose an empty or new folder for --out, or pass --force to replace it",
+            )
         if force and path.exists() and writer:
             shutil.rmtree(path)
         resumed = existing is not None and resume and not force

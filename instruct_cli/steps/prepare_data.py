@@ -23,14 +23,13 @@ import random
 import statistics
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
-from instruct_cli import artifacts
-from instruct_cli.config import PrepareDataConfig, to_recipe_dict
-from instruct_cli.console import info, progress, summary_table, warn
-from instruct_cli.errors import UserError
+from instruct_cli.core import artifacts
+from instruct_cli.core.config import PrepareDataConfig, to_recipe_dict
+from instruct_cli.core.console import info, progress, summary_table, warn
+from instruct_cli.core.errors import UserError
 
-TASKS = ("sft", "prefs", "prompts")
 FILE_TYPES = ".json, .jsonl, .csv, .parquet, .txt, a `datasets.save_to_disk` folder or a labels folder"
 
 
@@ -89,17 +88,26 @@ def read_json(path: Path) -> Iterator[tuple[object, str]]:
         if exc.msg == "Extra data":
             yield from read_jsonl(path)
             return
-        raise UserError(f"The file is not valid JSON ({exc.msg}, line {exc.lineno})", where=str(path),
-                        fix="Fix the JSON, or save it as JSON lines (.jsonl)") from None
+        raise UserError(
+            f"The file is not valid JSON ({exc.msg}, line {exc.lineno})",
+            where=str(path),
+            fix="Fix the JSON, or save it as JSON lines (.jsonl)",
+        ) from None
     if isinstance(value, dict):
         lists = [v for v in value.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise UserError("A JSON file must hold a list of rows (or an object with exactly one list)",
-                            where=str(path), fix="Write the rows as a JSON list or as JSON lines")
+            raise UserError(
+                "A JSON file must hold a list of rows (or an object with exactly one list)",
+                where=str(path),
+                fix="Write the rows as a JSON list or as JSON lines",
+            )
         value = lists[0]
     if not isinstance(value, list):
-        raise UserError("A JSON file must hold a list of rows", where=str(path),
-                        fix="Write the rows as a JSON list or as JSON lines")
+        raise UserError(
+            "A JSON file must hold a list of rows",
+            where=str(path),
+            fix="Write the rows as a JSON list or as JSON lines",
+        )
     for number, row in enumerate(value, start=1):
         yield row, f"{path}, row {number}"
 
@@ -125,8 +133,11 @@ def read_folder(path: Path) -> Iterator[tuple[object, str]]:
         yield from read_jsonl(path / "rankings.jsonl")
         return
     if not any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        raise UserError("The input folder is neither a `datasets.save_to_disk` folder nor a labels folder",
-                        where=str(path), fix=f"Give {FILE_TYPES}")
+        raise UserError(
+            "The input folder is neither a `datasets.save_to_disk` folder nor a labels folder",
+            where=str(path),
+            fix=f"Give {FILE_TYPES}",
+        )
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
@@ -137,8 +148,16 @@ def read_folder(path: Path) -> Iterator[tuple[object, str]]:
 
 
 # ------------------------------------------------------------------------------ 2. formats and records
-ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-              "model": "assistant", "chatgpt": "assistant", "system": "system"}
+ROLE_NAMES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
 
 
 def text_of(value, field: str) -> str:
@@ -189,10 +208,10 @@ def preference(prompt: list[dict] | None, chosen, rejected) -> dict:
     if prompt is None:
         prompt, chosen, rejected = split_shared_prefix(chosen, rejected)
     else:  # responses that repeat the prompt (full conversations) lose it
-        if chosen[:len(prompt)] == prompt and len(chosen) > len(prompt):
-            chosen = chosen[len(prompt):]
-        if rejected[:len(prompt)] == prompt and len(rejected) > len(prompt):
-            rejected = rejected[len(prompt):]
+        if chosen[: len(prompt)] == prompt and len(chosen) > len(prompt):
+            chosen = chosen[len(prompt) :]
+        if rejected[: len(prompt)] == prompt and len(rejected) > len(prompt):
+            rejected = rejected[len(prompt) :]
     if not prompt:
         raise Malformed("chosen and rejected share no prompt")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -216,7 +235,8 @@ def from_alpaca(row: dict) -> tuple[str, dict]:
     if row.get("input"):
         prompt_text += "\n\n" + text_of(row["input"], "input")
     prompt = ([{"role": "system", "content": text_of(row["system"], "system")}] if row.get("system") else []) + [
-        {"role": "user", "content": prompt_text}]
+        {"role": "user", "content": prompt_text}
+    ]
     if "chosen" in row and "rejected" in row:
         return "prefs", preference(prompt, row["chosen"], row["rejected"])
     if row.get("output") is None:
@@ -263,8 +283,9 @@ def from_preference(row: dict) -> tuple[str, dict]:
 
 def from_hh(row: dict) -> tuple[str, dict]:
     """Anthropic HH: full transcripts in `chosen` and `rejected`; the prompt is their shared beginning."""
-    return "prefs", preference(None, hh_messages(text_of(row["chosen"], "chosen")),
-                               hh_messages(text_of(row["rejected"], "rejected")))
+    return "prefs", preference(
+        None, hh_messages(text_of(row["chosen"], "chosen")), hh_messages(text_of(row["rejected"], "rejected"))
+    )
 
 
 def from_ranked(row: dict) -> tuple[str, dict]:
@@ -275,8 +296,11 @@ def from_ranked(row: dict) -> tuple[str, dict]:
         raise Malformed("`responses` should be a list of at least two responses")
     responses = [to_messages(r, "assistant", "responses") for r in responses]
     ranking = row["ranking"]
-    if (not isinstance(ranking, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ranking)
-            or sorted(ranking) != list(range(len(responses)))):
+    if (
+        not isinstance(ranking, list)
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in ranking)
+        or sorted(ranking) != list(range(len(responses)))
+    ):
         raise Malformed(f"`ranking` {ranking!r} is not a permutation of 0..{len(responses) - 1}")
     record = {"prompt": prompt, "responses": responses, "ranking": ranking}
     ties = row.get("ties") or []
@@ -293,13 +317,25 @@ def from_text(row: dict) -> tuple[str, dict]:
 
 
 CONVERTERS: dict[str, Callable[[dict], tuple[str, dict]]] = {
-    "alpaca": from_alpaca, "sharegpt": from_sharegpt, "messages": from_messages,
-    "prompt-completion": from_prompt_completion, "preference": from_preference, "hh": from_hh,
-    "ranked": from_ranked, "text": from_text,
+    "alpaca": from_alpaca,
+    "sharegpt": from_sharegpt,
+    "messages": from_messages,
+    "prompt-completion": from_prompt_completion,
+    "preference": from_preference,
+    "hh": from_hh,
+    "ranked": from_ranked,
+    "text": from_text,
 }
-REQUIRED_KEYS = {"alpaca": ("instruction",), "sharegpt": ("conversations",), "messages": ("messages",),
-                 "prompt-completion": ("prompt",), "preference": ("chosen", "rejected"),
-                 "hh": ("chosen", "rejected"), "ranked": ("prompt", "responses", "ranking"), "text": ("text",)}
+REQUIRED_KEYS = {
+    "alpaca": ("instruction",),
+    "sharegpt": ("conversations",),
+    "messages": ("messages",),
+    "prompt-completion": ("prompt",),
+    "preference": ("chosen", "rejected"),
+    "hh": ("chosen", "rejected"),
+    "ranked": ("prompt", "responses", "ranking"),
+    "text": ("text",),
+}
 
 
 def detect_format(row) -> str | None:
@@ -361,8 +397,13 @@ def add_system(row: dict, system: str) -> dict:
 
 def check_row(row: dict, task: str) -> str | None:
     """Why a canonical row must be dropped ('empty' or 'malformed'), or None when it is fine."""
-    conversations = ([row["messages"]] if task == "sft" else [row["prompt"]] if task == "prompts" else
-                     [row["prompt"]] + ([row["chosen"], row["rejected"]] if "chosen" in row else row["responses"]))
+    conversations = (
+        [row["messages"]]
+        if task == "sft"
+        else [row["prompt"]]
+        if task == "prompts"
+        else [row["prompt"]] + ([row["chosen"], row["rejected"]] if "chosen" in row else row["responses"])
+    )
     if any(not conv or any(not m["content"].strip() for m in conv) for conv in conversations):
         return "empty"
     prompt = row["messages"][:-1] if task == "sft" else row["prompt"]
@@ -404,15 +445,20 @@ def length_stats(lengths: list[int]) -> dict:
     if not lengths:
         return {}
     ordered = sorted(lengths)
-    return {"min": ordered[0], "mean": round(statistics.fmean(ordered), 1), "median": statistics.median(ordered),
-            "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1]}
+    return {
+        "min": ordered[0],
+        "mean": round(statistics.fmean(ordered), 1),
+        "median": statistics.median(ordered),
+        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "max": ordered[-1],
+    }
 
 
 # ------------------------------------------------------------------------------------------------- run
 def run(config: PrepareDataConfig) -> Path:
     """Read every input, convert to the task's canonical rows, drop and count bad ones, split, write the folder."""
-    from instruct_cli import models
-    from instruct_cli.sft import template_ids
+    from instruct_cli.core import models
+    from instruct_cli.core.chat import template_ids
 
     if not config.inputs:
         raise UserError("No input files", where="--input", fix="Pass one or more files with -i FILE")
@@ -423,8 +469,11 @@ def run(config: PrepareDataConfig) -> Path:
             raise UserError("The input does not exist", where=str(path), fix="Check the --input path")
     existing = artifacts.read_manifest(config.out) if Path(config.out).is_dir() else None
     if existing is not None and existing.get("status") == "complete" and not config.force:
-        raise UserError(f"{config.out} already holds a complete {existing.get('kind')} output", where="--out",
-                        fix="Pass --force to replace it, or choose another --out")
+        raise UserError(
+            f"{config.out} already holds a complete {existing.get('kind')} output",
+            where="--out",
+            fix="Pass --force to replace it, or choose another --out",
+        )
 
     # 1-2. read and convert every row, remembering its kind (sft / prefs / prompts)
     converted: list[tuple[str, dict, str]] = []
@@ -443,30 +492,45 @@ def run(config: PrepareDataConfig) -> Path:
                     raise raw
                 fmt = fmt or detect_format(raw)
                 if fmt is None:
-                    raise Malformed("no known format fits its fields" + (
-                        f" ({', '.join(sorted(raw))})" if isinstance(raw, dict) else ""))
+                    raise Malformed(
+                        "no known format fits its fields"
+                        + (f" ({', '.join(sorted(raw))})" if isinstance(raw, dict) else "")
+                    )
                 kind, record = convert(raw, fmt)
                 converted.append((kind, record, where))
             except Malformed as exc:
                 if config.strict:
-                    raise UserError(f"Malformed row: {exc}", where=where,
-                                    fix="Fix the row, force another --format, or drop --strict to skip such rows")
+                    raise UserError(
+                        f"Malformed row: {exc}",
+                        where=where,
+                        fix="Fix the row, force another --format, or drop --strict to skip such rows",
+                    ) from None
                 dropped["malformed"] += 1
         if rows_read == 0:
             raise UserError("The input has no rows", where=str(path), fix="Check that this is the right file")
-        sources.append({"path": str(path), "sha256": artifacts.sha256_file(path) if path.is_file()
-                        else artifacts.sha256_folder(path), "format": fmt or "unknown", "rows": rows_read})
+        sources.append(
+            {
+                "path": str(path),
+                "sha256": artifacts.sha256_file(path) if path.is_file() else artifacts.sha256_folder(path),
+                "format": fmt or "unknown",
+                "rows": rows_read,
+            }
+        )
     if not converted:
-        raise UserError(f"No row of the input could be read ({dropped['malformed']} malformed)",
-                        where=", ".join(map(str, config.inputs)),
-                        fix="Check the file's format (see `instruct prepare-data --help`) or force one with --format")
+        raise UserError(
+            f"No row of the input could be read ({dropped['malformed']} malformed)",
+            where=", ".join(map(str, config.inputs)),
+            fix="Check the file's format (see `instruct prepare-data --help`) or force one with --format",
+        )
 
     # 3. one task for the folder: the one asked for, or the kind most rows have
     kinds = Counter(kind for kind, _, _ in converted)
     task = config.task if config.task != "auto" else kinds.most_common(1)[0][0]
     if config.task == "auto" and len(kinds) > 1:
-        warn(f"The inputs mix {', '.join(f'{n} {k}' for k, n in kinds.items())} rows; writing the {task} task "
-             "(pass --task to choose)")
+        warn(
+            f"The inputs mix {', '.join(f'{n} {k}' for k, n in kinds.items())} rows; writing the {task} task "
+            "(pass --task to choose)"
+        )
     rows, seen = [], set()
     for kind, record, where in converted:
         try:
@@ -475,8 +539,11 @@ def run(config: PrepareDataConfig) -> Path:
             reason = check_row(row, task)
         except Malformed as exc:
             if config.strict:
-                raise UserError(f"Row cannot be used: {exc}", where=where,
-                                fix=f"Choose the --task these rows are for, or prepare them apart") from None
+                raise UserError(
+                    f"Row cannot be used: {exc}",
+                    where=where,
+                    fix="Choose the --task these rows are for, or prepare them apart",
+                ) from None
             reason = "malformed"
         if reason is None and json.dumps(row, sort_keys=True) in seen:
             reason = "duplicate"
@@ -492,8 +559,11 @@ def run(config: PrepareDataConfig) -> Path:
     source = models.resolve_model(config.model, flag="--model")
     tokenizer = models.load_tokenizer(source)
     if not tokenizer.chat_template:
-        raise UserError("The model's tokenizer has no chat template, so token lengths cannot be measured",
-                        where="--model", fix="Use an instruct/chat model, whose tokenizer has a chat template")
+        raise UserError(
+            "The model's tokenizer has no chat template, so token lengths cannot be measured",
+            where="--model",
+            fix="Use an instruct/chat model, whose tokenizer has a chat template",
+        )
     kept, lengths = [], []
     with progress("prepare-data: measuring tokens", total=len(rows)) as bar:
         for row in rows:
@@ -505,15 +575,21 @@ def run(config: PrepareDataConfig) -> Path:
             kept.append(row)
             lengths.append(length)
     if not kept:
-        raise UserError(f"Every row was dropped ({', '.join(f'{n} {r}' for r, n in dropped.items())})",
-                        where=", ".join(map(str, config.inputs)),
-                        fix="Check the inputs, --task and --max-tokens")
+        raise UserError(
+            f"Every row was dropped ({', '.join(f'{n} {r}' for r, n in dropped.items())})",
+            where=", ".join(map(str, config.inputs)),
+            fix="Check the inputs, --task and --max-tokens",
+        )
 
     # 4. split and write; the manifest is written last, so an interrupted run never looks complete
     train, held_out = split_rows(kept, config.eval_fraction, config.seed)
-    folder = artifacts.RunFolder.open(config.out, "data", to_recipe_dict(config),
-                                      force=config.force or existing is not None,
-                                      extra={"task": task, "tokenizer": source.reference})
+    folder = artifacts.RunFolder.open(
+        config.out,
+        "data",
+        to_recipe_dict(config),
+        force=config.force or existing is not None,
+        extra={"task": task, "tokenizer": source.reference},
+    )
     with folder.recording():
         files = {}
         for split, split_rows_ in (("train", train), ("eval", held_out)):
@@ -521,63 +597,28 @@ def run(config: PrepareDataConfig) -> Path:
             artifacts.write_jsonl(Path(config.out) / name, split_rows_)
             files[f"{task}.{split}"] = name
         counts = {"train": len(train), "eval": len(held_out)}
-        folder.complete(sources=sources, files=files, counts=counts, dropped=dict(dropped), seed=config.seed,
-                        token_lengths=length_stats(lengths))
-    summary_table("prepare-data", {
-        "output": str(config.out), "task": task,
-        "format": ", ".join(sorted({s["format"] for s in sources})),
-        "train / eval rows": f"{len(train)} / {len(held_out)}",
-        "dropped": ", ".join(f"{n} {r}" for r, n in sorted(dropped.items())) or "none",
-        "tokens (mean / max)": f"{length_stats(lengths)['mean']} / {length_stats(lengths)['max']}"})
+        folder.complete(
+            sources=sources,
+            files=files,
+            counts=counts,
+            dropped=dict(dropped),
+            seed=config.seed,
+            token_lengths=length_stats(lengths),
+        )
+    summary_table(
+        "prepare-data",
+        {
+            "output": str(config.out),
+            "task": task,
+            "format": ", ".join(sorted({s["format"] for s in sources})),
+            "train / eval rows": f"{len(train)} / {len(held_out)}",
+            "dropped": ", ".join(f"{n} {r}" for r, n in sorted(dropped.items())) or "none",
+            "tokens (mean / max)": f"{length_stats(lengths)['mean']} / {length_stats(lengths)['max']}",
+        },
+    )
     if len(held_out) == 0 and config.eval_fraction > 0:
         info("Only one row: the eval split is empty")
     return Path(config.out)
 
 
 # ------------------------------------------------------------------------------------------- reading back
-def data_task(data_dir: Path, flag: str = "--data") -> str:
-    """The task of a complete data folder: sft, prefs or prompts."""
-    return artifacts.require_complete(Path(data_dir), "data", flag=flag).get("task", "")
-
-
-def read_prompts(data_dir: Path, split: str, flag: str = "--data") -> list[list[dict]]:
-    """The prompts (message lists) of split `split` (train/eval) of a data folder of any task: a prompts folder
-    gives its prompts, an sft folder its conversations without the answer, a prefs folder its pairs' prompts."""
-    task = data_task(data_dir, flag=flag)
-    if task not in TASKS:
-        raise UserError(f"{data_dir} has no prompts (task {task!r})", where=flag,
-                        fix="Prepare prompts with `instruct prepare-data --task prompts`")
-    rows = read_split(data_dir, f"{task}.{split}", flag=flag)
-    return [row["messages"][:-1] if task == "sft" else row["prompt"] for row in rows]
-
-
-def read_split(data_dir: Path, name: str, flag: str = "--data") -> list[dict]:
-    """The rows of split `name` (e.g. `sft.train`) of a complete data folder.
-
-    A folder prepared for another task is refused with a message that says which --task makes this one.
-    """
-    folder = Path(data_dir)
-    manifest = artifacts.require_complete(folder, "data", flag=flag)
-    path = folder / f"{name}.jsonl"
-    if not path.is_file():
-        wanted = name.split(".")[0]
-        raise UserError(f"The data folder holds {manifest.get('task')} data, but this step needs {wanted} data "
-                        f"({path.name})", where=str(folder),
-                        fix=f"Prepare the right data with `instruct prepare-data -i FILE --task {wanted} -o DIR`")
-    with open(path, encoding="utf-8") as handle:
-        return [row for _, row, _ in json_lines(handle, str(path),
-                                                fix="Prepare the folder again with `instruct prepare-data --force`")]
-
-
-def json_lines(lines: Iterable[str], name: str, fix: str) -> Iterator[tuple[int, object, str]]:
-    """(line number, parsed value, "NAME, line N") for each non-blank JSON line of a file the user gave;
-    a line that is not JSON stops with an error naming it and saying `fix`."""
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{name}, line {number}"
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"Line {number} is not valid JSON ({exc.msg})", where=where, fix=fix) from None
-        yield number, value, where

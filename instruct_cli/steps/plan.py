@@ -76,11 +76,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from instruct_cli import config as cfg
-from instruct_cli.errors import UserError
+from instruct_cli.core import config as cfg
+from instruct_cli.core.errors import UserError
 
-GiB = 1024 ** 3
-MiB = 1024 ** 2
+GiB = 1024**3
+MiB = 1024**2
 CUDA_CONTEXT_RESERVE = GiB // 2
 """Device memory the CUDA context and kernels take before torch allocates anything."""
 TIGHT_MARGIN = 0.10
@@ -88,27 +88,57 @@ TIGHT_MARGIN = 0.10
 
 # --------------------------------------------------------------------------------------------- GPUs
 GPUS: dict[str, tuple[str, float]] = {
-    "rtx-3060": ("RTX 3060 12GB", 12), "rtx-3060-ti": ("RTX 3060 Ti 8GB", 8), "rtx-3070": ("RTX 3070 8GB", 8),
-    "rtx-3070-ti": ("RTX 3070 Ti 8GB", 8), "rtx-3080": ("RTX 3080 10GB", 10),
-    "rtx-3080-12gb": ("RTX 3080 12GB", 12), "rtx-3080-ti": ("RTX 3080 Ti 12GB", 12),
-    "rtx-3090": ("RTX 3090 24GB", 24), "rtx-3090-ti": ("RTX 3090 Ti 24GB", 24),
-    "rtx-4060": ("RTX 4060 8GB", 8), "rtx-4060-ti": ("RTX 4060 Ti 16GB", 16),
-    "rtx-4060-ti-8gb": ("RTX 4060 Ti 8GB", 8), "rtx-4070": ("RTX 4070 12GB", 12),
-    "rtx-4070-super": ("RTX 4070 Super 12GB", 12), "rtx-4070-ti": ("RTX 4070 Ti 12GB", 12),
-    "rtx-4070-ti-super": ("RTX 4070 Ti Super 16GB", 16), "rtx-4080": ("RTX 4080 16GB", 16),
-    "rtx-4080-super": ("RTX 4080 Super 16GB", 16), "rtx-4090": ("RTX 4090 24GB", 24),
-    "rtx-5060-ti": ("RTX 5060 Ti 16GB", 16), "rtx-5070": ("RTX 5070 12GB", 12),
-    "rtx-5070-ti": ("RTX 5070 Ti 16GB", 16), "rtx-5080": ("RTX 5080 16GB", 16), "rtx-5090": ("RTX 5090 32GB", 32),
-    "rtx-a4000": ("RTX A4000 16GB", 16), "rtx-a5000": ("RTX A5000 24GB", 24), "rtx-a6000": ("RTX A6000 48GB", 48),
-    "rtx-6000-ada": ("RTX 6000 Ada 48GB", 48), "t4": ("T4 16GB", 16), "l4": ("L4 24GB", 24), "a10": ("A10 24GB", 24),
-    "a10g": ("A10G 24GB", 24), "l40s": ("L40S 48GB", 48), "v100": ("V100 16GB", 16), "v100-32gb": ("V100 32GB", 32),
-    "a100-40gb": ("A100 40GB", 40), "a100-80gb": ("A100 80GB", 80), "h100": ("H100 80GB", 80),
+    "rtx-3060": ("RTX 3060 12GB", 12),
+    "rtx-3060-ti": ("RTX 3060 Ti 8GB", 8),
+    "rtx-3070": ("RTX 3070 8GB", 8),
+    "rtx-3070-ti": ("RTX 3070 Ti 8GB", 8),
+    "rtx-3080": ("RTX 3080 10GB", 10),
+    "rtx-3080-12gb": ("RTX 3080 12GB", 12),
+    "rtx-3080-ti": ("RTX 3080 Ti 12GB", 12),
+    "rtx-3090": ("RTX 3090 24GB", 24),
+    "rtx-3090-ti": ("RTX 3090 Ti 24GB", 24),
+    "rtx-4060": ("RTX 4060 8GB", 8),
+    "rtx-4060-ti": ("RTX 4060 Ti 16GB", 16),
+    "rtx-4060-ti-8gb": ("RTX 4060 Ti 8GB", 8),
+    "rtx-4070": ("RTX 4070 12GB", 12),
+    "rtx-4070-super": ("RTX 4070 Super 12GB", 12),
+    "rtx-4070-ti": ("RTX 4070 Ti 12GB", 12),
+    "rtx-4070-ti-super": ("RTX 4070 Ti Super 16GB", 16),
+    "rtx-4080": ("RTX 4080 16GB", 16),
+    "rtx-4080-super": ("RTX 4080 Super 16GB", 16),
+    "rtx-4090": ("RTX 4090 24GB", 24),
+    "rtx-5060-ti": ("RTX 5060 Ti 16GB", 16),
+    "rtx-5070": ("RTX 5070 12GB", 12),
+    "rtx-5070-ti": ("RTX 5070 Ti 16GB", 16),
+    "rtx-5080": ("RTX 5080 16GB", 16),
+    "rtx-5090": ("RTX 5090 32GB", 32),
+    "rtx-a4000": ("RTX A4000 16GB", 16),
+    "rtx-a5000": ("RTX A5000 24GB", 24),
+    "rtx-a6000": ("RTX A6000 48GB", 48),
+    "rtx-6000-ada": ("RTX 6000 Ada 48GB", 48),
+    "t4": ("T4 16GB", 16),
+    "l4": ("L4 24GB", 24),
+    "a10": ("A10 24GB", 24),
+    "a10g": ("A10G 24GB", 24),
+    "l40s": ("L40S 48GB", 48),
+    "v100": ("V100 16GB", 16),
+    "v100-32gb": ("V100 32GB", 32),
+    "a100-40gb": ("A100 40GB", 40),
+    "a100-80gb": ("A100 80GB", 80),
+    "h100": ("H100 80GB", 80),
     "h200": ("H200 141GB", 131),
 }
 """Known cards: key -> (name, memory in GiB). Spec sheets' "GB" of GPU memory are GiB (a 24 GB card reports
 24564 MiB), except the H200's 141 GB, which are decimal."""
-GPU_ALIASES = {"a4000": "rtx-a4000", "a5000": "rtx-a5000", "a6000": "rtx-a6000", "a100": "a100-40gb",
-               "h100-80gb": "h100", "4060-ti-8gb": "rtx-4060-ti-8gb", "3080-12gb": "rtx-3080-12gb"}
+GPU_ALIASES = {
+    "a4000": "rtx-a4000",
+    "a5000": "rtx-a5000",
+    "a6000": "rtx-a6000",
+    "a100": "a100-40gb",
+    "h100-80gb": "h100",
+    "4060-ti-8gb": "rtx-4060-ti-8gb",
+    "3080-12gb": "rtx-3080-12gb",
+}
 
 
 def gpu_key(name: str) -> str:
@@ -141,9 +171,12 @@ def find_gpu(name: str) -> tuple[str, int]:
     close = difflib.get_close_matches(gpu_key(name), list(index), n=3, cutoff=0.6)
     names = list(dict.fromkeys(GPUS[index[c]][0] for c in close))
     hint = f"Did you mean {' or '.join(names)}? " if names else ""
-    raise UserError(f"Unknown GPU {name!r}", where="--gpu",
-                    fix=f"{hint}Or give its memory, e.g. --gpu-memory 12GB. Known cards: "
-                        f"{', '.join(display for display, _ in GPUS.values())}")
+    raise UserError(
+        f"Unknown GPU {name!r}",
+        where="--gpu",
+        fix=f"{hint}Or give its memory, e.g. --gpu-memory 12GB. Known cards: "
+        f"{', '.join(display for display, _ in GPUS.values())}",
+    )
 
 
 def parse_memory(text: str) -> int:
@@ -151,8 +184,11 @@ def parse_memory(text: str) -> int:
     GPU spec sheets do."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
     if not match or float(match.group(1)) <= 0:
-        raise UserError(f"Cannot read the memory size {text!r}", where="--gpu-memory",
-                        fix="Write it as a number with a unit, e.g. 12GB, 11.5GiB or 24000MB")
+        raise UserError(
+            f"Cannot read the memory size {text!r}",
+            where="--gpu-memory",
+            fix="Write it as a number with a unit, e.g. 12GB, 11.5GiB or 24000MB",
+        )
     unit = {"": GiB, "k": 1024, "m": MiB, "g": GiB, "t": 1024 * GiB}[match.group(2)]
     return int(float(match.group(1)) * unit)
 
@@ -200,10 +236,21 @@ class ModelShape:
         """The Linear layers of one decoder layer: name -> (in features, out features)."""
         h, i = self.hidden, self.intermediate
         if self.fused:
-            return {"qkv_proj": (h, self.q_width + 2 * self.kv_width), "o_proj": (self.q_width, h),
-                    "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
-        return {"q_proj": (h, self.q_width), "k_proj": (h, self.kv_width), "v_proj": (h, self.kv_width),
-                "o_proj": (self.q_width, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+            return {
+                "qkv_proj": (h, self.q_width + 2 * self.kv_width),
+                "o_proj": (self.q_width, h),
+                "gate_up_proj": (h, 2 * i),
+                "down_proj": (i, h),
+            }
+        return {
+            "q_proj": (h, self.q_width),
+            "k_proj": (h, self.kv_width),
+            "v_proj": (h, self.kv_width),
+            "o_proj": (self.q_width, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     @classmethod
     def from_config(cls, config: Any, name: str) -> "ModelShape":
@@ -214,53 +261,113 @@ class ModelShape:
             values = {**text, "tie_word_embeddings": values.get("tie_word_embeddings", text.get("tie_word_embeddings"))}
         experts = [k for k in ("num_experts", "num_local_experts", "n_routed_experts") if values.get(k)]
         if experts:
-            raise UserError(f"{name} is a mixture-of-experts model ({experts[0]} = {values[experts[0]]}); the "
-                            "planner covers dense decoder models only", where=name,
-                            fix="Plan a dense model of similar size, or measure with a short run")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if not values.get(k)]
+            raise UserError(
+                f"{name} is a mixture-of-experts model ({experts[0]} = {values[experts[0]]}); the "
+                "planner covers dense decoder models only",
+                where=name,
+                fix="Plan a dense model of similar size, or measure with a short run",
+            )
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if not values.get(k)
+        ]
         if missing:
-            raise UserError(f"The config of {name} has no {', '.join(missing)}", where=name,
-                            fix="Pass the config.json of a decoder-only language model (--model-config FILE)")
+            raise UserError(
+                f"The config of {name} has no {', '.join(missing)}",
+                where=name,
+                fix="Pass the config.json of a decoder-only language model (--model-config FILE)",
+            )
         heads = int(values["num_attention_heads"])
         model_type = str(values.get("model_type", ""))
         return cls(
-            name=name, vocab=int(values["vocab_size"]), hidden=int(values["hidden_size"]),
-            intermediate=int(values["intermediate_size"]), layers=int(values["num_hidden_layers"]), heads=heads,
+            name=name,
+            vocab=int(values["vocab_size"]),
+            hidden=int(values["hidden_size"]),
+            intermediate=int(values["intermediate_size"]),
+            layers=int(values["num_hidden_layers"]),
+            heads=heads,
             kv_heads=int(values.get("num_key_value_heads") or heads),
             head_dim=int(values.get("head_dim") or values["hidden_size"] // heads),
             tied=bool(values.get("tie_word_embeddings", True)),
             qkv_bias=model_type == "qwen2" or bool(values.get("attention_bias")),
             o_bias=model_type != "qwen2" and bool(values.get("attention_bias")),
-            mlp_bias=bool(values.get("mlp_bias")), qk_norm=model_type in ("qwen3",),
+            mlp_bias=bool(values.get("mlp_bias")),
+            qk_norm=model_type in ("qwen3",),
             fused=model_type in ("phi3",),
         )
 
 
 # Configs of common models, built in so that the README table (and tests) need no download.
 REFERENCE_MODELS: dict[str, dict] = {
-    "Qwen/Qwen2.5-0.5B-Instruct": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                       tie_word_embeddings=True),
-    "Qwen/Qwen2.5-1.5B-Instruct": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
-                                       intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                                       num_key_value_heads=2, tie_word_embeddings=True),
-    "Qwen/Qwen2.5-3B-Instruct": dict(model_type="qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                                     num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                                     tie_word_embeddings=True),
-    "Qwen/Qwen2.5-7B-Instruct": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                                     num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                                     tie_word_embeddings=False),
-    "meta-llama/Llama-3.1-8B-Instruct": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
-                                             intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                                             num_key_value_heads=8, tie_word_embeddings=False),
-    "Qwen/Qwen2.5-14B-Instruct": dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13824,
-                                      num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
-                                      tie_word_embeddings=False),
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen2.5-1.5B-Instruct": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen2.5-3B-Instruct": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen2.5-7B-Instruct": dict(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
+    "meta-llama/Llama-3.1-8B-Instruct": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
+    "Qwen/Qwen2.5-14B-Instruct": dict(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
 }
-TABLE_MODELS = {"0.5B": "Qwen/Qwen2.5-0.5B-Instruct", "1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
-                "3B": "Qwen/Qwen2.5-3B-Instruct", "8B": "meta-llama/Llama-3.1-8B-Instruct",
-                "14B": "Qwen/Qwen2.5-14B-Instruct"}
+TABLE_MODELS = {
+    "0.5B": "Qwen/Qwen2.5-0.5B-Instruct",
+    "1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
+    "3B": "Qwen/Qwen2.5-3B-Instruct",
+    "8B": "meta-llama/Llama-3.1-8B-Instruct",
+    "14B": "Qwen/Qwen2.5-14B-Instruct",
+}
 TABLE_GPUS = (8, 12, 16, 24)
 
 
@@ -274,13 +381,16 @@ def read_model_shape(reference: str | None = None, model_config: Path | None = N
         try:
             values = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise UserError(f"Cannot read the model config ({exc})", where=str(model_config),
-                            fix="Pass a config.json file (or the folder that holds one)") from None
+            raise UserError(
+                f"Cannot read the model config ({exc})",
+                where=str(model_config),
+                fix="Pass a config.json file (or the folder that holds one)",
+            ) from None
         return ModelShape.from_config(values, path.parent.name if path.name == "config.json" else path.name)
     reference = reference or cfg.BUILTIN_MODEL
     if reference in REFERENCE_MODELS:
         return ModelShape.from_config(REFERENCE_MODELS[reference], reference)
-    from instruct_cli import models
+    from instruct_cli.core import models
 
     source = models.resolve_model(reference)
     local = Path(source.load_path) / "config.json"
@@ -291,9 +401,11 @@ def read_model_shape(reference: str | None = None, model_config: Path | None = N
 
         return ModelShape.from_config(AutoConfig.from_pretrained(source.load_path), source.reference)
     except (OSError, ValueError) as exc:
-        raise UserError(f"Cannot read the config of {reference!r} ({str(exc).splitlines()[0]})", where="--model",
-                        fix="Pass its config.json with --model-config FILE (works offline), or a local folder"
-                        ) from None
+        raise UserError(
+            f"Cannot read the config of {reference!r} ({str(exc).splitlines()[0]})",
+            where="--model",
+            fix="Pass its config.json with --model-config FILE (works offline), or a local folder",
+        ) from None
 
 
 # ------------------------------------------------------------------------------------ parameter counts
@@ -333,8 +445,13 @@ def parameter_counts(shape: ModelShape) -> ParameterCounts:
         bias += 2 * shape.intermediate + shape.hidden
     norms = 2 * shape.hidden + (2 * shape.head_dim if shape.qk_norm else 0)
     embedding = shape.vocab * shape.hidden
-    return ParameterCounts(linear=shape.layers * weights, linear_bias=shape.layers * bias, embedding=embedding,
-                           lm_head=0 if shape.tied else embedding, norms=shape.layers * norms + shape.hidden)
+    return ParameterCounts(
+        linear=shape.layers * weights,
+        linear_bias=shape.layers * bias,
+        embedding=embedding,
+        lm_head=0 if shape.tied else embedding,
+        norms=shape.layers * norms + shape.hidden,
+    )
 
 
 @dataclass(frozen=True)
@@ -353,12 +470,14 @@ def lora_targets(shape: ModelShape, targets: Iterable[str]) -> tuple[str, ...]:
     targets = list(targets)
     if targets == ["all-linear"]:
         return tuple(names)
-    chosen = [name for name in names if any(name == t or name.endswith("." + t) or t.endswith(name)
-                                             for t in targets)]
+    chosen = [name for name in names if any(name == t or name.endswith("." + t) or t.endswith(name) for t in targets)]
     unknown = [t for t in targets if not any(t == n or t.endswith(n) for n in names)]
     if unknown or not chosen:
-        raise UserError(f"LoRA target {(unknown or targets)[0]!r} is not a Linear layer of {shape.name}",
-                        where="lora_targets", fix=f"Use all-linear or some of: {', '.join(names)}")
+        raise UserError(
+            f"LoRA target {(unknown or targets)[0]!r} is not a Linear layer of {shape.name}",
+            where="lora_targets",
+            fix=f"Use all-linear or some of: {', '.join(names)}",
+        )
     return tuple(chosen)
 
 
@@ -473,8 +592,10 @@ def _lora_saved(name: str, width: int, dx: int, prec: Precision, lora: Lora) -> 
     branch = _lora_branch_dtype(dx, prec)
     items = [Saved(f"{name}: LoRA A output", lora.r, prec.lora)]
     if lora.dropout > 0:
-        items += [Saved(f"{name}: dropout mask", width, 1 if prec.cuda else branch),
-                  Saved(f"{name}: dropped input", width, prec.lora)]
+        items += [
+            Saved(f"{name}: dropout mask", width, 1 if prec.cuda else branch),
+            Saved(f"{name}: dropped input", width, prec.lora),
+        ]
     elif not _keeps_shared_input([name], dx, prec, lora):
         items.append(Saved(f"{name}: input cast for LoRA", width, prec.lora))
     return items
@@ -482,12 +603,12 @@ def _lora_saved(name: str, width: int, dx: int, prec: Precision, lora: Lora) -> 
 
 def _keeps_shared_input(names: list[str], dx: int, prec: Precision, lora: Lora | None) -> bool:
     """Whether some LoRA'd Linear keeps its input tensor itself (no dropout, no cast on the way)."""
-    return (bool(names) and lora is not None and lora.dropout == 0
-            and dx == _lora_branch_dtype(dx, prec) == prec.lora)
+    return bool(names) and lora is not None and lora.dropout == 0 and dx == _lora_branch_dtype(dx, prec) == prec.lora
 
 
-def layer_inventory(shape: ModelShape, prec: Precision, lora: Lora | None, seq: int, mask: bool = True,
-                    first: bool = False) -> list[Saved]:
+def layer_inventory(
+    shape: ModelShape, prec: Precision, lora: Lora | None, seq: int, mask: bool = True, first: bool = False
+) -> list[Saved]:
     """The tensors one decoder layer keeps for the backward, per token (frozen base, LoRA trainable).
 
     `seq` is the sequence length (the float attention mask costs `seq` elements per token); `mask` says a
@@ -513,9 +634,13 @@ def layer_inventory(shape: ModelShape, prec: Precision, lora: Lora | None, seq: 
     rotated = max(q_out, s)  # RoPE multiplies by cos/sin in the stream's dtype
     attn = prec.compute if prec.autocast else rotated
     kv_width = shape.q_width if (mask and shape.kv_heads < shape.heads) else shape.kv_width
-    items += [Saved("attention q", shape.q_width, attn), Saved("attention k", kv_width, attn),
-              Saved("attention v", kv_width, attn),
-              Saved("attention output", shape.q_width, attn), Saved("attention log-sum-exp", shape.heads, 4)]
+    items += [
+        Saved("attention q", shape.q_width, attn),
+        Saved("attention k", kv_width, attn),
+        Saved("attention v", kv_width, attn),
+        Saved("attention output", shape.q_width, attn),
+        Saved("attention log-sum-exp", shape.heads, 4),
+    ]
     if mask:
         items.append(Saved("attention mask (float)", seq, attn))
     if "o_proj" in targets:
@@ -541,8 +666,9 @@ def layer_inventory(shape: ModelShape, prec: Precision, lora: Lora | None, seq: 
     return items
 
 
-def layer_bytes_per_token(shape: ModelShape, prec: Precision, lora: Lora | None, seq: int, mask: bool = True,
-                          first: bool = False) -> int:
+def layer_bytes_per_token(
+    shape: ModelShape, prec: Precision, lora: Lora | None, seq: int, mask: bool = True, first: bool = False
+) -> int:
     """Bytes one layer keeps per token for the backward (the sum of `layer_inventory`)."""
     return sum(item.per_token for item in layer_inventory(shape, prec, lora, seq, mask, first))
 
@@ -563,8 +689,9 @@ def backward_layer_bytes(shape: ModelShape, prec: Precision, tokens: int) -> int
     return tokens * (shape.hidden * prec.stream + 2 * shape.intermediate * grad) + dequant
 
 
-def training_activation_bytes(shape: ModelShape, prec: Precision, lora: Lora, batch: int, seq: int,
-                              checkpointing: bool) -> tuple[int, int]:
+def training_activation_bytes(
+    shape: ModelShape, prec: Precision, lora: Lora, batch: int, seq: int, checkpointing: bool
+) -> tuple[int, int]:
     """(kept through the forward, extra during one layer's backward) for a training forward of `batch` x `seq`.
 
     Without checkpointing every layer keeps its inventory (layer 0 a little less: the embedding output does
@@ -577,7 +704,8 @@ def training_activation_bytes(shape: ModelShape, prec: Precision, lora: Lora, ba
     if checkpointing:
         kept = shape.layers * tokens * shape.hidden * prec.stream + final_norm + shared
         during_backward = tokens * layer_bytes_per_token(shape, prec, lora, seq) + backward_layer_bytes(
-            shape, prec, tokens)
+            shape, prec, tokens
+        )
         return kept, during_backward
     per_layer = layer_bytes_per_token(shape, prec, lora, seq)
     first = layer_bytes_per_token(shape, prec, lora, seq, first=True)
@@ -647,8 +775,16 @@ class Breakdown:
     @property
     def total(self) -> int:
         """The estimated peak."""
-        return (self.weights + self.adapters + self.gradients + self.optimizer + self.activations + self.logits
-                + self.kv_cache + self.workspace)
+        return (
+            self.weights
+            + self.adapters
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.logits
+            + self.kv_cache
+            + self.workspace
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values (for JSON)."""
@@ -688,13 +824,26 @@ def _peak(breakdown: Breakdown, moments: list[Moment]) -> Breakdown:
     return breakdown
 
 
-def _static(step: str, shape: ModelShape, quantization: str, prec: Precision, adapters: list[Lora],
-            trainable: list[Lora], heads: int = 0, trainable_heads: int = 0) -> Breakdown:
+def _static(
+    step: str,
+    shape: ModelShape,
+    quantization: str,
+    prec: Precision,
+    adapters: list[Lora],
+    trainable: list[Lora],
+    heads: int = 0,
+    trainable_heads: int = 0,
+) -> Breakdown:
     """Weights, adapters, gradients and optimizer states: there for the whole step."""
     lora = sum(lora_parameters(shape, a) for a in adapters)
     train = sum(lora_parameters(shape, a) for a in trainable) + trainable_heads * head_parameters(shape)
-    return Breakdown(step=step, weights=base_weight_bytes(shape, quantization, prec),
-                     adapters=4 * (lora + heads * head_parameters(shape)), gradients=4 * train, optimizer=8 * train)
+    return Breakdown(
+        step=step,
+        weights=base_weight_bytes(shape, quantization, prec),
+        adapters=4 * (lora + heads * head_parameters(shape)),
+        gradients=4 * train,
+        optimizer=8 * train,
+    )
 
 
 def optimizer_step_moment(breakdown: Breakdown, prec: Precision) -> Moment:
@@ -709,8 +858,12 @@ def estimate_sft(shape: ModelShape, config: cfg.SFTConfig, device: str = "cuda")
     prec = precision(device, config.quantization, training=True)
     lora = lora_for(shape, config)
     out = _static("sft", shape, config.quantization, prec, [lora], [lora])
-    return _peak(out, _training_moments(shape, prec, lora, config.batch_size, config.max_length,
-                                        config.gradient_checkpointing, logits=True, out=out))
+    return _peak(
+        out,
+        _training_moments(
+            shape, prec, lora, config.batch_size, config.max_length, config.gradient_checkpointing, logits=True, out=out
+        ),
+    )
 
 
 def estimate_rm(shape: ModelShape, config: cfg.RMConfig, device: str = "cuda") -> Breakdown:
@@ -720,48 +873,84 @@ def estimate_rm(shape: ModelShape, config: cfg.RMConfig, device: str = "cuda") -
     lora = lora_for(shape, config)
     out = _static("rm", shape, config.quantization, prec, [lora], [lora], heads=1, trainable_heads=1)
     out.notes.append("2 sequences per row (pairs); a ranked row of K responses costs K")
-    return _peak(out, _training_moments(shape, prec, lora, 2 * config.batch_size, config.max_length,
-                                        config.gradient_checkpointing, logits=False, out=out))
+    return _peak(
+        out,
+        _training_moments(
+            shape,
+            prec,
+            lora,
+            2 * config.batch_size,
+            config.max_length,
+            config.gradient_checkpointing,
+            logits=False,
+            out=out,
+        ),
+    )
 
 
-def _training_moments(shape: ModelShape, prec: Precision, lora: Lora, batch: int, seq: int, checkpointing: bool,
-                      logits: bool, out: Breakdown) -> list[Moment]:
+def _training_moments(
+    shape: ModelShape,
+    prec: Precision,
+    lora: Lora,
+    batch: int,
+    seq: int,
+    checkpointing: bool,
+    logits: bool,
+    out: Breakdown,
+) -> list[Moment]:
     """The moments of one training step: the end of the forward (the loss), one layer's backward, the update."""
     tokens = batch * seq
     kept, backward = training_activation_bytes(shape, prec, lora, batch, seq, checkpointing)
     cast = lm_head_cast_bytes(shape, prec) if logits else 0
-    loss = Moment("loss", activations=kept,
-                  logits=sft_logits_bytes(shape, tokens) if logits else 0, workspace=cast)
+    loss = Moment("loss", activations=kept, logits=sft_logits_bytes(shape, tokens) if logits else 0, workspace=cast)
     layer = Moment("backward", activations=kept + backward, workspace=cast)
     return [loss, layer, optimizer_step_moment(out, prec)]
 
 
-def estimate_ppo(shape: ModelShape, config: cfg.PPOConfig, policy: Lora, value: Lora, device: str = "cuda"
-                 ) -> Breakdown:
+def estimate_ppo(
+    shape: ModelShape, config: cfg.PPOConfig, policy: Lora, value: Lora, device: str = "cuda"
+) -> Breakdown:
     """`instruct ppo`: one base, four adapters; the largest of rollout, scoring, log-probs and the update."""
     prec = precision(device, config.quantization, training=True)
     plain = replace(prec, autocast=False)  # steps 1-4 run outside autocast
     policy, value = replace(policy, dropout=0.0), replace(value, dropout=0.0)  # PPO turns dropout off
-    out = _static("ppo", shape, config.quantization, prec, [policy, policy, value, value], [policy, value], heads=2,
-                  trainable_heads=1)
+    out = _static(
+        "ppo",
+        shape,
+        config.quantization,
+        prec,
+        [policy, policy, value, value],
+        [policy, value],
+        heads=2,
+        trainable_heads=1,
+    )
     rollouts, prompt, new = config.rollout_batch_size, config.max_prompt_length, config.max_new_tokens
     full = prompt + new
     kv_bytes = max(_linear_out(plain.stream, plain, True), plain.stream)  # k after RoPE: stream dtype or wider
     moments = [
         # 1. rollout: the prefill of the prompts, then the cache grown to prompt + new tokens
-        Moment("rollout prefill", activations=inference_layer_bytes(shape, plain, rollouts, prompt),
-               kv_cache=kv_cache_bytes(shape, rollouts, prompt, kv_bytes), logits=sampling_bytes(shape, rollouts),
-               gradients=False),
-        Moment("rollout end", kv_cache=kv_cache_bytes(shape, rollouts, full, kv_bytes),
-               logits=sampling_bytes(shape, rollouts), gradients=False),
+        Moment(
+            "rollout prefill",
+            activations=inference_layer_bytes(shape, plain, rollouts, prompt),
+            kv_cache=kv_cache_bytes(shape, rollouts, prompt, kv_bytes),
+            logits=sampling_bytes(shape, rollouts),
+            gradients=False,
+        ),
+        Moment(
+            "rollout end",
+            kv_cache=kv_cache_bytes(shape, rollouts, full, kv_bytes),
+            logits=sampling_bytes(shape, rollouts),
+            gradients=False,
+        ),
         # 2. score / 4. values: the body over prompt + response without gradients
-        Moment("scoring", activations=inference_layer_bytes(shape, plain, rollouts, full),
-               gradients=False),
+        Moment("scoring", activations=inference_layer_bytes(shape, plain, rollouts, full), gradients=False),
         # 3. log-probs and entropy, a minibatch of rollouts at a time: the policy's logits of the response
         #    positions (+1), then the scaled fp32 copy, log-softmax, its exp and the product for the entropy
-        Moment("rollout log-probs",
-               logits=min(rollouts, config.minibatch_size) * (new + 1) * shape.vocab * (plain.stream + 12),
-               gradients=False),
+        Moment(
+            "rollout log-probs",
+            logits=min(rollouts, config.minibatch_size) * (new + 1) * shape.vocab * (plain.stream + 12),
+            gradients=False,
+        ),
     ]
     # 5. update: a minibatch of prompt + response sequences with gradients through the policy
     minibatch = config.minibatch_size
@@ -776,8 +965,13 @@ def estimate_ppo(shape: ModelShape, config: cfg.PPOConfig, policy: Lora, value: 
         ptx_logits = sft_logits_bytes(shape, minibatch * 1024)
         out.notes.append("PPO-ptx adds an SFT forward of minibatch_size x 1024 tokens to the update")
     moments += [
-        Moment("update loss", activations=kept + ptx_kept, logits=update_logits + ptx_logits, workspace=cast,
-               gradients=False),
+        Moment(
+            "update loss",
+            activations=kept + ptx_kept,
+            logits=update_logits + ptx_logits,
+            workspace=cast,
+            gradients=False,
+        ),
         Moment("update backward", activations=kept + ptx_kept + backward, workspace=cast),
         optimizer_step_moment(out, prec),
     ]
@@ -794,10 +988,13 @@ def estimate_eval(shape: ModelShape, config: cfg.EvalConfig, lora: Lora, device:
     kv = _linear_out(prec.stream, prec, True)
     out.notes.append("one model in memory at a time; prompts planned at max_length tokens")
     moments = [
-        Moment("sampling prefill", activations=inference_layer_bytes(shape, prec, batch, prompt),
-               kv_cache=kv_cache_bytes(shape, batch, prompt, kv), logits=sampling_bytes(shape, batch)),
-        Moment("sampling end", kv_cache=kv_cache_bytes(shape, batch, full, kv),
-               logits=sampling_bytes(shape, batch)),
+        Moment(
+            "sampling prefill",
+            activations=inference_layer_bytes(shape, prec, batch, prompt),
+            kv_cache=kv_cache_bytes(shape, batch, prompt, kv),
+            logits=sampling_bytes(shape, batch),
+        ),
+        Moment("sampling end", kv_cache=kv_cache_bytes(shape, batch, full, kv), logits=sampling_bytes(shape, batch)),
         # the response positions (+1): logits, the scaled fp32 copy and the log-softmax
         Moment("response log-probs", logits=batch * (new + 1) * shape.vocab * (prec.stream + 8)),
         # every position of batch x max_length: logits, their contiguous copy and the fp32 log-softmax
@@ -853,8 +1050,9 @@ class StepPlan:
         return estimate_step(self.step, config or self.config, self.shape, self.loras, device)
 
 
-def estimate_step(step: str, config: Any, shape: ModelShape, loras: tuple[Lora, ...] = (), device: str = "cuda"
-                  ) -> Breakdown:
+def estimate_step(
+    step: str, config: Any, shape: ModelShape, loras: tuple[Lora, ...] = (), device: str = "cuda"
+) -> Breakdown:
     """Dispatch to the step's estimator. sft and rm read their LoRA from `config`; ppo needs `loras` =
     (policy lora, value lora) and eval (lora,), the adapters of the runs they load."""
     if step == "sft":
@@ -890,8 +1088,12 @@ def candidate_changes(step: str, config: Any) -> list[tuple[str, Callable[[Any],
     if step in ("sft", "rm"):
         for size in _halvings(config.batch_size):
             accum = config.grad_accum * config.batch_size // size
-            changes.append((f"batch_size: {size}, grad_accum: {accum} (same global batch)",
-                            lambda c, size=size, accum=accum: replace(c, batch_size=size, grad_accum=accum)))
+            changes.append(
+                (
+                    f"batch_size: {size}, grad_accum: {accum} (same global batch)",
+                    lambda c, size=size, accum=accum: replace(c, batch_size=size, grad_accum=accum),
+                )
+            )
         for length in _halvings(config.max_length, 128):
             changes.append((f"max_length: {length}", lambda c, n=length: replace(c, max_length=n)))
     elif step == "ppo":
@@ -947,8 +1149,10 @@ def suggest(plan: StepPlan, memory: int, device: str = "cuda") -> list[str]:
             break
     else:
         peak = total(list(chosen.values()))
-        return [f"does not fit even with {', '.join(d for d, _ in chosen.values())} ({gib(peak)}): it needs "
-                f"{gib(memory - usable + peak)} or more"]
+        return [
+            f"does not fit even with {', '.join(d for d, _ in chosen.values())} ({gib(peak)}): it needs "
+            f"{gib(memory - usable + peak)} or more"
+        ]
     for knob in reversed(list(chosen)):  # relax each setting as far as the rest allows
         for option in options[knob]:
             if total(list({**chosen, knob: option}.values())) <= usable:
@@ -969,8 +1173,12 @@ def _model_of(task: Any, tasks: list[Any], seen: int = 0) -> str:
     """The base model a task runs on: its --model, following run folders that earlier steps of the recipe
     write (`rm: model: runs/sft`), or that exist already (their manifest names the base)."""
     config = task.config
-    reference = {"sft": lambda: config.model, "rm": lambda: config.model, "ppo": lambda: config.sft,
-                 "eval": lambda: config.reward or (config.models[0] if config.models else None)}[task.step]()
+    reference = {
+        "sft": lambda: config.model,
+        "rm": lambda: config.model,
+        "ppo": lambda: config.sft,
+        "eval": lambda: config.reward or (config.models[0] if config.models else None),
+    }[task.step]()
     if reference is None:
         return cfg.BUILTIN_MODEL
     for other in tasks:
@@ -999,19 +1207,24 @@ DEFAULT_STEPS = (("sft", cfg.SFTConfig), ("rm", cfg.RMConfig), ("ppo", cfg.PPOCo
 def recipe_tasks(recipe: Path | None, model: str | None = None) -> list[Any]:
     """The steps to plan: a recipe's (resolved as `instruct run` resolves them), or the default settings of
     sft, rm, ppo and eval."""
-    from instruct_cli import pipeline
+    from instruct_cli.core import recipes
 
     if recipe is not None:
-        return pipeline.read_tasks(Path(recipe))
-    tasks = [pipeline.Task(step, cls()) for step, cls in DEFAULT_STEPS]
+        return recipes.read_tasks(Path(recipe))
+    tasks = [recipes.Task(step, cls()) for step, cls in DEFAULT_STEPS]
     for task in tasks:
         if model and task.step in ("sft", "rm"):
             task.config = replace(task.config, model=model)
     return tasks
 
 
-def plan_recipe(recipe: Path | None, model: str | None = None, model_config: Path | None = None,
-                memory: int | None = None, device: str = "cuda") -> list[StepPlan]:
+def plan_recipe(
+    recipe: Path | None,
+    model: str | None = None,
+    model_config: Path | None = None,
+    memory: int | None = None,
+    device: str = "cuda",
+) -> list[StepPlan]:
     """Estimate every step of a recipe (or, without one, of the default settings) on the model the recipe
     names, or on `model` / `model_config` when given, with fit verdicts and suggestions for `memory` bytes."""
     tasks = recipe_tasks(recipe, model)
@@ -1061,8 +1274,10 @@ def step_settings(plan: StepPlan) -> str:
         pairs = "pair" if c.batch_size == 1 else "pairs"
         return f"{c.quantization}, {c.batch_size} {pairs} x {c.max_length} tok, r {c.lora_r}, {ckpt}"
     if plan.step == "ppo":
-        return (f"{c.quantization}, {c.rollout_batch_size} rollouts x ({c.max_prompt_length}+{c.max_new_tokens}) tok, "
-                f"minibatch {c.minibatch_size}, {ckpt}")
+        return (
+            f"{c.quantization}, {c.rollout_batch_size} rollouts x ({c.max_prompt_length}+{c.max_new_tokens}) tok, "
+            f"minibatch {c.minibatch_size}, {ckpt}"
+        )
     if plan.step == "eval":
         return f"{c.quantization}, {c.batch_size} x ({c.max_length}+{c.max_new_tokens}) tok"
     return ""
@@ -1072,26 +1287,40 @@ def _size(n: int) -> str:
     return gib(n) if n else "-"
 
 
-def show(plans: list[StepPlan], memory_name: str | None = None, memory: int | None = None,
-         device: str = "cuda") -> None:
+def show(
+    plans: list[StepPlan], memory_name: str | None = None, memory: int | None = None, device: str = "cuda"
+) -> None:
     """Print the model(s), the per-step breakdown table with verdicts, and the suggestions."""
     from rich.table import Table
 
-    from instruct_cli.console import console
+    from instruct_cli.core.console import console
 
     for shape in {p.shape.name: p.shape for p in plans if p.shape is not None}.values():
         counts = parameter_counts(shape)
-        console.print(f"[bold]{shape.name}[/bold]: {counts.total / 1e9:.2f}B parameters, {shape.layers} layers, "
-                      f"hidden {shape.hidden}, MLP {shape.intermediate}, {shape.heads}/{shape.kv_heads} heads, "
-                      f"vocab {shape.vocab}{' (tied)' if shape.tied else ''}")
+        console.print(
+            f"[bold]{shape.name}[/bold]: {counts.total / 1e9:.2f}B parameters, {shape.layers} layers, "
+            f"hidden {shape.hidden}, MLP {shape.intermediate}, {shape.heads}/{shape.kv_heads} heads, "
+            f"vocab {shape.vocab}{' (tied)' if shape.tied else ''}"
+        )
     where = "GPU" if device.startswith("cuda") else "CPU"
     title = f"Estimated peak {where} memory per step"
     if memory is not None:
-        title += (f" on {memory_name or gib(memory)}: {gib(usable_memory(memory, device))} usable"
-                  + (" after the CUDA context" if where == "GPU" else ""))
+        title += f" on {memory_name or gib(memory)}: {gib(usable_memory(memory, device))} usable" + (
+            " after the CUDA context" if where == "GPU" else ""
+        )
     table = Table(title=title, title_justify="left")
-    columns = ["step", "weights", "LoRA + optimizer", "activations", "logits", "KV cache", "other", "peak", "peak at",
-               "GB with ckpt on / off"] + (["verdict"] if memory is not None else [])
+    columns = [
+        "step",
+        "weights",
+        "LoRA + optimizer",
+        "activations",
+        "logits",
+        "KV cache",
+        "other",
+        "peak",
+        "peak at",
+        "GB with ckpt on / off",
+    ] + (["verdict"] if memory is not None else [])
     for column in columns:
         table.add_column(column, justify="left" if column in ("step", "peak at", "verdict") else "right")
     data_sets = sum(plan.step == "prepare-data" for plan in plans)
@@ -1106,12 +1335,22 @@ def show(plans: list[StepPlan], memory_name: str | None = None, memory: int | No
                 label = "prepare-data" + (f"\n[dim]{data_sets} data sets[/dim]" if data_sets > 1 else "")
                 table.add_row(label, "-", "-", "-", "-", "-", "-", "~0", "tokenizer only", "", *verdict)
             continue
-        toggled = (" / ".join(f"{plan.checkpointing[flag] / GiB:.1f}" for flag in (True, False))
-                   if plan.checkpointing else "")
-        table.add_row(f"{plan.step}\n[dim]{step_settings(plan)}[/dim]", gib(b.weights),
-                      _size(b.adapters + b.gradients + b.optimizer), _size(b.activations), _size(b.logits),
-                      _size(b.kv_cache), _size(b.workspace), f"[bold]{gib(b.total)}[/bold]", b.phase, toggled,
-                      *verdict)
+        toggled = (
+            " / ".join(f"{plan.checkpointing[flag] / GiB:.1f}" for flag in (True, False)) if plan.checkpointing else ""
+        )
+        table.add_row(
+            f"{plan.step}\n[dim]{step_settings(plan)}[/dim]",
+            gib(b.weights),
+            _size(b.adapters + b.gradients + b.optimizer),
+            _size(b.activations),
+            _size(b.logits),
+            _size(b.kv_cache),
+            _size(b.workspace),
+            f"[bold]{gib(b.total)}[/bold]",
+            b.phase,
+            toggled,
+            *verdict,
+        )
     console.print(table)
     for plan in plans:
         if plan.verdict is None or not plan.verdict.suggestions:
@@ -1121,10 +1360,16 @@ def show(plans: list[StepPlan], memory_name: str | None = None, memory: int | No
         for suggestion in plan.verdict.suggestions:
             console.print(f"  - {suggestion}")
     notes = sorted({note for plan in plans if plan.breakdown for note in plan.breakdown.notes})
-    console.print("[dim]Planned at the configured maximum lengths, with padded batches. "
-                  + "".join(f"{note[0].upper()}{note[1:]}. " for note in notes)
-                  + ("The CUDA caching allocator adds some fragmentation: a step within 10% of the card is "
-                     "marked tight." if where == "GPU" else "") + "[/dim]")
+    console.print(
+        "[dim]Planned at the configured maximum lengths, with padded batches. "
+        + "".join(f"{note[0].upper()}{note[1:]}. " for note in notes)
+        + (
+            "The CUDA caching allocator adds some fragmentation: a step within 10% of the card is marked tight."
+            if where == "GPU"
+            else ""
+        )
+        + "[/dim]"
+    )
 
 
 def fit_table(models: dict[str, str] | None = None, gpus: Iterable[int] = TABLE_GPUS, device: str = "cuda") -> str:
@@ -1133,13 +1378,17 @@ def fit_table(models: dict[str, str] | None = None, gpus: Iterable[int] = TABLE_
     models = models or TABLE_MODELS
     gpus = list(gpus)
     steps = [step for step, _ in DEFAULT_STEPS]
-    lines = ["| model | " + " | ".join(f"{g} GB" for g in gpus) + " | peak GB: " + " / ".join(steps) + " |",
-             "|---|" + "---|" * len(gpus) + "---|"]
+    lines = [
+        "| model | " + " | ".join(f"{g} GB" for g in gpus) + " | peak GB: " + " / ".join(steps) + " |",
+        "|---|" + "---|" * len(gpus) + "---|",
+    ]
     for label, reference in models.items():
         shape = read_model_shape(reference)
         lora = lora_for(shape, cfg.SFTConfig())
-        totals = {step: estimate_step(step, cls(), shape, (lora, lora) if step == "ppo" else (lora,), device).total
-                  for step, cls in DEFAULT_STEPS}
+        totals = {
+            step: estimate_step(step, cls(), shape, (lora, lora) if step == "ppo" else (lora,), device).total
+            for step, cls in DEFAULT_STEPS
+        }
         cells = []
         for size in gpus:
             fitting = [step for step in steps if totals[step] <= usable_memory(int(size * GiB), device)]
@@ -1149,31 +1398,52 @@ def fit_table(models: dict[str, str] | None = None, gpus: Iterable[int] = TABLE_
     return "\n".join(lines) + "\n"
 
 
-def run(recipe: Path | None = None, gpu: str | None = None, gpu_memory: str | None = None, model: str | None = None,
-        model_config: Path | None = None, device: str = "cuda", table: bool = False, as_json: bool = False
-        ) -> list[StepPlan]:
+def run(
+    recipe: Path | None = None,
+    gpu: str | None = None,
+    gpu_memory: str | None = None,
+    model: str | None = None,
+    model_config: Path | None = None,
+    device: str = "cuda",
+    table: bool = False,
+    as_json: bool = False,
+) -> list[StepPlan]:
     """`instruct plan`: print the plan of a recipe (or of the default settings) for a GPU; returns the plans."""
     import sys
 
-    from instruct_cli.console import console
+    from instruct_cli.core.console import console
 
     if gpu and gpu_memory:
-        raise UserError("--gpu and --gpu-memory both give the card's memory", where="--gpu / --gpu-memory",
-                        fix="Pass one of them")
+        raise UserError(
+            "--gpu and --gpu-memory both give the card's memory", where="--gpu / --gpu-memory", fix="Pass one of them"
+        )
     if device not in ("cuda", "cpu"):
         raise UserError(f"Unknown device {device!r}", where="--device", fix="Plan for cuda (a GPU) or cpu")
     if table:
         if recipe or model or model_config:
-            raise UserError("--table plans its own list of models at the default settings", where="--table",
-                            fix="Drop the recipe and --model/--model-config, or drop --table")
+            raise UserError(
+                "--table plans its own list of models at the default settings",
+                where="--table",
+                fix="Drop the recipe and --model/--model-config, or drop --table",
+            )
         sys.stdout.write(fit_table(device=device))
         return []
-    name, memory = (find_gpu(gpu) if gpu else (None, parse_memory(gpu_memory) if gpu_memory else None))
+    name, memory = find_gpu(gpu) if gpu else (None, parse_memory(gpu_memory) if gpu_memory else None)
     plans = plan_recipe(recipe, model, model_config, memory, device)
     if as_json:
-        rows = [{"step": p.step, "model": p.shape.name if p.shape else None, **p.breakdown.as_dict(),
-                 **({"verdict": p.verdict.label, "usable": p.verdict.usable, "suggestions": p.verdict.suggestions}
-                    if p.verdict else {})} for p in plans]
+        rows = [
+            {
+                "step": p.step,
+                "model": p.shape.name if p.shape else None,
+                **p.breakdown.as_dict(),
+                **(
+                    {"verdict": p.verdict.label, "usable": p.verdict.usable, "suggestions": p.verdict.suggestions}
+                    if p.verdict
+                    else {}
+                ),
+            }
+            for p in plans
+        ]
         sys.stdout.write(json.dumps({"device": device, "memory": memory, "steps": rows}, indent=2) + "\n")
         return plans
     show(plans, name, memory, device)

@@ -12,8 +12,8 @@ import ast
 import dataclasses
 import difflib
 import functools
-import os
 import inspect
+import os
 import textwrap
 import types
 import typing
@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from instruct_cli.errors import UserError
+from instruct_cli.core.errors import UserError
 
 RECIPE_VERSION = 1
 BUILTIN_MODEL = "smollm2-135m"
@@ -111,6 +111,7 @@ class TrainOptions:
 @dataclass
 class SFTConfig(TrainOptions, LoraOptions, ModelOptions, OutputOptions):
     """`instruct sft`: supervised fine-tuning of a LoRA adapter on demonstrations (loss on assistant tokens)."""
+
 
 @dataclass
 class RMConfig(TrainOptions, LoraOptions, ModelOptions, OutputOptions):
@@ -343,8 +344,11 @@ def build_config(cls: type, step: str, recipe: Path | None, flags: dict[str, Any
     if recipe is not None:
         entries = recipe_entries(Path(recipe), step, cls)
         if entry is None and len(entries) > 1:
-            raise UserError(f"The `{step}` section of the recipe lists {len(entries)} entries", where=str(recipe),
-                            fix=f"Run them all with `instruct run {recipe} --only {step}`")
+            raise UserError(
+                f"The `{step}` section of the recipe lists {len(entries)} entries",
+                where=str(recipe),
+                fix=f"Run them all with `instruct run {recipe} --only {step}`",
+            )
         values.update(entries[entry or 0])
     given = {name: value for name, value in flags.items() if value is not None}
     values.update(given)
@@ -385,8 +389,11 @@ def coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f"Did you mean `{close[0]}`?" if close else ""
-            raise UserError(f"`{key}` must be one of {', '.join(map(str, args))}, not {value!r}", where=source,
-                            fix=hint or f"Use one of {', '.join(map(str, args))}")
+            raise UserError(
+                f"`{key}` must be one of {', '.join(map(str, args))}, not {value!r}",
+                where=source,
+                fix=hint or f"Use one of {', '.join(map(str, args))}",
+            )
         return value
     if origin is list:
         (item_type,) = args
@@ -425,33 +432,60 @@ def coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
 
 def type_error(key: str, value: Any, expected: str, source: str) -> UserError:
     """The error for a value of the wrong type."""
-    return UserError(f"`{key}` must be {expected}, not {value!r}", where=source,
-                     fix=f"Set `{key}` to {expected}")
+    return UserError(f"`{key}` must be {expected}, not {value!r}", where=source, fix=f"Set `{key}` to {expected}")
 
 
 def validate(config: Any, source: str) -> None:
     """Range checks shared by every step (the dataclass types already passed)."""
-    positive = ("lora_r", "lora_alpha", "max_new_tokens", "batch_size", "max_tokens", "epochs", "max_steps",
-                "grad_accum", "max_length", "eval_every", "save_every", "iterations", "rollout_batch_size",
-                "minibatch_size", "ppo_epochs", "max_prompt_length", "eval_prompts", "kl_horizon", "target_kl")
+    positive = (
+        "lora_r",
+        "lora_alpha",
+        "max_new_tokens",
+        "batch_size",
+        "max_tokens",
+        "epochs",
+        "max_steps",
+        "grad_accum",
+        "max_length",
+        "eval_every",
+        "save_every",
+        "iterations",
+        "rollout_batch_size",
+        "minibatch_size",
+        "ppo_epochs",
+        "max_prompt_length",
+        "eval_prompts",
+        "kl_horizon",
+        "target_kl",
+    )
     for name in positive:
         value = getattr(config, name, None)
         if value is not None and value <= 0:
-            raise UserError(f"`{name}` must be greater than 0, not {value}", where=source,
-                            fix=f"Set `{name}` to a positive number")
+            raise UserError(
+                f"`{name}` must be greater than 0, not {value}", where=source, fix=f"Set `{name}` to a positive number"
+            )
     fractions = ("eval_fraction", "lora_dropout", "top_p", "gamma", "lam", "warmup_ratio")
     for name in fractions:
         value = getattr(config, name, None)
         if value is not None and not 0.0 <= value <= 1.0:
-            raise UserError(f"`{name}` must be between 0 and 1, not {value}", where=source,
-                            fix=f"Set `{name}` to a fraction such as 0.1")
+            raise UserError(
+                f"`{name}` must be between 0 and 1, not {value}",
+                where=source,
+                fix=f"Set `{name}` to a fraction such as 0.1",
+            )
     for name in ("temperature", "lr", "learning_rate"):
         value = getattr(config, name, None)
         if value is not None and value <= 0:
-            raise UserError(f"`{name}` must be greater than 0, not {value}", where=source,
-                            fix=f"Set `{name}` to a positive number" + (
-                                " (use --greedy for deterministic output)"
-                                if name == "temperature" and hasattr(config, "greedy") else ""))
+            raise UserError(
+                f"`{name}` must be greater than 0, not {value}",
+                where=source,
+                fix=f"Set `{name}` to a positive number"
+                + (
+                    " (use --greedy for deterministic output)"
+                    if name == "temperature" and hasattr(config, "greedy")
+                    else ""
+                ),
+            )
 
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -459,21 +493,28 @@ def read_recipe(path: Path) -> dict:
     """Read a recipe file and check its top level: a mapping with a supported `version`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"The recipe file does not exist", where=str(path), fix="Check the --recipe path")
+        raise UserError("The recipe file does not exist", where=str(path), fix="Check the --recipe path")
     try:
         recipe = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}" if mark else str(path)
-        raise UserError(f"The recipe is not valid YAML ({getattr(exc, 'problem', exc)})", where=where,
-                        fix="Fix the YAML syntax") from None
+        raise UserError(
+            f"The recipe is not valid YAML ({getattr(exc, 'problem', exc)})", where=where, fix="Fix the YAML syntax"
+        ) from None
     if not isinstance(recipe, dict):
-        raise UserError("A recipe must be a YAML mapping of sections", where=str(path),
-                        fix="Start from one of the files in recipes/")
+        raise UserError(
+            "A recipe must be a YAML mapping of sections",
+            where=str(path),
+            fix="Start from one of the files in recipes/",
+        )
     version = recipe.get("version", RECIPE_VERSION)
     if version != RECIPE_VERSION:
-        raise UserError(f"Recipe version {version!r} is not supported (this instruct reads version "
-                        f"{RECIPE_VERSION})", where=f"{path}: version", fix="Upgrade instruct or the recipe")
+        raise UserError(
+            f"Recipe version {version!r} is not supported (this instruct reads version {RECIPE_VERSION})",
+            where=f"{path}: version",
+            fix="Upgrade instruct or the recipe",
+        )
     return recipe
 
 
@@ -512,8 +553,11 @@ def recipe_entries(path: Path, step: str, cls: type) -> list[dict[str, Any]]:
     for number, entry in enumerate(sections, start=1):
         where = f"{path}: {step}" + (f" (entry {number})" if isinstance(section, list) else "")
         if not isinstance(entry, dict):
-            raise UserError(f"The `{step}` section must be a mapping of keys to values", where=where,
-                            fix="Write it as `key: value` lines (a list of such mappings for several entries)")
+            raise UserError(
+                f"The `{step}` section must be a mapping of keys to values",
+                where=where,
+                fix="Write it as `key: value` lines (a list of such mappings for several entries)",
+            )
         values = dict(model_values)
         for key, value in entry.items():
             name = key.replace("-", "_")

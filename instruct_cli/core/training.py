@@ -21,10 +21,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from instruct_cli import artifacts
-from instruct_cli.artifacts import RunFolder
-from instruct_cli.console import info, progress, warn
-from instruct_cli.errors import UserError
+from instruct_cli.core import artifacts, models
+from instruct_cli.core.artifacts import RunFolder
+from instruct_cli.core.console import info, progress, warn
+from instruct_cli.core.errors import UserError
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -61,8 +61,11 @@ def prepare_for_training(model, quantization: str, gradient_checkpointing: bool)
         from peft import prepare_model_for_kbit_training
 
         # also upcasts the few non-quantised weights (norms, embeddings) to fp32 for stable training
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if gradient_checkpointing:
@@ -71,8 +74,9 @@ def prepare_for_training(model, quantization: str, gradient_checkpointing: bool)
     return model
 
 
-def make_trainable(model, accelerator, lr: float, weight_decay: float, warmup_ratio: float,
-                   total_steps: int) -> Trainable:
+def make_trainable(
+    model, accelerator, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int
+) -> Trainable:
     """AdamW over the trainable parameters with linear warmup and cosine decay; the model wrapped for DDP."""
     from transformers import get_cosine_schedule_with_warmup
 
@@ -90,23 +94,30 @@ def make_trainable(model, accelerator, lr: float, weight_decay: float, warmup_ra
 def require_data_and_out(config) -> None:
     """The two flags every training step needs."""
     if config.data is None:
-        raise UserError("No data folder given", where="--data",
-                        fix="Pass --data DIR (a folder made by `instruct prepare-data`)")
+        raise UserError(
+            "No data folder given", where="--data", fix="Pass --data DIR (a folder made by `instruct prepare-data`)"
+        )
     if config.out is None:
         raise UserError("No output folder given", where="--out", fix="Pass --out runs/NAME")
 
 
 def open_run(config, kind: str, accelerator, source, parents: dict | None = None) -> RunFolder:
     """Open the step's run folder on the main process; the other processes follow once it exists."""
-    from instruct_cli.config import to_recipe_dict
+    from instruct_cli.core.config import to_recipe_dict
 
     if accelerator.is_main_process:
         inputs = {"data": artifacts.parent_record(config.data), **(parents or {})}
         if source.adapter is not None:
             inputs["model"] = artifacts.parent_record(Path(config.model))
-        run = RunFolder.open(config.out, kind, to_recipe_dict(config), force=config.force, resume=config.resume,
-                             parents=inputs, extra={"base_model": source.record(),
-                                                    "quantization": config.quantization})
+        run = RunFolder.open(
+            config.out,
+            kind,
+            to_recipe_dict(config),
+            force=config.force,
+            resume=config.resume,
+            parents=inputs,
+            extra={"base_model": source.record(), "quantization": config.quantization},
+        )
     accelerator.wait_for_everyone()
     return run if accelerator.is_main_process else RunFolder.follow(config.out)
 
@@ -121,7 +132,7 @@ def my_batches(accelerator, lengths: Sequence[int], config, epoch: int) -> list[
     """
     world = accelerator.num_processes
     global_batches = length_grouped_batches(lengths, config.batch_size * world, config.seed, epoch)
-    return [batch[accelerator.process_index::world] for batch in global_batches if len(batch) >= world]
+    return [batch[accelerator.process_index :: world] for batch in global_batches if len(batch) >= world]
 
 
 def total_steps(config, accelerator, rows: int) -> int:
@@ -144,18 +155,19 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, e
     mega = batch_size * 32
     batches = []
     for start in range(0, len(order), mega):
-        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
     return batches
 
 
-def eval_batches(items: list, lengths: Sequence[int], batch_size: int, collate: Callable[[list], Batch]
-                 ) -> list[Batch]:
+def eval_batches(items: list, lengths: Sequence[int], batch_size: int, collate: Callable[[list], Batch]) -> list[Batch]:
     """The eval split as batches of similar lengths (sorted: eval metrics are sums, so order does not matter,
     and sorting keeps padding near zero)."""
     order = sorted(range(len(items)), key=lambda i: lengths[i])
-    return [collate([items[i] for i in order[start:start + batch_size]]) for start in range(0, len(order), batch_size)]
+    return [
+        collate([items[i] for i in order[start : start + batch_size]]) for start in range(0, len(order), batch_size)
+    ]
 
 
 def right_pad(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
@@ -163,7 +175,7 @@ def right_pad(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
     width = max(len(s) for s in sequences)
     out = torch.full((len(sequences), width), pad_value, dtype=torch.long)
     for row, sequence in enumerate(sequences):
-        out[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        out[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
     return out
 
 
@@ -202,8 +214,12 @@ def fit(
     the batch's loss is a mean over (e.g. labelled tokens); given, each step's loss is the exact mean over
     all items of all micro-batches on all processes, so N processes train like one with an N times larger batch.
     """
-    model, optimizer, scheduler, accelerator = (trainable.model, trainable.optimizer, trainable.scheduler,
-                                                trainable.accelerator)
+    model, optimizer, scheduler, accelerator = (
+        trainable.model,
+        trainable.optimizer,
+        trainable.scheduler,
+        trainable.accelerator,
+    )
     checkpoint = Checkpointer(run, trainable)
     step, best = checkpoint.restore() if run.resuming else (0, math.inf)
     if run.resuming:
@@ -220,10 +236,11 @@ def fit(
                 epoch, position = divmod(step, steps_per_epoch)
                 if epoch != cached_epoch:
                     cached_epoch, batches = epoch, batches_for_epoch(epoch)
-                group = batches[position * grad_accum:(position + 1) * grad_accum]
+                group = batches[position * grad_accum : (position + 1) * grad_accum]
                 checkpoint.mark_step_start()
-                step_metrics = mean_over_processes(accelerator, accumulate(model, accelerator, loss_fn, group,
-                                                                             weight_of))
+                step_metrics = mean_over_processes(
+                    accelerator, accumulate(model, accelerator, loss_fn, group, weight_of)
+                )
                 if not math.isfinite(step_metrics["loss"]):
                     raise Diverged(step + 1, step_metrics["loss"], checkpoint.latest())
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -234,10 +251,14 @@ def fit(
                 step_tokens = step_metrics.pop("tokens", 0)
                 tokens_seen += step_tokens
                 rate = tokens_seen / max(time.time() - started, 1e-6)
-                metrics = {"loss/train": step_metrics.pop("loss"), "train/lr": scheduler.get_last_lr()[0],
-                           "train/grad_norm": float(grad_norm), "train/tokens": step_tokens,
-                           "train/tokens_per_s": rate,
-                           **{f"train/{k}": v for k, v in step_metrics.items()}}
+                metrics = {
+                    "loss/train": step_metrics.pop("loss"),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/tokens": step_tokens,
+                    "train/tokens_per_s": rate,
+                    **{f"train/{k}": v for k, v in step_metrics.items()},
+                }
                 if step % eval_every == 0 or step == total_steps:
                     metrics.update(evaluate(model))
                     model.train()
@@ -246,8 +267,13 @@ def fit(
                         if accelerator.is_main_process:
                             save_adapter(accelerator.unwrap_model(model), checkpoint.best_dir)
                 run.log_metrics(step, metrics)
-                bar.advance(1, loss=metrics["loss/train"], lr=metrics["train/lr"], tok_s=round(rate),
-                            **({eval_key: metrics[eval_key]} if eval_key in metrics else {}))
+                bar.advance(
+                    1,
+                    loss=metrics["loss/train"],
+                    lr=metrics["train/lr"],
+                    tok_s=round(rate),
+                    **({eval_key: metrics[eval_key]} if eval_key in metrics else {}),
+                )
                 if step % save_every == 0 and step < total_steps:
                     checkpoint.save(step, best)
         except KeyboardInterrupt:
@@ -264,8 +290,9 @@ def fit(
     return FitResult(metrics, step, kept)
 
 
-def accumulate(model, accelerator, loss_fn: LossFn, group: list[Batch],
-               weight_of: Callable[[Batch], float] | None = None) -> dict[str, float]:
+def accumulate(
+    model, accelerator, loss_fn: LossFn, group: list[Batch], weight_of: Callable[[Batch], float] | None = None
+) -> dict[str, float]:
     """Forward and backward over the micro-batches of one optimizer step; returns their averaged metrics.
 
     Micro-batch i's loss (a mean over w_i items) is scaled by w_i / W, W the sum of all w over the step's
@@ -299,8 +326,9 @@ def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, flo
     names = sorted(metrics)
     values = torch.tensor([metrics[name] for name in names], dtype=torch.float64, device=accelerator.device)
     summed = accelerator.reduce(values, reduction="sum").tolist()
-    return {name: total if name == "tokens" else total / accelerator.num_processes
-            for name, total in zip(names, summed)}
+    return {
+        name: total if name == "tokens" else total / accelerator.num_processes for name, total in zip(names, summed)
+    }
 
 
 class Diverged(UserError):
@@ -367,7 +395,7 @@ class Checkpointer:
         torch.save(state, tmp)
         tmp.replace(target)
         files = sorted(self.folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-        for old in files[:-self.KEEP]:
+        for old in files[: -self.KEEP]:
             old.unlink()
 
     def restore(self) -> tuple[int, float]:
@@ -379,10 +407,14 @@ class Checkpointer:
         state = torch.load(latest, map_location="cpu", weights_only=False)
         parameters = self._optimized_parameters()
         if set(state["trainable"]) != set(parameters) or any(
-                value.shape != parameters[name].shape for name, value in state["trainable"].items()):
-            raise UserError("The checkpoint does not fit this run's trainable weights (it was written with other "
-                            "LoRA settings or by another version of instruct)", where=str(latest),
-                            fix="Resume with the settings the run started with, or start it again with --force")
+            value.shape != parameters[name].shape for name, value in state["trainable"].items()
+        ):
+            raise UserError(
+                "The checkpoint does not fit this run's trainable weights (it was written with other "
+                "LoRA settings or by another version of instruct)",
+                where=str(latest),
+                fix="Resume with the settings the run started with, or start it again with --force",
+            )
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 parameters[name].copy_(value)
@@ -415,3 +447,20 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_trainable_policy(config, source: models.ModelSource, device):
+    """The base model (quantised as configured) with a trainable LoRA adapter, and its tokenizer.
+
+    A run folder as --model continues from that run's adapter; otherwise a new adapter is attached.
+    """
+    from peft import PeftModel, get_peft_model
+
+    tokenizer = models.load_tokenizer(source)
+    base = models.load_base_model(source, config.quantization, device)
+    base = prepare_for_training(base, config.quantization, config.gradient_checkpointing)
+    if source.adapter is not None:
+        model = PeftModel.from_pretrained(base, str(source.adapter), is_trainable=True)
+    else:
+        model = get_peft_model(base, models.lora_config(config))
+    return model, tokenizer

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from instruct_cli.errors import UserError
+from instruct_cli.core.errors import UserError
 
 HEAD_WEIGHTS = "score_head.safetensors"
 HEAD_CONFIG = "score_head.json"
@@ -37,7 +37,7 @@ class ScalarHead(nn.Linear):
         with torch.no_grad():
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             # std 1/sqrt(h): a unit-norm-per-feature hidden state (after the final norm) gives scores of order 1
-            weight = torch.randn(self.weight.shape, generator=generator, dtype=torch.float32) / hidden_size ** 0.5
+            weight = torch.randn(self.weight.shape, generator=generator, dtype=torch.float32) / hidden_size**0.5
             self.weight.copy_(weight.to(dtype))
             self.bias.zero_()
 
@@ -65,8 +65,12 @@ def save_head(head: ScalarHead, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in head.state_dict().items()}
     save_file(state, str(folder / HEAD_WEIGHTS))
-    (folder / HEAD_CONFIG).write_text(json.dumps({"hidden_size": head.in_features, "out_features": 1,
-                                                   "dtype": str(head.weight.dtype).replace("torch.", "")}) + "\n")
+    (folder / HEAD_CONFIG).write_text(
+        json.dumps(
+            {"hidden_size": head.in_features, "out_features": 1, "dtype": str(head.weight.dtype).replace("torch.", "")}
+        )
+        + "\n"
+    )
 
 
 def has_head(folder: Path) -> bool:
@@ -80,8 +84,11 @@ def load_head(folder: Path, device: str | torch.device = "cpu", dtype: torch.dty
 
     folder = Path(folder)
     if not has_head(folder):
-        raise UserError(f"{folder} has no scalar head ({HEAD_WEIGHTS})", where=str(folder),
-                        fix="Pass the folder of a run made by `instruct rm`, or rerun that step with --force")
+        raise UserError(
+            f"{folder} has no scalar head ({HEAD_WEIGHTS})",
+            where=str(folder),
+            fix="Pass the folder of a run made by `instruct rm`, or rerun that step with --force",
+        )
     meta = json.loads((folder / HEAD_CONFIG).read_text())
     state = load_file(str(folder / HEAD_WEIGHTS))
     saved_dtype = state["weight"].dtype
@@ -113,8 +120,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def last_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The final (normed) hidden states of the decoder body, (B, T, hidden), without computing vocab logits."""
-    output = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    output = decoder_body(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
     return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
 
@@ -165,8 +176,9 @@ def load_adapter_weights(model: RewardModel, folder: Path) -> None:
     from peft.utils import load_peft_weights
 
     device = next(model.head.parameters()).device
-    set_peft_model_state_dict(model.body, load_peft_weights(str(folder), device=str(device)),
-                              adapter_name=model.body.active_adapter)
+    set_peft_model_state_dict(
+        model.body, load_peft_weights(str(folder), device=str(device)), adapter_name=model.body.active_adapter
+    )
     saved = load_head(folder, device=device, dtype=model.head.weight.dtype)
     with torch.no_grad():
         model.head.weight.copy_(saved.weight)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from instruct_cli import artifacts, models
-from instruct_cli.console import summary_table
-from instruct_cli.errors import UserError
+from instruct_cli.core import artifacts, models
+from instruct_cli.core.console import summary_table
+from instruct_cli.core.errors import UserError
 
 
 def run(run_dir: Path, out: Path, dtype: str = "bfloat16", force: bool = False) -> Path:
@@ -37,8 +37,14 @@ def run(run_dir: Path, out: Path, dtype: str = "bfloat16", force: bool = False) 
     with artifacts.atomic_folder(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        artifacts.atomic_write_json(tmp / "instruct-export.json", {
-            "run": str(Path(run_dir).resolve()), "run_sha256": artifacts.sha256_folder(run_dir),
-            "base_model": manifest.get("base_model"), "dtype": dtype})
+        artifacts.atomic_write_json(
+            tmp / "instruct-export.json",
+            {
+                "run": str(Path(run_dir).resolve()),
+                "run_sha256": artifacts.sha256_folder(run_dir),
+                "base_model": manifest.get("base_model"),
+                "dtype": dtype,
+            },
+        )
     summary_table("export", {"run": str(run_dir), "base": source.reference, "dtype": dtype, "output": str(out)})
     return out

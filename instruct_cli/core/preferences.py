@@ -1,0 +1,271 @@
+"""Preference rows as reward-model batches, and reading a reward model back: what rm trains on and what
+ppo, eval and `rm score` score with.
+
+Owns: parsing a pair or ranked row (`preference_group`, `ranking_pairs`), encoding prompt + response so the
+score is read at the EOS (`encode_response`), groups and their batches (`Group`, `encode_rows`, `collate`),
+the pairwise loss and its evaluation (`pairwise_loss`, `pair_scores`, `evaluate`), scoring sequences
+(`score_sequences`), reward normalisation (`normalization`, `normalize`) and loading a finished RM run
+(`load_reward_model`). May use: chat, heads, models, training, artifacts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from instruct_cli.core import artifacts, heads, models, training
+from instruct_cli.core.chat import template_ids
+from instruct_cli.core.console import warn
+from instruct_cli.core.errors import UserError
+from instruct_cli.core.heads import RewardModel
+
+
+def ranking_pairs(ranking: list[int], ties: list[list[int]] = ()) -> list[tuple[int, int]]:
+    """All C(K, 2) (better, worse) pairs of a ranking listed best first: [2, 0, 1] -> (2,0), (2,1), (0,1),
+    less the pairs inside a group of `ties` (responses a labeler judged equal teach no preference)."""
+    group = {index: number for number, tied in enumerate(ties) for index in tied}
+    return [
+        (ranking[i], ranking[j])
+        for i, j in itertools.combinations(range(len(ranking)), 2)
+        if ranking[i] not in group or group[ranking[i]] != group.get(ranking[j])
+    ]
+
+
+def as_messages(value, role: str, where: str, field: str) -> list[dict]:
+    """A text or a list of {role, content} messages as a message list (text becomes one `role` message)."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    ):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise UserError(
+        f"`{field}` must be a text or a non-empty list of {{role, content}} messages, not {json.dumps(value)[:80]}",
+        where=where,
+        fix="Clean the file with `instruct prepare-data --task prefs`",
+    )
+
+
+def preference_group(row: dict, where: str) -> tuple[list[dict], list[list[dict]], list[int], list[list[int]]]:
+    """(prompt messages, K responses as message lists, ranking best first, tied groups) of a pair or ranked row."""
+    if not isinstance(row, dict) or "prompt" not in row:
+        raise UserError(
+            "A preference row needs a `prompt`",
+            where=where,
+            fix='Rows look like {"prompt", "chosen", "rejected"} or {"prompt", "responses", "ranking"}',
+        )
+    prompt = as_messages(row["prompt"], "user", where, "prompt")
+    if "responses" in row or "ranking" in row:
+        responses, ranking = row.get("responses"), row.get("ranking")
+        if not isinstance(responses, list) or len(responses) < 2:
+            raise UserError(
+                "A ranked row needs `responses`: a list of at least two responses",
+                where=where,
+                fix='Write {"prompt": [...], "responses": [[...], [...]], "ranking": [best, ..., worst]}',
+            )
+        if (
+            not isinstance(ranking, list)
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ranking)
+            or sorted(ranking) != list(range(len(responses)))
+        ):
+            raise UserError(
+                f"The ranking {ranking} is not a permutation of the response indices 0..{len(responses) - 1}",
+                where=where,
+                fix="List every response index exactly once, best first (equal ones go in `ties`)",
+            )
+        ties = row.get("ties") or []
+        if not (isinstance(ties, list) and all(isinstance(g, list) and all(i in ranking for i in g) for g in ties)):
+            raise UserError(
+                f"`ties` {ties!r} should be groups of response indices",
+                where=where,
+                fix="Write ties as [[1, 3]] (responses 1 and 3 judged equal), or leave them out",
+            )
+        return prompt, [as_messages(r, "assistant", where, "responses") for r in responses], list(ranking), ties
+    if "chosen" not in row or "rejected" not in row:
+        raise UserError(
+            "A preference row needs `chosen` and `rejected` (or `responses` and `ranking`)",
+            where=where,
+            fix="Clean the file with `instruct prepare-data --task prefs`",
+        )
+    chosen = as_messages(row["chosen"], "assistant", where, "chosen")
+    rejected = as_messages(row["rejected"], "assistant", where, "rejected")
+    return prompt, [chosen, rejected], [0, 1], []
+
+
+def encode_response(tokenizer, prompt: list[dict], response: list[dict], max_length: int) -> list[int]:
+    """Token ids of prompt + response under the chat template, ending at the EOS that closes the response.
+
+    Template glue after that EOS (ChatML's newline) is trimmed so the score is read at the EOS itself; a
+    sequence longer than `max_length` loses tokens from the left (the prompt), never the response's end.
+    """
+    return untruncated_response(tokenizer, prompt, response)[-max_length:]
+
+
+def untruncated_response(tokenizer, prompt: list[dict], response: list[dict]) -> list[int]:
+    """`encode_response` before the cut to max_length."""
+    ids = template_ids(tokenizer, prompt + response)
+    eos = tokenizer.eos_token_id
+    if eos in ids:
+        ids = ids[: len(ids) - ids[::-1].index(eos)]
+    return ids
+
+
+@dataclass
+class Group:
+    """One prompt's encoded responses and its (better, worse) pairs of indices into them."""
+
+    responses: list[list[int]]
+    pairs: list[tuple[int, int]]
+
+    @property
+    def longest(self) -> int:
+        """Its longest response: batches pad every response to the longest of the batch, so groups are
+        batched by this (by the sum of lengths, 27% of a benchmark's positions were padding)."""
+        return max(len(ids) for ids in self.responses)
+
+
+def encode_rows(tokenizer, rows: list[dict], max_length: int, where: str) -> tuple[list[Group], int]:
+    """Encode preference rows into groups; returns (groups, how many sequences were cut to max_length)."""
+    if not tokenizer.chat_template:
+        raise UserError(
+            "The model's tokenizer has no chat template, so prompts and responses cannot be rendered",
+            where="--model",
+            fix="Use an instruct/chat model, whose tokenizer has a chat template",
+        )
+    groups, cut = [], 0
+    for number, row in enumerate(rows, start=1):
+        prompt, responses, ranking, ties = preference_group(row, f"{where}, row {number}")
+        full = [untruncated_response(tokenizer, prompt, r) for r in responses]
+        cut += sum(len(ids) > max_length for ids in full)
+        encoded = [ids[-max_length:] for ids in full]
+        pairs = ranking_pairs(ranking, ties)
+        if pairs:  # a row whose responses are all tied teaches nothing
+            groups.append(Group(encoded, pairs))
+    return groups, cut
+
+
+def collate(groups: list[Group], pad_id: int, device) -> training.Batch:
+    """All responses of the groups as one right-padded batch, plus the pairs as global row indices.
+
+    `pair_weight` is 1 / (pairs of the pair's group), so sum(w * loss) / sum(w) is the mean over groups of
+    each group's mean pair loss (InstructGPT's per-prompt weighting).
+    """
+    sequences, better, worse, weight = [], [], [], []
+    for group in groups:
+        offset = len(sequences)
+        sequences.extend(group.responses)
+        for b, w in group.pairs:
+            better.append(offset + b)
+            worse.append(offset + w)
+            weight.append(1.0 / len(group.pairs))
+    return {
+        "input_ids": training.right_pad(sequences, pad_id).to(device),
+        "attention_mask": training.right_pad([[1] * len(s) for s in sequences], 0).to(device),
+        "better": torch.tensor(better, dtype=torch.long, device=device),
+        "worse": torch.tensor(worse, dtype=torch.long, device=device),
+        "pair_weight": torch.tensor(weight, dtype=torch.float32, device=device),
+    }
+
+
+def pairwise_loss(
+    better: torch.Tensor, worse: torch.Tensor, weight: torch.Tensor | None = None, margin: float = 0.0
+) -> torch.Tensor:
+    """Weighted mean of -log sigmoid(r_better - r_worse - margin) over pairs (unweighted mean by default)."""
+    losses = -F.logsigmoid(better.float() - worse.float() - margin)
+    if weight is None:
+        return losses.mean()
+    return (weight * losses).sum() / weight.sum()
+
+
+def pair_scores(model, batch: training.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_better, r_worse) of every pair of the batch, from ONE forward pass over all its responses."""
+    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).float()
+    return scores[batch["better"]], scores[batch["worse"]]
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[training.Batch], margin: float = 0.0) -> dict[str, float]:
+    """Eval loss (mean over prompts of their mean pair loss), pair accuracy and mean r_better - r_worse."""
+    model.eval()
+    weighted, weights, correct, gaps, pairs = 0.0, 0.0, 0.0, 0.0, 0
+    for batch in batches:
+        better, worse = pair_scores(model, batch)
+        w = batch["pair_weight"]
+        weighted += float((w * -F.logsigmoid(better - worse - margin)).sum())
+        weights += float(w.sum())
+        correct += float((better > worse).sum())
+        gaps += float((better - worse).sum())
+        pairs += len(better)
+    return {
+        "eval/loss": weighted / max(weights, 1e-12),
+        "eval/accuracy": correct / max(pairs, 1),
+        "eval/margin": gaps / max(pairs, 1),
+    }
+
+
+@torch.no_grad()
+def score_sequences(
+    model: RewardModel, sequences: list[list[int]], pad_id: int, device, batch_size: int, bar=None
+) -> list[float]:
+    """Raw scores of token sequences, batched by similar length (no grad); returned in input order."""
+    model.eval()
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    scores = [0.0] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = [sequences[i] for i in chunk]
+        input_ids = training.right_pad(batch, pad_id).to(device)
+        attention_mask = training.right_pad([[1] * len(s) for s in batch], 0).to(device)
+        for index, value in zip(chunk, model(input_ids=input_ids, attention_mask=attention_mask).float().tolist()):
+            scores[index] = value
+        if bar is not None:
+            bar.advance(len(chunk))
+    return scores
+
+
+def normalization(scores: list[float]) -> dict[str, float]:
+    """Gain and bias such that gain * r + bias has mean 0 and std 1 over `scores` (plus their mean and std)."""
+    values = torch.tensor(scores, dtype=torch.float64)
+    mean = float(values.mean())
+    std = float(values.std(unbiased=False)) if len(scores) > 1 else 0.0
+    if not math.isfinite(std) or std < 1e-8:
+        warn("All training responses get the same reward; normalisation only centres it")
+        return {"gain": 1.0, "bias": -mean, "mean": mean, "std": std}
+    return {"gain": 1.0 / std, "bias": -mean / std, "mean": mean, "std": std}
+
+
+def normalize(raw: float, norm: dict) -> float:
+    """A raw score in normalised units: gain * r + bias."""
+    return norm["gain"] * raw + norm["bias"]
+
+
+def load_reward_model(run_dir: Path, quantization: str = "nf4", device: str | torch.device = "auto"):
+    """A complete rm run ready to score: (RewardModel in eval mode, tokenizer, reward normalisation dict)."""
+    from peft import PeftModel
+
+    manifest = artifacts.require_complete(Path(run_dir), "rm", flag="--model")
+    source = models.resolve_model(str(run_dir))
+    trained = manifest.get("quantization")
+    if trained and trained != quantization:
+        warn(
+            f"The reward model was trained on a {trained} base and is loaded on a {quantization} one; scores "
+            f"shift slightly (pass --quantization {trained} to match)"
+        )
+    device = models.pick_device(device) if isinstance(device, str) else device
+    tokenizer = models.load_tokenizer(source)
+    base = models.load_base_model(source, quantization, device)
+    body = PeftModel.from_pretrained(base, str(source.adapter), is_trainable=False)
+    head = heads.load_head(source.adapter, device=device)
+    model = RewardModel(body, head).eval()
+    norm = manifest.get("reward_normalization") or {"gain": 1.0, "bias": 0.0, "mean": 0.0, "std": 1.0}
+    return model, tokenizer, norm

@@ -1,0 +1,104 @@
+"""`instruct sft`: supervised fine-tuning of a LoRA adapter on demonstrations (InstructGPT step 1).
+
+The loss is the next-token cross-entropy on assistant tokens only — every assistant turn, each with its
+EOS, so the model learns to stop — while system and user tokens are masked out. Rows are batched by
+similar length; the loop itself (accumulation, schedule, eval, checkpoints, resume) is training.fit.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from instruct_cli.core import chat, data_folders, lm, models, training
+from instruct_cli.core.config import SFTConfig
+from instruct_cli.core.console import info, summary_table, warn
+from instruct_cli.core.errors import UserError
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+def save_adapter(model, folder: Path) -> None:
+    """Save the LoRA adapter (peft's save_pretrained format) of a peft model or of a lm.NextTokenLoss around one."""
+    (model.lm if isinstance(model, lm.NextTokenLoss) else model).save_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------- run
+def run(config: SFTConfig) -> Path:
+    """Fine-tune `config.model` on the data folder's sft split; write the run folder; return its path."""
+    training.require_data_and_out(config)
+    train_rows = data_folders.read_split(config.data, "sft.train")
+    eval_rows = data_folders.read_split(config.data, "sft.eval")
+    source = models.resolve_model(config.model)
+    accelerator = training.make_accelerator(config.seed)
+    device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
+    run_folder = training.open_run(config, "sft", accelerator, source)
+    with run_folder.recording():
+        model, tokenizer = training.load_trainable_policy(config, source, device)
+        encode = partial(chat.encode_conversation, tokenizer, max_length=config.max_length)
+        train_set = [encode(row["messages"]) for row in train_rows]
+        eval_set = [encode(row["messages"]) for row in eval_rows]
+        truncated = sum(len(ids) >= config.max_length for ids, _ in train_set)
+        if truncated:
+            warn(f"{truncated} training rows were cut to --max-length {config.max_length} tokens")
+        if not any(label != chat.IGNORE for _, labels in train_set for label in labels):
+            raise UserError(
+                "No assistant tokens to learn from in the training split",
+                where=str(config.data),
+                fix="Check that the conversations end with assistant messages",
+            )
+
+        def batches_for_epoch(epoch: int) -> list[training.Batch]:
+            mine = training.my_batches(accelerator, [len(ids) for ids, _ in train_set], config, epoch)
+            return [lm.collate([train_set[i] for i in group], tokenizer.pad_token_id, device) for group in mine]
+
+        total_steps = training.total_steps(config, accelerator, len(train_set))
+        eval_batches = training.eval_batches(
+            eval_set,
+            [len(ids) for ids, _ in eval_set],
+            config.batch_size,
+            partial(lm.collate, pad_id=tokenizer.pad_token_id, device=device),
+        )
+        trainable = training.make_trainable(
+            lm.NextTokenLoss(model), accelerator, config.lr, config.weight_decay, config.warmup_ratio, total_steps
+        )
+        info(
+            f"sft: {len(train_set)} conversations, {total_steps} steps of "
+            f"{config.batch_size * config.grad_accum * accelerator.num_processes} rows on {device} "
+            f"({config.quantization}, LoRA r={config.lora_r})"
+        )
+        result = training.fit(
+            run_folder,
+            trainable,
+            batches_for_epoch=batches_for_epoch,
+            loss_fn=lm.sft_loss,
+            evaluate=(lambda m: lm.evaluate(m, eval_batches)) if eval_batches else (lambda m: {}),
+            save_adapter=save_adapter,
+            total_steps=total_steps,
+            grad_accum=config.grad_accum,
+            max_grad_norm=config.max_grad_norm,
+            eval_every=config.eval_every,
+            save_every=config.save_every,
+            keep=config.keep if eval_batches else "last",
+            eval_key="eval/loss",
+            description="sft",
+            weight_of=lm.labelled_tokens,
+        )
+        run_folder.complete(result.metrics, steps=result.steps, kept_adapter=result.kept)
+    if accelerator.is_main_process:
+        summary_table(
+            "sft",
+            {
+                "output": str(config.out),
+                "steps": result.steps,
+                "adapter kept": result.kept,
+                **{k: v for k, v in result.metrics.items() if k.startswith(("loss/", "eval/"))},
+            },
+        )
+    return Path(config.out)
