@@ -461,7 +461,8 @@ def child_one_step(spec_file: str) -> None:
 
     from instruct_cli.core import models
     from instruct_cli.core.chat import encode_prompt
-    from instruct_cli.core.config import PPOConfig, build_config
+    from instruct_cli.core.config import PPOConfig
+    from instruct_cli.core.recipes import build_config
     from instruct_cli.steps import ppo
 
     config = build_config(

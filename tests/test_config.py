@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from instruct_cli.core import config as cfg
+from instruct_cli.core import recipes
 from instruct_cli.core.errors import UserError
 
 
@@ -19,7 +20,7 @@ def test_recipe_section_flags_override_and_model_section(tmp_path):
         "version: 1\nmodel:\n  base: ./m\n  quantization: none\ngenerate:\n  temperature: 0.3\n  max_new_tokens: 12\n",
     )
     (tmp_path / "m").mkdir()
-    config = cfg.build_config(cfg.GenerateConfig, "generate", recipe, {"max_new_tokens": 5, "top_p": None})
+    config = recipes.build_config(cfg.GenerateConfig, "generate", recipe, {"max_new_tokens": 5, "top_p": None})
     assert config.temperature == 0.3
     assert config.max_new_tokens == 5  # the flag wins
     assert config.top_p == 0.9  # neither given: the default
@@ -30,7 +31,7 @@ def test_recipe_section_flags_override_and_model_section(tmp_path):
 def test_unknown_key_names_file_key_and_nearest(tmp_path):
     recipe = write(tmp_path / "r.yaml", "generate:\n  temprature: 0.3\n")
     with pytest.raises(UserError) as info:
-        cfg.build_config(cfg.GenerateConfig, "generate", recipe, {})
+        recipes.build_config(cfg.GenerateConfig, "generate", recipe, {})
     message = info.value.paragraph()
     assert "temprature" in message and "temperature" in message and str(recipe) in message
 
@@ -38,20 +39,20 @@ def test_unknown_key_names_file_key_and_nearest(tmp_path):
 def test_wrong_type_and_bad_value(tmp_path):
     recipe = write(tmp_path / "r.yaml", "generate:\n  max_new_tokens: many\n")
     with pytest.raises(UserError, match="max_new_tokens.*whole number"):
-        cfg.build_config(cfg.GenerateConfig, "generate", recipe, {})
+        recipes.build_config(cfg.GenerateConfig, "generate", recipe, {})
     with pytest.raises(UserError, match="temperature.*greater than 0"):
-        cfg.build_config(cfg.GenerateConfig, "generate", None, {"temperature": 0.0})
+        recipes.build_config(cfg.GenerateConfig, "generate", None, {"temperature": 0.0})
     with pytest.raises(UserError, match="quantization.*nf4"):
-        cfg.build_config(cfg.GenerateConfig, "generate", None, {"quantization": "nf5"})
+        recipes.build_config(cfg.GenerateConfig, "generate", None, {"quantization": "nf5"})
 
 
 def test_recipe_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        cfg.read_recipe(tmp_path / "missing.yaml")
+        recipes.read_recipe(tmp_path / "missing.yaml")
     with pytest.raises(UserError, match="line 2"):
-        cfg.read_recipe(write(tmp_path / "bad.yaml", "a: 1\n b: [\n"))
+        recipes.read_recipe(write(tmp_path / "bad.yaml", "a: 1\n b: [\n"))
     with pytest.raises(UserError, match="version"):
-        cfg.read_recipe(write(tmp_path / "v.yaml", "version: 99\n"))
+        recipes.read_recipe(write(tmp_path / "v.yaml", "version: 99\n"))
 
 
 def test_every_field_is_documented():
@@ -62,8 +63,8 @@ def test_every_field_is_documented():
 
 
 def test_to_recipe_dict_round_trips(tmp_path):
-    config = cfg.build_config(cfg.GenerateConfig, "generate", None, {"input": tmp_path / "p.jsonl", "seed": 3})
+    config = recipes.build_config(cfg.GenerateConfig, "generate", None, {"input": tmp_path / "p.jsonl", "seed": 3})
     values = cfg.to_recipe_dict(config)
     assert values["input"] == str(tmp_path / "p.jsonl")
-    again = cfg.make_config(cfg.GenerateConfig, values, source="recipe.yaml")
+    again = recipes.make_config(cfg.GenerateConfig, values, source="recipe.yaml")
     assert again == config

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from instruct_cli.cli import app
-from instruct_cli.core import artifacts, heads, models, rl, training
+from instruct_cli.core import artifacts, heads, models, recipes, rl, training
 from instruct_cli.core import config as cfg
 from instruct_cli.steps import ppo
 
@@ -51,7 +51,7 @@ def ppo_config(pipeline, out, **overrides):
         seed=0,
     )
     values.update(overrides)
-    return cfg.build_config(cfg.PPOConfig, "ppo", None, values)
+    return recipes.build_config(cfg.PPOConfig, "ppo", None, values)
 
 
 def lora_state(model, role):

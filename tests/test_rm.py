@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from instruct_cli.cli import app
-from instruct_cli.core import artifacts, heads, models, preferences
+from instruct_cli.core import artifacts, heads, models, preferences, recipes
 from instruct_cli.core import config as cfg
 
 runner = CliRunner()
@@ -63,7 +63,7 @@ def reward_model(tiny_model_dir):
 
     source = models.resolve_model(str(tiny_model_dir))
     base = models.load_base_model(source, "none", "cpu")
-    options = cfg.build_config(cfg.RMConfig, "rm", None, dict(model=str(tiny_model_dir), lora_dropout=0.0))
+    options = recipes.build_config(cfg.RMConfig, "rm", None, dict(model=str(tiny_model_dir), lora_dropout=0.0))
     body = get_peft_model(base, models.lora_config(options))
     torch.manual_seed(0)
     for name, param in body.named_parameters():

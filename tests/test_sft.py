@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from instruct_cli.cli import app
-from instruct_cli.core import artifacts, chat, lm, models
+from instruct_cli.core import artifacts, chat, lm, models, recipes
 from instruct_cli.core import config as cfg
 from instruct_cli.core.errors import UserError
 from instruct_cli.steps import sft
@@ -131,7 +131,7 @@ def sft_config(tmp_path, tiny_model_dir, data, out="sft", **overrides):
         seed=0,
     )
     values.update(overrides)
-    return cfg.build_config(cfg.SFTConfig, "sft", None, values)
+    return recipes.build_config(cfg.SFTConfig, "sft", None, values)
 
 
 def eval_losses(run_dir):

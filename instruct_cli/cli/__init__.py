@@ -1,0 +1,34 @@
+"""The `instruct` command line: thin typer commands that build a step's config and call `<step>.run(config)`.
+
+Each command's flags mirror its config dataclass (core/config.py), whose field docstrings are the flag help.
+A flag left out is None here, so a recipe's value (via --recipe) or the dataclass default applies.
+
+    app.py       the typer app, option helpers, the UserError / Ctrl-C handler
+    recipe.py    prepare-data, run, plan
+    train.py     sft, rm, rm score, ppo
+    use.py       generate, label, export, eval
+"""
+
+from instruct_cli.cli import recipe, train, use  # noqa: F401 - importing them registers their commands
+from instruct_cli.cli.app import app
+from instruct_cli.cli.recipe import recipe_steps
+from instruct_cli.core.console import quiet_warnings
+
+__all__ = ["app", "main", "recipe_steps"]
+
+
+def main() -> None:
+    """Entry point of the `instruct` console script."""
+    quiet_warnings()
+    app()
+
+
+# --help lists the commands in the order of the recipe, then the tools around it
+HELP_ORDER = ["prepare-data", "sft", "rm", "ppo", "eval", "generate", "label", "export", "run", "plan"]
+app.registered_commands.sort(
+    key=lambda command: (
+        HELP_ORDER.index(command.name or command.callback.__name__)
+        if (command.name or command.callback.__name__) in HELP_ORDER
+        else len(HELP_ORDER)
+    )
+)
