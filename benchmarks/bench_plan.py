@@ -421,7 +421,7 @@ def bench_eval(folder: Path, args, quantization: str, checkpointing: bool, shape
     policy (models.load_for_inference), then the reward model on preference pairs (preferences.load_reward_model)."""
     from peft import PeftModel
 
-    from instruct_cli.core import heads, models
+    from instruct_cli.core import heads, models, sampling
     from instruct_cli.core.config import EvalConfig
     from instruct_cli.steps import evaluate, plan, rm
 
@@ -446,7 +446,7 @@ def bench_eval(folder: Path, args, quantization: str, checkpointing: bool, shape
     def run_policy():
         torch.manual_seed(0)
         with phase("generation"), torch.no_grad():
-            query, mask = evaluate.left_pad(prompts, tokenizer.pad_token_id, torch_device)
+            query, mask = sampling.left_pad(prompts, tokenizer.pad_token_id, torch_device)
             output = model.generate(
                 input_ids=query,
                 attention_mask=mask,

@@ -441,7 +441,7 @@ def test_a_failed_evaluation_never_looks_complete(pipeline, tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(evaluate, "answer_and_measure", broken)
+    monkeypatch.setattr(evaluate.measure, "answer_and_measure", broken)  # where run looks it up
     config = EvalConfig(
         models=[str(pipeline["sft"])],
         reward=pipeline["rm"],

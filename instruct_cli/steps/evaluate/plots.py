@@ -1,0 +1,195 @@
+"""The PNG plots of `instruct eval`: reward distributions, win-rates, and the training curves of the runs.
+
+Owns drawing the figures (matplotlib's Agg backend, no pyplot state), writing them atomically, and reading back
+the series drawn on them (what tests check). Uses the core (artifacts, console), `entries` for which runs have
+curves and `report` for how a win-rate is worded; not `measure` or `compare`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from instruct_cli.core import artifacts
+from instruct_cli.core.console import display_path
+from instruct_cli.steps.evaluate.entries import Entry
+from instruct_cli.steps.evaluate.report import win_text
+
+
+def new_figure(width: float, height: float):
+    """A matplotlib figure drawn by the Agg backend (no display needed, no global pyplot state)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def figure_series(figure) -> dict[str, dict[str, list[float]]]:
+    """The labelled data drawn on each panel of a figure: {panel title: {label: values}}.
+
+    Lines give their y values, histograms (stairs) their counts, bars their lengths; what tests read back."""
+    from matplotlib.container import BarContainer
+    from matplotlib.patches import StepPatch
+
+    panels = {}
+    for axes in figure.axes:
+        series: dict[str, list[float]] = {}
+        for line in axes.get_lines():
+            if labelled(line):
+                series[line.get_label()] = [float(y) for y in line.get_ydata()]
+        for patch in axes.patches:
+            if isinstance(patch, StepPatch) and labelled(patch):
+                series[patch.get_label()] = [float(v) for v in patch.get_data().values]
+        for container in axes.containers:
+            if isinstance(container, BarContainer) and labelled(container):
+                horizontal = getattr(container, "orientation", "vertical") == "horizontal"
+                series[container.get_label()] = [
+                    float(bar.get_width() if horizontal else bar.get_height()) for bar in container.patches
+                ]
+        if series:
+            panels[axes.get_title()] = series
+    return panels
+
+
+def labelled(artist) -> bool:
+    """True for an artist drawn with a label meant for the legend (matplotlib hides those starting with _)."""
+    label = artist.get_label()
+    return bool(label) and not label.startswith("_")
+
+
+def save_figure(figure, path: Path) -> dict[str, dict[str, list[float]]]:
+    """Write the figure as a PNG (atomically) and return its series."""
+    series = figure_series(figure)
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+    return series
+
+
+def plot_reward_distribution(rewards: dict[str, list[float]], path: Path) -> dict:
+    """Overlaid histograms of each model's normalised rewards, with each mean as a dashed line."""
+    figure = new_figure(8, 4.5)
+    axes = figure.add_subplot()
+    edges = np.histogram_bin_edges(
+        np.concatenate([np.asarray(v, dtype=float) for v in rewards.values()]),
+        bins=min(30, max(8, max(len(v) for v in rewards.values()) // 3)),
+    )
+    for index, (name, values) in enumerate(rewards.items()):
+        counts, _ = np.histogram(values, bins=edges)
+        mean = float(np.mean(values))
+        axes.stairs(counts, edges, fill=True, alpha=0.3, color=f"C{index}", label=f"{name} (mean {mean:+.2f})")
+        axes.stairs(counts, edges, color=f"C{index}", linewidth=1.5)
+        axes.axvline(mean, color=f"C{index}", linestyle="--", linewidth=1.5)
+    count = len(next(iter(rewards.values())))
+    axes.set_title(f"Reward of each response, {count} prompts (dashed: means)")
+    axes.set_xlabel("reward (normalised: 0 = mean, 1 = std of the RM's training responses)")
+    axes.set_ylabel("responses")
+    axes.legend()
+    return save_figure(figure, path)
+
+
+def plot_win_rates(results: list[dict], baseline: str, path: Path) -> dict:
+    """Horizontal bars: each model's win-rate against the baseline with its 95% interval, and the 50% line.
+
+    `results` are the per-model entries of report.json."""
+    compared = [m for m in results if m["win_rate"] is not None]
+    figure = new_figure(8, 1.2 + 0.6 * len(compared))
+    axes = figure.add_subplot()
+    names = [m["name"] for m in compared]
+    rates = np.array([100 * m["win_rate"]["rate"] for m in compared])
+    errors = np.array(
+        [
+            [100 * (m["win_rate"]["rate"] - m["win_rate"]["low"]) for m in compared],
+            [100 * (m["win_rate"]["high"] - m["win_rate"]["rate"]) for m in compared],
+        ]
+    )
+    axes.barh(
+        names,
+        rates,
+        xerr=errors,
+        capsize=4,
+        color=[f"C{i}" for i in range(len(compared))],
+        label=f"win-rate vs {baseline}",
+    )
+    axes.axvline(50, color="grey", linestyle="--", linewidth=1, label="_no difference")
+    for y, model in enumerate(compared):
+        win = model["win_rate"]
+        axes.text(min(100 * win["high"] + 2, 80), y, win_text(win), va="center")
+    axes.set_xlim(0, 100)
+    axes.invert_yaxis()
+    axes.set_title(f"Win-rate against {baseline}, judged by the reward model (95% CI; dashed: 50% = no difference)")
+    axes.set_xlabel("% of prompts won (ties count half)")
+    return save_figure(figure, path)
+
+
+CURVES: dict[str, list[tuple[str, list[str]]]] = {
+    "sft": [("loss", ["loss/train", "eval/loss"])],
+    "rm": [("loss", ["loss/train", "eval/loss"]), ("accuracy", ["train/accuracy", "eval/accuracy"])],
+    "ppo": [
+        ("score", ["objective/score", "eval/reward"]),
+        ("KL (nats)", ["objective/kl", "eval/kl"]),
+        ("beta", ["objective/beta"]),
+    ],
+}
+"""The panels of the training curves per kind of run: (panel, metric names read from metrics.jsonl)."""
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (empty when it has none; unreadable lines are skipped)."""
+    return artifacts.read_jsonl(Path(folder) / artifacts.METRICS)
+
+
+def plot_training_curves(runs: list[tuple[str, str, Path]], path: Path) -> dict | None:
+    """One panel per (run, curve): loss for sft and rm runs (and rm accuracy); score, KL and beta for ppo.
+
+    `runs` holds (name, kind, folder). Returns None (and writes nothing) when no run has metrics."""
+    panels = []
+    for name, kind, folder in runs:
+        rows = read_metrics(folder)
+        for title, metrics in CURVES.get(kind, []):
+            series = {
+                metric: ([row["step"] for row in rows if metric in row], [row[metric] for row in rows if metric in row])
+                for metric in metrics
+            }
+            series = {metric: xy for metric, xy in series.items() if xy[0]}
+            if series:
+                panels.append((f"{name} ({kind}): {title}", "iteration" if kind == "ppo" else "step", series))
+    if not panels:
+        return None
+    columns = min(3, len(panels))
+    rows_count = math.ceil(len(panels) / columns)
+    figure = new_figure(4.5 * columns, 3.2 * rows_count)
+    for index, (title, xlabel, series) in enumerate(panels):
+        axes = figure.add_subplot(rows_count, columns, index + 1)
+        for metric, (steps, values) in series.items():
+            sparse = len(steps) < 0.5 * max(len(s) for s, _ in series.values())
+            axes.plot(steps, values, marker="o" if sparse or len(steps) < 3 else None, markersize=4, label=metric)
+        axes.set_title(title, fontsize=9)
+        axes.set_xlabel(xlabel)
+        axes.legend(fontsize=8)
+        axes.grid(alpha=0.3)
+    return save_figure(figure, path)
+
+
+def runs_with_curves(entries: list[Entry], reward: Path) -> list[tuple[str, str, Path]]:
+    """The runs whose training curves the report shows: SFT runs (those evaluated and the references), the
+    reward model, then ppo runs; each once."""
+    runs: list[tuple[str, str, Path]] = []
+    for entry in entries:
+        if entry.reference is not None:
+            runs.append((display_path(entry.reference), "sft", entry.reference))
+    runs.append((str(reward), "rm", Path(reward)))
+    runs += [(entry.name, "ppo", entry.path) for entry in entries if entry.kind == "ppo"]
+    named = {str(entry.path.resolve()): entry.name for entry in entries if entry.path is not None}
+    unique, seen = [], set()
+    for name, kind, folder in runs:
+        key = str(Path(folder).resolve())
+        if key not in seen:
+            seen.add(key)
+            unique.append((named.get(key, name), kind, Path(folder)))
+    return unique

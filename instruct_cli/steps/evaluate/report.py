@@ -1,0 +1,291 @@
+"""The report of `instruct eval` (step 5 of `run`): its figures, words and files.
+
+Owns the report folder's file names; each model's figures in report.json (`model_report`); the metrics the
+manifest records; the verdict; the results table; report.md; samples.jsonl's rows; and showing a report in the
+terminal and loading it back. Writes no plot itself (`plots` does; `run` puts them together). Uses the core
+(artifacts, config, console, errors), `stats` and `entries`; not `measure`, `plots` or `compare`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from instruct_cli.core import artifacts
+from instruct_cli.core.config import EvalConfig
+from instruct_cli.core.console import display_path, info, print_table, summary_table
+from instruct_cli.core.errors import UserError
+from instruct_cli.steps.evaluate.entries import Entry
+from instruct_cli.steps.evaluate.stats import bootstrap_interval, describe, distinct_n, outcomes
+
+REPORT_JSON, REPORT_MD, SAMPLES = "report.json", "report.md", "samples.jsonl"
+SAMPLES_SHOWN = 3
+"""How many prompts `show` prints with every model's answer side by side."""
+REWARD_PLOT, WIN_PLOT, CURVES_PLOT = "reward_distribution.png", "win_rate.png", "training_curves.png"
+
+
+def model_report(entry: Entry, baseline: Entry, config: EvalConfig) -> dict:
+    """Every figure of one model."""
+    samples = entry.samples
+    win = None
+    if entry is not baseline:
+        results = outcomes(entry.rewards, baseline.rewards)
+        low, high = bootstrap_interval(results, config.bootstrap, config.seed)
+        win = {
+            "against": baseline.name,
+            "rate": float(results.mean()),
+            "low": low,
+            "high": high,
+            "wins": int((results == 1.0).sum()),
+            "ties": int((results == 0.5).sum()),
+            "losses": int((results == 0.0).sum()),
+        }
+    known_ends = [ended for ended in samples.ended if ended is not None]
+    return {
+        "name": entry.name,
+        "kind": entry.kind,
+        "path": str(entry.path.resolve()) if entry.path else entry.spec,
+        "baseline": entry is baseline,
+        "reference": str(entry.reference) if entry.reference is not None else None,
+        "reward": describe(entry.rewards),
+        "win_rate": win,
+        "kl": {"mean": float(np.mean(entry.kl)), "std": float(np.std(entry.kl))} if entry.kl is not None else None,
+        "perplexity": entry.perplexity,
+        "length": float(np.mean([len(ids) for ids in samples.responses])),
+        "eos_rate": float(np.mean(known_ends)) if len(known_ends) == len(samples.ended) else None,
+        "distinct_1": distinct_n(samples.texts, 1),
+        "distinct_2": distinct_n(samples.texts, 2),
+    }
+
+
+def headline_metrics(report: dict) -> dict[str, float]:
+    """What the manifest records as the report's metrics: per model mean reward, win-rate and interval, KL."""
+    metrics: dict[str, float] = {}
+    for model in report["models"]:
+        name = model["name"]
+        metrics[f"{name}/reward"] = model["reward"]["mean"]
+        if model["win_rate"]:
+            metrics[f"{name}/win_rate"] = model["win_rate"]["rate"]
+            metrics[f"{name}/win_rate_low"] = model["win_rate"]["low"]
+            metrics[f"{name}/win_rate_high"] = model["win_rate"]["high"]
+        if model["kl"]:
+            metrics[f"{name}/kl"] = model["kl"]["mean"]
+    if report["reward_model"].get("accuracy") is not None:
+        metrics["reward_model/accuracy"] = report["reward_model"]["accuracy"]
+    return metrics
+
+
+def percent(value: float) -> str:
+    """0.684 -> '68%'."""
+    return f"{100 * value:.0f}%"
+
+
+def win_text(win: dict) -> str:
+    """A win-rate and its interval: '68% (95% CI 55-80%)'."""
+    return f"{percent(win['rate'])} (95% CI {100 * win['low']:.0f}-{percent(win['high'])})"
+
+
+CAUTION = "Read these with care"
+
+
+def verdict(report: dict) -> list[str]:
+    """One plain sentence per model against the baseline: who wins, on how many prompts, at what KL."""
+    baseline = report["baseline"]
+    lines = []
+    for model in report["models"]:
+        win = model["win_rate"]
+        if win is None:
+            continue
+        name = model["name"]
+        on_prompts = win_text(win).replace(" (", " of prompts (", 1)
+        if win["low"] > 0.5:
+            sentence = f"{name} beats {baseline} on {on_prompts} by the reward model"
+        elif win["high"] < 0.5:
+            sentence = f"{name} loses to {baseline} by the reward model: it wins only {on_prompts}"
+        else:
+            sentence = (
+                f"{name} and {baseline} are level by the reward model: {name} wins {on_prompts}, which includes 50%"
+            )
+        if model["kl"] is not None and model["kind"] != "sft":  # an sft run is its own reference
+            sentence += f", at KL {model['kl']['mean']:.2f} nats from its SFT reference"
+        base_reward = next(m["reward"]["mean"] for m in report["models"] if m["name"] == baseline)
+        sentence += f" (mean reward {model['reward']['mean']:+.2f} vs {base_reward:+.2f})."
+        lines.append(sentence)
+    if not lines:
+        only = report["models"][0]
+        lines.append(f"{only['name']} alone: mean reward {only['reward']['mean']:+.2f} (nothing to compare with).")
+    accuracy = report["reward_model"].get("accuracy")
+    if accuracy is not None and accuracy < 0.6:
+        lines.append(
+            f"{CAUTION}: the reward model ranks held-out preference pairs correctly only "
+            f"{percent(accuracy)} of the time."
+        )
+    return lines
+
+
+TABLE_COLUMNS = [
+    "model",
+    "reward ± std",
+    "win-rate (95% CI)",
+    "KL (nats)",
+    "perplexity",
+    "length",
+    "EOS rate",
+    "distinct-1/2",
+]
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    """The results table (one row per model) as text cells, for the terminal and report.md."""
+    rows = []
+    for model in report["models"]:
+        win = model["win_rate"]
+        rows.append(
+            [
+                model["name"] + (" (baseline)" if model["baseline"] else ""),
+                f"{model['reward']['mean']:+.2f} ± {model['reward']['std']:.2f}",
+                win_text(win).replace("95% CI ", "") if win else "-",
+                f"{model['kl']['mean']:.2f}" if model["kl"] is not None else "-",
+                f"{model['perplexity']['perplexity']:.4g}" if model["perplexity"] else "-",
+                f"{model['length']:.1f}",
+                percent(model["eos_rate"]) if model["eos_rate"] is not None else "-",
+                f"{model['distinct_1']:.2f} / {model['distinct_2']:.2f}",
+            ]
+        )
+    return rows
+
+
+def fenced(text: str) -> str:
+    """`text` as a fenced markdown block that no backticks inside it can close."""
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}text\n{text or '(empty)'}\n{fence}"
+
+
+def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str:
+    """report.md: the verdict, the table, how it was measured, a few side-by-side samples, the plots."""
+    settings = report["settings"]
+    lines = ["# Evaluation report", ""]
+    for line in report["verdict"]:
+        lines += [line if line.startswith(CAUTION) else f"**{line}**", ""]
+    lines += [
+        "## Results",
+        "",
+        f"{report['prompts']} held-out prompts, each answered once by every model (temperature "
+        f"{settings['temperature']}, top-p {settings['top_p']}, at most {settings['max_new_tokens']} tokens, "
+        f"seed {settings['seed']}). Baseline: **{report['baseline']}**.",
+        "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "---|" * len(TABLE_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    rm_report = report["reward_model"]
+    lines += [""]
+    if rm_report.get("accuracy") is not None:
+        lines += [
+            f"Reward model {rm_report['path']}: {percent(rm_report['accuracy'])} accuracy on "
+            f"{rm_report['pairs']} held-out preference pairs (mean margin {rm_report['margin']:.2f})."
+        ]
+    else:
+        lines += [f"Reward model {rm_report['path']}: no preference eval split was available to measure its accuracy."]
+    lines += [
+        "",
+        "How to read it: reward is the reward model's score in units of the standard deviation of its "
+        "training responses (0 = their mean). Win-rate is the share of prompts on which a model's response "
+        "scores higher than the baseline's on the same prompt (ties count half), with a bootstrap 95% "
+        "interval over prompts: an interval above 50% means a real win. KL is the mean over a model's "
+        "responses of log p_model - log p_SFT summed over the response's tokens (nats): how far it moved "
+        "from the SFT model. Perplexity is on the SFT eval split (lower = closer to the demonstrations). "
+        "Length is in tokens, EOS included; distinct-n is the share of unique word n-grams.",
+        "",
+    ]
+    if samples:
+        lines += ["## Samples", ""]
+        for number, row in enumerate(samples[:how_many], start=1):
+            prompt = row["prompt"][-1]["content"] if row["prompt"] else ""
+            lines += [f"### Prompt {number}", "", fenced(prompt), ""]
+            for name, answer in row["responses"].items():
+                tokens = f"{answer['tokens']} token" + ("" if answer["tokens"] == 1 else "s")
+                lines += [f"**{name}** - reward {answer['reward']:+.2f}, {tokens}", "", fenced(answer["text"]), ""]
+    plots = report["plots"]
+    if plots:
+        lines += ["## Plots", ""]
+        titles = {
+            REWARD_PLOT: "Reward distributions",
+            WIN_PLOT: "Win-rate against the baseline",
+            CURVES_PLOT: "Training curves",
+        }
+        for plot in plots:
+            lines += [f"### {titles.get(plot, plot)}", "", f"![{titles.get(plot, plot)}]({plot})", ""]
+    lines += ["## Inputs", "", "| input | path | sha256 |", "|---|---|---|"]
+    lines += [f"| {key} | {record['path']} | `{record['sha256'][:12]}` |" for key, record in report["inputs"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def sample_rows(prompts: list[list[dict]], entries: list[Entry]) -> list[dict]:
+    """samples.jsonl: each prompt with every model's response, reward, length, EOS and KL side by side."""
+    rows = []
+    for index, prompt in enumerate(prompts):
+        responses = {}
+        for entry in entries:
+            samples = entry.samples
+            responses[entry.name] = {
+                "text": samples.texts[index],
+                "reward": entry.rewards[index],
+                "tokens": len(samples.responses[index]),
+                "eos": samples.ended[index],
+                "kl": entry.kl[index] if entry.kl is not None else None,
+                "ids": samples.responses[index],
+            }
+        rows.append({"index": index, "prompt": prompt, "responses": responses})
+    return rows
+
+
+def unfinished_report(folder: Path) -> bool:
+    """True when `folder` holds a report that did not finish: there is nothing to resume, so it is redone."""
+    manifest = artifacts.read_manifest(folder) if Path(folder).is_dir() else None
+    return bool(manifest) and manifest.get("kind") == "report" and manifest.get("status") != artifacts.STATUS_COMPLETE
+
+
+def show(report: dict, folder: Path) -> None:
+    """The results table, a few answers side by side (from the report folder's samples.jsonl) and the verdict."""
+    print_table(f"eval: {report['prompts']} prompts, baseline {report['baseline']}", TABLE_COLUMNS, table_rows(report))
+    samples = artifacts.read_jsonl(Path(folder) / SAMPLES)
+    if samples:
+        names = list(samples[0]["responses"])
+        rows = [
+            [row["prompt"][-1]["content"] if row["prompt"] else ""]
+            + [f"{row['responses'][name]['text']}\n(reward {row['responses'][name]['reward']:+.2f})" for name in names]
+            for row in samples[:SAMPLES_SHOWN]
+        ]
+        print_table(
+            f"{min(SAMPLES_SHOWN, len(samples))} of the {len(samples)} answers side by side (all in {SAMPLES})",
+            ["prompt", *names],
+            rows,
+        )
+    for line in report["verdict"]:
+        info(line)
+    rm_report = report["reward_model"]
+    summary_table(
+        "eval",
+        {
+            "report": display_path(Path(folder) / REPORT_MD),
+            "reward model accuracy": percent(rm_report["accuracy"]) if rm_report.get("accuracy") is not None else "-",
+            "plots": ", ".join(report["plots"]),
+        },
+    )
+
+
+def load_report(folder: Path) -> dict:
+    """The report.json of a complete report folder."""
+    artifacts.require_complete(Path(folder), "report", flag="--compare")
+    path = Path(folder) / REPORT_JSON
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(
+            f"The report cannot be read ({exc})", where=str(path), fix="Run `instruct eval` for it again with --force"
+        ) from None

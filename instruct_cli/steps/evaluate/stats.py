@@ -1,0 +1,81 @@
+"""The statistics of `instruct eval`: win/tie/loss outcomes, win-rate, its bootstrap interval, distinct-n, the
+per-response KL sum and a summary of a list of values.
+
+Pure functions of numbers and texts, tested against hand-computed values. Uses numpy and the standard library
+only: nothing of instruct_cli, no models.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+TIE_TOLERANCE = 1e-6
+
+
+def outcomes(rewards: Sequence[float], baseline_rewards: Sequence[float], tie: float = TIE_TOLERANCE) -> np.ndarray:
+    """Per prompt: 1.0 when the model's reward beats the baseline's, 0.5 for a tie (equal within `tie`), else 0."""
+    model, baseline = np.asarray(rewards, dtype=float), np.asarray(baseline_rewards, dtype=float)
+    if model.shape != baseline.shape:
+        raise ValueError(f"{len(model)} rewards against {len(baseline)} baseline rewards")
+    return np.where(np.abs(model - baseline) <= tie, 0.5, (model > baseline).astype(float))
+
+
+def win_rate(rewards: Sequence[float], baseline_rewards: Sequence[float], tie: float = TIE_TOLERANCE) -> float:
+    """The share of prompts on which the model beats the baseline, ties counted as half."""
+    return float(outcomes(rewards, baseline_rewards, tie).mean())
+
+
+def bootstrap_interval(
+    values: Sequence[float], resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of `values`.
+
+    The values (one per prompt) are resampled with replacement `resamples` times with a seeded numpy
+    generator; the interval is the (1 - level)/2 and (1 + level)/2 quantiles of the resampled means.
+    """
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(low), float(high)
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct word n-grams / all word n-grams, pooled over the texts (0 when there are none)."""
+    grams = [tuple(words[i : i + n]) for words in (text.split() for text in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def sequence_kl(logprobs: Sequence[Sequence[float]], reference_logprobs: Sequence[Sequence[float]]) -> list[float]:
+    """Per response: the sum over its tokens of log p_model - log p_reference.
+
+    Over responses sampled from the model, the mean of these sums is an unbiased estimate of
+    KL(model || reference) per response, in nats (a single sum can be negative).
+    """
+    kls = []
+    for own, reference in zip(logprobs, reference_logprobs, strict=True):
+        if len(own) != len(reference):
+            raise ValueError(f"a response of {len(own)} tokens has {len(reference)} reference log-probs")
+        kls.append(math.fsum(a - b for a, b in zip(own, reference)))
+    return kls
+
+
+def describe(values: Sequence[float]) -> dict[str, float]:
+    """Mean, standard deviation and quartiles of `values`."""
+    array = np.asarray(values, dtype=float)
+    lowest, p25, median, p75, highest = np.percentile(array, [0, 25, 50, 75, 100])
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std()),
+        "min": float(lowest),
+        "p25": float(p25),
+        "median": float(median),
+        "p75": float(p75),
+        "max": float(highest),
+        "n": int(len(array)),
+    }
