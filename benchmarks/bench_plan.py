@@ -386,20 +386,16 @@ def bench_ppo(folder: Path, args, quantization: str, checkpointing: bool, shape,
 
     def run():
         for _ in range(2):  # the second iteration runs with the optimizer states in memory
-            trajectory, _ = ppo.make_trajectory(roles, tokenizer, prompts, config, 0.05, torch_device)
+            batch = ppo.rollout(roles, tokenizer, prompts, config, accelerator)
+            trajectory, _ = ppo.make_trajectory(roles, batch, config, 0.05, accelerator)
             ppo.update(roles, optimizer, trajectory, config, accelerator)
             del trajectory
 
     with (
+        labelled(ppo, {"rollout": "rollout", "update": "update"}),
         labelled(
-            ppo,
-            {
-                "rollout": "rollout",
-                "score": "score",
-                "response_values": "values",
-                "response_logits": "policy logits",
-                "update": "update",
-            },
+            ppo.trajectory,
+            {"score": "score", "response_values": "values", "response_logits": "policy logits"},
         ),
         labelled(rl, {"token_logprobs": "log-probs", "entropy_from_logits": "entropy"}),
     ):

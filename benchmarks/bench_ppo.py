@@ -459,7 +459,7 @@ def child_one_step(spec_file: str) -> None:
     quiet_libraries()
     import torch
 
-    from instruct_cli.core import models
+    from instruct_cli.core import data_folders, models, training
     from instruct_cli.core.chat import encode_prompt
     from instruct_cli.core.config import PPOConfig
     from instruct_cli.core.recipes import build_config
@@ -492,14 +492,13 @@ def child_one_step(spec_file: str) -> None:
     after_load = memory_status()
     print(f"ready after {ready_s:.1f} s (roles loaded in {load_s:.1f} s)", flush=True)
 
-    prompts = ppo.read_prompts(config.data, "train")  # the CLI's first rollout batch
-    batch = [
-        encode_prompt(tokenizer, prompts[i])
-        for i in ppo.prompt_batches(len(prompts), config.rollout_batch_size, config.seed, 0)
-    ]
+    prompts = data_folders.read_prompts(config.data, "train")  # the CLI's first rollout batch
+    accelerator = training.make_accelerator(config.seed, config.precision, config.device)
+    batch = [encode_prompt(tokenizer, prompts[i]) for i in ppo.iteration_prompts(len(prompts), config, 0, accelerator)]
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    trajectory, stats = ppo.make_trajectory(roles, tokenizer, batch, config, config.kl_coef, device)
+    rollout = ppo.rollout(roles, tokenizer, batch, config, accelerator)
+    trajectory, stats = ppo.make_trajectory(roles, rollout, config, config.kl_coef, accelerator)
     step_s = time.perf_counter() - start
     result = {
         "load_s": load_s,

@@ -27,11 +27,11 @@ def test_a_step_importing_another_step_breaks_the_contracts(tmp_path):
     """The contracts can fail: a copy of the package where ppo imports sft is refused."""
     shutil.copytree(PACKAGE, tmp_path / "instruct_cli", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    ppo = tmp_path / "instruct_cli" / "steps" / "ppo.py"
+    ppo = tmp_path / "instruct_cli" / "steps" / "ppo" / "update_step.py"
     ppo.write_text(ppo.read_text() + "\nfrom instruct_cli.steps import sft  # noqa: E402,F401\n")
     result = lint_imports(tmp_path)
     assert result.returncode != 0
-    assert "instruct_cli.steps.ppo -> instruct_cli.steps.sft" in result.stdout
+    assert "instruct_cli.steps.ppo.update_step -> instruct_cli.steps.sft" in result.stdout
 
 
 def test_no_module_is_over_600_lines():

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from instruct_cli.cli import app
-from instruct_cli.core import artifacts, heads, models, recipes, rl, training
+from instruct_cli.core import artifacts, chat, heads, models, recipes, rl, training
 from instruct_cli.core import config as cfg
 from instruct_cli.steps import ppo
 
@@ -94,8 +94,10 @@ def test_roles_start_from_sft_and_rm(pipeline, tmp_path):
         torch.testing.assert_close(roles.value_head(hidden), normalised_reward, rtol=1e-5, atol=1e-5)
 
     # the first rollout's KL to the reference is exactly zero (same adapter, same temperature)
-    encoded = [ppo.encode_prompt(tokenizer, [{"role": "user", "content": "red cat sun?"}])] * 4
-    trajectory, stats = ppo.make_trajectory(roles, tokenizer, encoded, config, beta=0.05, device="cpu")
+    encoded = [chat.encode_prompt(tokenizer, [{"role": "user", "content": "red cat sun?"}])] * 4
+    accelerator = training.make_accelerator(0)
+    batch = ppo.rollout(roles, tokenizer, encoded, config, accelerator)
+    trajectory, stats = ppo.make_trajectory(roles, batch, config, beta=0.05, accelerator=accelerator)
     assert torch.equal(trajectory.logprobs, trajectory.ref_logprobs)
     assert stats["objective/kl"] == 0.0
     assert trajectory.response.shape == trajectory.response_mask.shape == trajectory.values.shape
@@ -114,8 +116,9 @@ def test_update_on_4bit_base_trains_only_policy_and_value(pipeline, tmp_path):
     base_weights = {n: p.detach().clone() for n, p in roles.model.named_parameters() if "lora_" not in n}
     accelerator = training.make_accelerator(0)
     words = "red blue green dog sun tree water stone".split()
-    encoded = [ppo.encode_prompt(tokenizer, [{"role": "user", "content": f"{w} cat?"}]) for w in words]
-    trajectory, _ = ppo.make_trajectory(roles, tokenizer, encoded, config, beta=0.05, device="cpu")
+    encoded = [chat.encode_prompt(tokenizer, [{"role": "user", "content": f"{w} cat?"}]) for w in words]
+    batch = ppo.rollout(roles, tokenizer, encoded, config, accelerator)
+    trajectory, _ = ppo.make_trajectory(roles, batch, config, beta=0.05, accelerator=accelerator)
 
     # one minibatch: the ratio starts at 1, and gradients reach every policy and value LoRA layer
     stats = ppo.update_minibatch(roles, trajectory.rows(torch.arange(4)), config, accelerator)

@@ -54,14 +54,50 @@ def test_kl_shaping_score_only_at_last_token():
 
 
 def test_adaptive_beta():
-    controller = rl.KLController(beta=0.1, target=6.0, horizon=10000)
-    controller.update(current_kl=9.0, batch_size=100)  # error 0.5 clipped to 0.2
-    assert controller.beta == pytest.approx(0.1 * (1 + 0.2 * 100 / 10000))
-    controller.update(current_kl=5.4, batch_size=100)  # error -0.1
-    assert controller.beta == pytest.approx(0.1 * (1 + 0.2 * 0.01) * (1 - 0.1 * 0.01))
+    controller = rl.KLController(beta=0.1, target=6.0, horizon=5)
+    controller.update(current_kl=9.0)  # error 0.5 clipped to 0.2
+    assert controller.beta == pytest.approx(0.1 * (1 + 0.2 / 5))
+    controller.update(current_kl=5.4)  # error -0.1
+    assert controller.beta == pytest.approx(0.1 * (1 + 0.2 / 5) * (1 - 0.1 / 5))
     fixed = rl.KLController(beta=0.05)
-    fixed.update(100.0, 64)
+    fixed.update(100.0)
     assert fixed.beta == 0.05
+
+
+def test_adaptive_beta_reaches_its_target_within_the_quickstarts_iterations():
+    """A toy policy whose KL falls as beta rises (KL = 0.6 / beta): at the quickstart's 20 iterations and
+    beta 0.05 the KL starts at 12 with a target of 6, and beta must get most of the way to 0.1."""
+    controller = rl.KLController(beta=0.05, target=6.0)  # the default horizon
+    for _ in range(20):
+        controller.update(current_kl=0.6 / controller.beta)
+    assert 0.6 / controller.beta < 6.0 * 1.15, controller.beta  # within 15% of the target KL
+    old = rl.KLController(beta=0.05, target=6.0, horizon=10000)  # the old horizon, in samples of 16
+    for _ in range(20):
+        old.update(current_kl=0.6 / old.beta)
+    assert old.beta < 0.051  # what it did before: practically fixed
+
+
+def test_token_shares_add_up_to_the_mean_over_all_rollouts():
+    """Two processes holding half the rollouts each: their shares of the loss and of the statistics,
+    computed with the global token count, sum to what one process holding all of them computes."""
+    torch.manual_seed(0)
+    new, old, advantages = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]]).float()
+    whole, whole_stats = rl.policy_loss(new, old, advantages, mask, 0.2)
+    count = mask.sum()
+    halves = [
+        rl.policy_loss(new[rows], old[rows], advantages[rows], mask[rows], 0.2, count)
+        for rows in (slice(0, 2), slice(2, 4))
+    ]
+    assert sum(loss for loss, _ in halves).item() == pytest.approx(whole.item(), abs=1e-6)
+    for name, value in whole_stats.items():
+        assert sum(stats[name] for _, stats in halves) == pytest.approx(value, abs=1e-6)
+    values, returns = torch.randn(4, 5), torch.randn(4, 5)
+    whole_v, _ = rl.value_loss(values, old, returns, mask, 0.2)
+    split_v = sum(
+        rl.value_loss(values[r], old[r], returns[r], mask[r], 0.2, count)[0] for r in (slice(0, 2), slice(2, 4))
+    )
+    assert split_v.item() == pytest.approx(whole_v.item(), abs=1e-6)
 
 
 def test_clipped_policy_loss():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -335,6 +336,17 @@ class RunFolder:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
 
+    def truncate_log(self, step: int, name: str = METRICS, key: str = "step") -> None:
+        """Keep only the rows of the JSONL log `name` whose `key` is <= `step` (a resumed run redoes the later
+        steps, and would log them twice)."""
+        path = self.path / name
+        if not self.writer or not path.is_file():
+            return
+        rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [row for row in rows if row.strip() and _row_step(row, key) <= step]
+        if len(kept) != len(rows):
+            atomic_write_text(path, "".join(kept))
+
     @contextlib.contextmanager
     def recording(self) -> Iterator["RunFolder"]:
         """Mark the run interrupted (Ctrl-C) or failed (any error) if the block does not finish."""
@@ -359,3 +371,11 @@ class RunFolder:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _row_step(row: str, key: str) -> float:
+    """The step of a log row (a torn last line from a hard kill counts as past every step)."""
+    try:
+        return json.loads(row)[key]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf

@@ -94,8 +94,11 @@ class TrainOptions:
     """Write a checkpoint for --resume every this many steps (and on Ctrl-C)."""
     keep: Literal["best", "last"] = "best"
     """Which adapter the run keeps: the one with the best eval metric, or the last."""
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Mixed precision: auto (bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, none on a CPU),
+    no, bf16 (also on a CPU, slowly: it exercises the GPU arithmetic), or fp16 (GPUs only, with loss scaling)."""
     seed: int = 0
-    """Seed for initialisation, data order and dropout."""
+    """Seed for initialisation, data order and dropout (process N of a data-parallel run uses seed + N)."""
     resume: bool = False
     """Continue an interrupted run in --out from its last checkpoint."""
 
@@ -135,9 +138,9 @@ class PPOConfig(OutputOptions):
     iterations: int = 100
     """PPO iterations: each samples a rollout batch, scores it, and updates policy and value."""
     rollout_batch_size: int = 16
-    """Prompts sampled per iteration."""
+    """Prompts sampled per iteration on each process (N processes sample N x this many, each its own share)."""
     minibatch_size: int = 4
-    """Rollouts per gradient step in the update."""
+    """Rollouts per gradient step in the update, on each process."""
     ppo_epochs: int = 4
     """Passes over each rollout batch in the update (InstructGPT: 4)."""
     lr: float = 5e-5
@@ -152,8 +155,9 @@ class PPOConfig(OutputOptions):
     """Initial KL coefficient beta (reward = score - beta * KL per token)."""
     target_kl: Optional[float] = None
     """Adaptive beta: target KL per response (e.g. 6.0); None keeps beta fixed."""
-    kl_horizon: int = 10000
-    """Adaptive beta: the horizon of the proportional controller (Ziegler et al. 2019)."""
+    kl_horizon: int = 5
+    """Adaptive beta: the controller's horizon in iterations; beta moves by up to 20%/kl_horizon per iteration
+    towards the target (Ziegler et al. 2019, who count the horizon in samples)."""
     gamma: float = 1.0
     """Discount factor of GAE."""
     lam: float = 0.95
@@ -180,8 +184,11 @@ class PPOConfig(OutputOptions):
     """Held-out prompts used per evaluation."""
     save_every: int = 10
     """Write a checkpoint for --resume every this many iterations (and on Ctrl-C)."""
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Mixed precision: auto (bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, none on a CPU),
+    no, bf16 (also on a CPU, slowly: it exercises the GPU arithmetic), or fp16 (GPUs only, with loss scaling)."""
     seed: int = 0
-    """Seed for sampling, data order and initialisation."""
+    """Seed for sampling, data order and initialisation (process N of a data-parallel run samples with seed + N)."""
     resume: bool = False
     """Continue an interrupted run in --out from its last checkpoint."""
 

@@ -29,7 +29,9 @@ HEAD_CONFIG = "score_head.json"
 class ScalarHead(nn.Linear):
     """`Linear(hidden_size, 1)` applied to hidden states: (..., hidden) -> (..., 1), computed in its own dtype.
 
-    The input is cast to the head's dtype (float32 by default), so a bf16 body feeds an fp32 head safely.
+    The input is cast to the head's dtype (float32 by default), so a bf16 body feeds an fp32 head safely, and
+    autocast is off inside: under bf16 autocast the Linear would otherwise run in bf16 while training (rm, the
+    value loss) and in fp32 when scoring, and the two would disagree.
     """
 
     def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32, seed: int | None = None):
@@ -47,7 +49,8 @@ class ScalarHead(nn.Linear):
         return self.in_features
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see the class docstring
-        return super().forward(hidden.to(self.weight.dtype))
+        with torch.autocast(hidden.device.type, enabled=False):
+            return super().forward(hidden.to(self.weight.dtype))
 
 
 def hidden_size_of(model) -> int:

@@ -2,6 +2,12 @@
 
 Shapes: B = rollouts in the batch, T = response tokens (right-padded). `mask` is 1.0 on real response
 tokens (up to and including the EOS) and 0.0 after, so every mean below is over real tokens only.
+
+Data parallel: a process holds its share of the rollouts. The statistics that must describe the whole
+batch (whitening, explained variance) take `total`, a function that sums a tensor over all processes
+(identity on one process), and the losses take `token_count`, the number of real tokens of the minibatch on
+all processes: each process's loss is then its share of the global mean, and summing the gradients over
+processes gives exactly the gradient of one process holding every rollout.
 References: Ouyang et al. 2022 (InstructGPT); Ziegler et al. 2019 (adaptive KL); Huang et al. 2024,
 "The N Implementation Details of RLHF with PPO" (whitening, clipping, EOS handling).
 """
@@ -10,28 +16,37 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+Total = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over the processes of a data-parallel run (the identity on one process)."""
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1."""
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The `Total` of a single process."""
+    return tensor
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, total: Total = local) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (over all processes' entries when `total` sums over them)."""
     if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
+        return total((values * mask).sum()) / total(mask.sum()).clamp(min=1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_var(values: torch.Tensor, mask: torch.Tensor, total: Total = local) -> torch.Tensor:
     """Unbiased variance of `values` where `mask` is 1."""
-    mean = masked_mean(values, mask)
-    count = mask.sum()
-    return ((values - mean) ** 2 * mask).sum() / (count - 1).clamp(min=1)
+    mean = masked_mean(values, mask, total=total)
+    count = total(mask.sum())
+    return total(((values - mean) ** 2 * mask).sum()) / (count - 1).clamp(min=1)
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, total: Total = local) -> torch.Tensor:
     """Normalise to zero mean and unit variance over the masked entries (the mean kept if not shift_mean)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mean, var = masked_mean(values, mask, total=total), masked_var(values, mask, total=total)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -93,65 +108,83 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def token_share(values: torch.Tensor, mask: torch.Tensor, token_count: torch.Tensor | float | None) -> torch.Tensor:
+    """Sum of `values` over real tokens divided by `token_count` (default: this batch's real tokens): the
+    masked mean, or a process's share of the mean over every process's tokens."""
+    count = mask.sum() if token_count is None else torch.as_tensor(token_count, dtype=values.dtype)
+    return (values * mask).sum() / count.clamp(min=1)
+
+
 def policy_loss(
     new_logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    token_count: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate objective (as a loss to minimise), with clip fraction and approximate KL."""
+    """PPO's clipped surrogate objective (as a loss to minimise), with clip fraction and approximate KL.
+
+    With `token_count` (the minibatch's real tokens on all processes) the loss and both statistics are this
+    process's shares: summed over processes they are the minibatch's means."""
     log_ratio = (new_logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = token_share(torch.maximum(unclipped, clipped), mask, token_count)
     stats = {
-        "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-        "policy/approxkl": 0.5 * masked_mean(log_ratio**2, mask).item(),
+        "policy/clipfrac": token_share((clipped > unclipped).float(), mask, token_count).item(),
+        "policy/approxkl": 0.5 * token_share(log_ratio.detach() ** 2, mask, token_count).item(),
     }
     return loss, stats
 
 
 def value_loss(
-    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float
+    new_values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    token_count: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss: 0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped within clip_range of the old V."""
+    """Clipped value loss: 0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped within clip_range of the old V.
+    `token_count` as in `policy_loss`."""
     clipped_values = old_values + torch.clamp(new_values - old_values, -clip_range, clip_range)
     losses = torch.maximum((new_values - returns) ** 2, (clipped_values - returns) ** 2)
-    loss = 0.5 * masked_mean(losses, mask)
-    return loss, {
-        "value/clipfrac": masked_mean(
-            ((new_values - returns) ** 2 < (clipped_values - returns) ** 2).float(), mask
-        ).item()
-    }
+    loss = 0.5 * token_share(losses, mask, token_count)
+    clipped = ((new_values - returns) ** 2 < (clipped_values - returns) ** 2).float()
+    return loss, {"value/clipfrac": token_share(clipped, mask, token_count).item()}
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, total: Total = local) -> float:
     """1 - Var(returns - values) / Var(returns): how much of the return the value function predicts."""
-    var_returns = masked_var(returns, mask)
+    var_returns = masked_var(returns, mask, total=total)
     if var_returns.item() == 0:
         return float("nan")
-    return (1 - masked_var(returns - values, mask) / var_returns).item()
+    return (1 - masked_var(returns - values, mask, total=total) / var_returns).item()
 
 
 @dataclass
 class KLController:
     """The KL coefficient beta: fixed, or adapted towards a target KL (Ziegler et al. 2019).
 
-    After each batch: error = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + error * batch_size / horizon.
+    After each iteration: error = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + error / horizon. Ziegler et
+    al. count the horizon in samples (beta *= 1 + error * batch / horizon, with batches of 512 and a horizon
+    of 10,000: about 1% per batch at most); counted in iterations, beta moves as fast whatever the batch and
+    the number of processes: up to 4% per iteration at the default horizon of 5. `current_kl` is the mean
+    per-response KL over every process's rollouts, so all processes keep the same beta.
     """
 
     beta: float
     target: float | None = None
-    horizon: int = 10000
+    horizon: int = 5
 
-    def update(self, current_kl: float, batch_size: int) -> None:
-        """Move beta after a batch whose mean per-sequence KL was `current_kl` (no-op when fixed)."""
+    def update(self, current_kl: float) -> None:
+        """Move beta after an iteration whose mean per-response KL was `current_kl` (no-op when fixed)."""
         if self.target is None or not math.isfinite(current_kl):
             return
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.beta *= 1.0 + error * batch_size / self.horizon
+        self.beta *= 1.0 + error / self.horizon
 
     def state_dict(self) -> dict:
         """What a checkpoint stores."""

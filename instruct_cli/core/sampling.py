@@ -1,10 +1,15 @@
-"""Batches for generation and for scoring what was generated.
+"""Sampling, and batches for generation and for scoring what was generated.
 
-Owns: left padding of prompts (`left_pad`), prompt + response as one sequence (`sequences`), and the
-keyword arguments of `model.generate` for the sampling flags (`sampling_kwargs`). May use: torch.
+Owns: `sample`, which draws from exactly softmax(logits / T) with the top-k / top-p asked for — the model's
+own generation_config (repetition_penalty, no_repeat_ngram_size, min_new_tokens, suppress_tokens, ...) is
+set aside, so that log-probs recomputed later describe what was sampled (PPO's rollouts, eval's KL, label);
+left padding of prompts (`left_pad`); prompt + response as one sequence (`sequences`); and the keyword
+arguments of `model.generate` for the sampling flags (`sampling_kwargs`). May use: config.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -44,3 +49,30 @@ def sequences(query, query_mask, response, response_mask):
     attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     return input_ids, attention_mask, position_ids
+
+
+def sample(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, **settings) -> torch.Tensor:
+    """`model.generate` (prompt + response ids) with only the `settings` given (temperature, top_k, top_p,
+    max_new_tokens, ...) and the tokenizer's EOS and pad: nothing from the model's generation_config."""
+    settings = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **settings}
+    with plain_generation_config(model):
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
+
+
+@contextlib.contextmanager
+def plain_generation_config(model):
+    """Swap the model's generation_config for transformers' defaults while the block runs.
+
+    Passing `generation_config=` to generate is not enough: transformers fills every field left unset in it
+    from the model's own generation_config, so a repetition penalty the model ships would still apply."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig(
+        bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id
+    )
+    try:
+        yield
+    finally:
+        inner.generation_config = saved

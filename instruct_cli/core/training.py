@@ -4,8 +4,9 @@ A step supplies what is specific to it — how to encode its rows, the loss of a
 and `fit` does the rest the same way for both. The loop is built on `accelerate.Accelerator`, so
 `accelerate launch --num_processes N` runs it data-parallel with no code of our own.
 
-Resume is exact: the data order of each epoch is a pure function of (seed, epoch), and a checkpoint holds
-the trainable weights, optimizer, scheduler, step and the RNG states taken at the start of that step.
+Resume is exact: the data order of each epoch is a pure function of (seed, epoch), and checkpoints are
+written at step boundaries only, with every process's random state (checkpoints.py, which also owns how a
+run stops on Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 
 from instruct_cli.core import artifacts, models
 from instruct_cli.core.artifacts import RunFolder
-from instruct_cli.core.console import info, progress, warn
+from instruct_cli.core.checkpoints import Checkpointer, Stopped, StopSignals
+from instruct_cli.core.console import info, progress
 from instruct_cli.core.errors import UserError
 
 Batch = dict[str, torch.Tensor]
@@ -42,17 +44,36 @@ class Trainable:
 
 
 # ----------------------------------------------------------------------------------------- preparation
-def make_accelerator(seed: int):
-    """An Accelerator with bf16 autocast on GPUs that support it (none on CPU), seeded on every process."""
+def make_accelerator(seed: int, precision: str = "auto", device: str = "auto"):
+    """An Accelerator with the mixed precision asked for (see `mixed_precision`), each process seeded with
+    seed + its index: its own random stream for sampling and dropout, reproducible from the run seed."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    on_cpu = not torch.cuda.is_available() or device == "cpu"
     # without cpu=True, Accelerator ignores the torchrun environment on a machine with no GPU and every
     # process would train alone; with it, several CPU processes form a gloo group (DistributedType.MULTI_CPU)
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-    set_seed(seed)
+    accelerator = Accelerator(mixed_precision=mixed_precision(precision, on_cpu), cpu=on_cpu)
+    set_seed(seed, device_specific=True)  # seed + process index
     return accelerator
+
+
+def mixed_precision(precision: str, on_cpu: bool) -> str:
+    """accelerate's mixed_precision for the --precision flag: `auto` is bf16 on GPUs that have it, fp16 (with
+    loss scaling: accelerate's GradScaler, used by `accelerator.backward` and the prepared optimizer) on
+    older GPUs, and none on a CPU, where bf16 matmuls are many times slower than fp32."""
+    if precision == "auto":
+        if on_cpu:
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and on_cpu:
+        raise UserError(
+            "fp16 mixed precision needs a GPU: on a CPU there is no loss scaling, and fp16 training without it "
+            "loses small gradients",
+            where="--precision",
+            fix="Use --precision bf16 (CPU autocast, slow) or no (fp32, the CPU default)",
+        )
+    return precision
 
 
 def prepare_for_training(model, quantization: str, gradient_checkpointing: bool):
@@ -88,7 +109,13 @@ def make_trainable(
     # its device (load_base_model placed it, 4-bit weights included), and a wrapper module (NextTokenLoss,
     # RewardModel) hides the 4-bit markers accelerate looks for before calling `.to()`: no placement here.
     model = accelerator.prepare_model(model, device_placement=False)
-    return Trainable(model, optimizer, scheduler, accelerator)
+    return Trainable(model, prepare_optimizer(accelerator, optimizer), scheduler, accelerator)
+
+
+def prepare_optimizer(accelerator, optimizer: torch.optim.Optimizer):
+    """The optimizer wrapped by accelerate, so that under fp16 its step goes through the loss scaler (skipped
+    when gradients overflowed) and `clip_grad_norm_` unscales the gradients first."""
+    return accelerator.prepare_optimizer(optimizer, device_placement=False)
 
 
 def require_data_and_out(config) -> None:
@@ -229,56 +256,52 @@ def fit(
     model.train()
     cached_epoch, batches = 0, batches_for_epoch(0)
     steps_per_epoch = max(1, len(batches) // grad_accum)
-    with progress(description, total=total_steps) as bar:
+    with progress(description, total=total_steps) as bar, StopSignals() as stop:
         bar.set_completed(step)
-        try:
-            while step < total_steps:
-                epoch, position = divmod(step, steps_per_epoch)
-                if epoch != cached_epoch:
-                    cached_epoch, batches = epoch, batches_for_epoch(epoch)
-                group = batches[position * grad_accum : (position + 1) * grad_accum]
-                checkpoint.mark_step_start()
-                step_metrics = mean_over_processes(
-                    accelerator, accumulate(model, accelerator, loss_fn, group, weight_of)
-                )
-                if not math.isfinite(step_metrics["loss"]):
-                    raise Diverged(step + 1, step_metrics["loss"], checkpoint.latest())
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                step_tokens = step_metrics.pop("tokens", 0)
-                tokens_seen += step_tokens
-                rate = tokens_seen / max(time.time() - started, 1e-6)
-                metrics = {
-                    "loss/train": step_metrics.pop("loss"),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm),
-                    "train/tokens": step_tokens,
-                    "train/tokens_per_s": rate,
-                    **{f"train/{k}": v for k, v in step_metrics.items()},
-                }
-                if step % eval_every == 0 or step == total_steps:
-                    metrics.update(evaluate(model))
-                    model.train()
-                    if keep == "best" and metrics[eval_key] < best:
-                        best = metrics[eval_key]
-                        if accelerator.is_main_process:
-                            save_adapter(accelerator.unwrap_model(model), checkpoint.best_dir)
-                run.log_metrics(step, metrics)
-                bar.advance(
-                    1,
-                    loss=metrics["loss/train"],
-                    lr=metrics["train/lr"],
-                    tok_s=round(rate),
-                    **({eval_key: metrics[eval_key]} if eval_key in metrics else {}),
-                )
-                if step % save_every == 0 and step < total_steps:
-                    checkpoint.save(step, best)
-        except KeyboardInterrupt:
-            checkpoint.save_interrupted(best)
-            raise
+        while step < total_steps:
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch != cached_epoch:
+                cached_epoch, batches = epoch, batches_for_epoch(epoch)
+            group = batches[position * grad_accum : (position + 1) * grad_accum]
+            step_metrics = mean_over_processes(accelerator, accumulate(model, accelerator, loss_fn, group, weight_of))
+            if not math.isfinite(step_metrics["loss"]):
+                raise Diverged(step + 1, step_metrics["loss"], checkpoint.latest())
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_tokens = step_metrics.pop("tokens", 0)
+            tokens_seen += step_tokens
+            rate = tokens_seen / max(time.time() - started, 1e-6)
+            metrics = {
+                "loss/train": step_metrics.pop("loss"),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm),
+                "train/tokens": step_tokens,
+                "train/tokens_per_s": rate,
+                **{f"train/{k}": v for k, v in step_metrics.items()},
+            }
+            if step % eval_every == 0 or step == total_steps:
+                metrics.update(evaluate(model))
+                model.train()
+                if keep == "best" and metrics[eval_key] < best:
+                    best = metrics[eval_key]
+                    if accelerator.is_main_process:
+                        save_adapter(accelerator.unwrap_model(model), checkpoint.best_dir)
+            run.log_metrics(step, metrics)
+            bar.advance(
+                1,
+                loss=metrics["loss/train"],
+                lr=metrics["train/lr"],
+                tok_s=round(rate),
+                **({eval_key: metrics[eval_key]} if eval_key in metrics else {}),
+            )
+            if stop.should_stop(accelerator):
+                checkpoint.save(step, best)
+                raise Stopped
+            if step % save_every == 0 and step < total_steps:
+                checkpoint.save(step, best)
     kept = "best" if keep == "best" and checkpoint.best_dir.exists() else "last"
     if accelerator.is_main_process:
         with artifacts.atomic_folder(run.path / "adapter") as tmp:
@@ -343,110 +366,6 @@ class Diverged(UserError):
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-class Checkpointer:
-    """Saves and restores everything --resume needs; keeps the two newest checkpoints."""
-
-    KEEP = 2
-
-    def __init__(self, run: RunFolder, trainable: Trainable, extra=None):
-        self.run = run
-        self.trainable = trainable
-        self.extra = extra  # anything else with state_dict/load_state_dict (PPO's KL controller)
-        self.folder = run.checkpoints
-        self.best_dir = self.folder / "best-adapter"
-        self._rng_at_step_start: dict | None = None
-
-    def mark_step_start(self) -> None:
-        """Remember the RNG states at the start of a step: a checkpoint of this step must replay it exactly."""
-        self._rng_at_step_start = rng_state()
-
-    def latest(self) -> Path | None:
-        """The newest checkpoint file, if any."""
-        files = sorted(self.folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-        return files[-1] if files else None
-
-    def save(self, step: int, best: float) -> None:
-        """Write checkpoint `step` (after the step's update), atomically."""
-        self._write(step, best, rng_state())
-
-    def save_interrupted(self, best: float) -> None:
-        """On Ctrl-C: save the state after the last finished step, with the RNG as it was when it ended."""
-        step = self.trainable.scheduler.last_epoch  # one scheduler step per optimizer step
-        if step > 0 and self._rng_at_step_start is not None:
-            self._write(step, best, self._rng_at_step_start)
-            info(f"Saved a checkpoint at step {step}; continue with --resume")
-
-    def _write(self, step: int, best: float, rng: dict) -> None:
-        accelerator = self.trainable.accelerator
-        if not accelerator.is_main_process:
-            return
-        state = {
-            "step": step,
-            "best": best,
-            "trainable": {name: p.detach().cpu() for name, p in self._optimized_parameters().items()},
-            "extra": self.extra.state_dict() if self.extra is not None else None,
-            "optimizer": self.trainable.optimizer.state_dict(),
-            "scheduler": self.trainable.scheduler.state_dict(),
-            "rng": rng,
-        }
-        self.folder.mkdir(parents=True, exist_ok=True)
-        target = self.folder / f"step-{step}.pt"
-        tmp = target.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        tmp.replace(target)
-        files = sorted(self.folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-        for old in files[: -self.KEEP]:
-            old.unlink()
-
-    def restore(self) -> tuple[int, float]:
-        """Load the newest checkpoint into the trainable; returns (step, best eval value)."""
-        latest = self.latest()
-        if latest is None:
-            warn("No checkpoint to resume from; starting at step 0")
-            return 0, math.inf
-        state = torch.load(latest, map_location="cpu", weights_only=False)
-        parameters = self._optimized_parameters()
-        if set(state["trainable"]) != set(parameters) or any(
-            value.shape != parameters[name].shape for name, value in state["trainable"].items()
-        ):
-            raise UserError(
-                "The checkpoint does not fit this run's trainable weights (it was written with other "
-                "LoRA settings or by another version of instruct)",
-                where=str(latest),
-                fix="Resume with the settings the run started with, or start it again with --force",
-            )
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                parameters[name].copy_(value)
-        self.trainable.optimizer.load_state_dict(state["optimizer"])
-        self.trainable.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        if self.extra is not None and state.get("extra") is not None:
-            self.extra.load_state_dict(state["extra"])
-        return state["step"], state["best"]
-
-    def _optimized_parameters(self) -> dict[str, torch.nn.Parameter]:
-        # the parameters the optimizer updates, by name (requires_grad is not a guide: peft's set_adapter
-        # switches it per active adapter)
-        model = self.trainable.accelerator.unwrap_model(self.trainable.model)
-        optimized = {id(p) for group in self.trainable.optimizer.param_groups for p in group["params"]}
-        return {name: p for name, p in model.named_parameters() if id(p) in optimized}
-
-
-def rng_state() -> dict:
-    """Every RNG a training step draws from."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` captured."""
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_trainable_policy(config, source: models.ModelSource, device):

@@ -72,7 +72,7 @@ def run(config: RMConfig) -> Path:
     train_rows = read_prefs(config.data, "prefs.train")
     eval_rows = read_prefs(config.data, "prefs.eval")
     source = models.resolve_model(config.model)
-    accelerator = training.make_accelerator(config.seed)
+    accelerator = training.make_accelerator(config.seed, config.precision, config.device)
     device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
     run_folder = training.open_run(config, "rm", accelerator, source)
     with run_folder.recording():

@@ -36,7 +36,7 @@ def run(config: SFTConfig) -> Path:
     train_rows = data_folders.read_split(config.data, "sft.train")
     eval_rows = data_folders.read_split(config.data, "sft.eval")
     source = models.resolve_model(config.model)
-    accelerator = training.make_accelerator(config.seed)
+    accelerator = training.make_accelerator(config.seed, config.precision, config.device)
     device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
     run_folder = training.open_run(config, "sft", accelerator, source)
     with run_folder.recording():

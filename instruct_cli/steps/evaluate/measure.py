@@ -43,16 +43,16 @@ def sample_responses(
     for start in range(0, len(queries), batch_size):
         chunk = queries[start : start + batch_size]
         input_ids, attention_mask = sampling.left_pad(chunk, tokenizer.pad_token_id, device)
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+        output = sampling.sample(
+            model,
+            tokenizer,
+            input_ids,
+            attention_mask,
             do_sample=True,
             temperature=temperature,
             top_p=top_p,
             top_k=0,
             max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
         )
         generated = output[:, input_ids.shape[1] :]
         mask, has_eos = rl.truncate_after_eos(generated, tokenizer.eos_token_id)

@@ -27,7 +27,7 @@ def sample_responses(
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     from instruct_cli.core.chat import encode_prompt
-    from instruct_cli.core.sampling import left_pad, sampling_kwargs
+    from instruct_cli.core.sampling import left_pad, sample, sampling_kwargs
 
     class Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -39,9 +39,11 @@ def sample_responses(
     encoded = [ids for messages in prompts for ids in [encode_prompt(tokenizer, messages)] * k]
     input_ids, attention_mask = left_pad(encoded, tokenizer.pad_token_id, device)
     with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+        output = sample(  # exactly the configured sampling: the model's generation_config is set aside
+            model,
+            tokenizer,
+            input_ids,
+            attention_mask,
             stopping_criteria=StoppingCriteriaList([Stop()]),
             **sampling_kwargs(settings, tokenizer),
         )

@@ -1,0 +1,328 @@
+"""`instruct ppo`: RLHF with PPO on ONE shared base model (InstructGPT step 3).
+
+One iteration, top to bottom (`train`):
+    1. rollout     sample responses for a batch of prompts (left padding, KV cache, temperature T), cut at EOS
+    2. score       reward role on prompt + response at the last real token; penalty when there is no EOS
+    3. KL          per-token logp_policy - logp_reference (both at temperature T); reward shaping with beta
+    4. advantages  GAE with the value role, advantages whitened
+    5. update      clipped policy and value losses, several epochs of minibatches, gradient clipping
+
+    roles.py       the four adapters on one base (policy, reference, value, reward) and the two heads
+    trajectory.py  steps 1-4: Rollout, Trajectory (shapes documented), make_trajectory
+    update_step.py step 5
+The maths lives in core/rl.py; this package moves tensors between the roles.
+
+Data parallel (`accelerate launch --num_processes N`): each process samples its own share of the
+iteration's prompts with its own random stream (seed + process index); whitening, the logged statistics and
+the KL controller use every process's rollouts, the update sums gradients over processes, and only the main
+process writes. N processes with --rollout-batch-size B cover the prompts of one process with N x B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from instruct_cli.core import artifacts, chat, data_folders, distributed, lm, models, rl, training
+from instruct_cli.core.checkpoints import Checkpointer, Stopped, StopSignals
+from instruct_cli.core.config import PPOConfig, to_recipe_dict
+from instruct_cli.core.console import console, info, progress, summary_table
+from instruct_cli.core.errors import UserError
+from instruct_cli.steps.ppo.roles import (
+    POLICY,
+    REFERENCE,
+    REWARD,
+    VALUE,
+    Roles,
+    disable_dropout,
+    load_roles,
+    save_outputs,
+)
+from instruct_cli.steps.ppo.trajectory import Rollout, Trajectory, make_trajectory, response_logits, rollout, score
+from instruct_cli.steps.ppo.update_step import NonFinite, update, update_minibatch
+
+__all__ = [
+    "POLICY",
+    "REFERENCE",
+    "REWARD",
+    "VALUE",
+    "Roles",
+    "Rollout",
+    "Trajectory",
+    "disable_dropout",
+    "load_roles",
+    "make_trajectory",
+    "rollout",
+    "run",
+    "update",
+    "update_minibatch",
+    "iteration_prompts",
+]
+
+
+# ------------------------------------------------------------------------------------------------- run
+def run(config: PPOConfig) -> Path:
+    """PPO from an SFT run against an RM run on a data folder's prompts; writes the ppo run folder."""
+    check_config(config)
+    train_prompts = data_folders.read_prompts(config.data, "train")
+    eval_prompts = (
+        data_folders.read_prompts(config.data, "eval")[: config.eval_prompts] or train_prompts[: config.eval_prompts]
+    )
+    accelerator = training.make_accelerator(config.seed, config.precision, config.device)
+    device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
+    sft_manifest = artifacts.require_complete(config.sft, "sft", flag="--sft")
+    run_folder = open_ppo_run(config, accelerator, sft_manifest)
+    with run_folder.recording():
+        roles, tokenizer, _, _ = load_roles(config, device)
+        encoded = [chat.encode_prompt(tokenizer, messages) for messages in train_prompts]
+        optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=config.lr, eps=1e-5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / config.iterations))
+        controller = rl.KLController(config.kl_coef, config.target_kl, config.kl_horizon)
+        trainable = training.Trainable(
+            roles, training.prepare_optimizer(accelerator, optimizer), scheduler, accelerator
+        )
+        checkpoint = Checkpointer(run_folder, trainable, extra=controller)
+        start, _ = checkpoint.restore() if run_folder.resuming else (0, math.inf)
+        if run_folder.resuming:
+            run_folder.truncate_log(start, "samples.jsonl", key="iteration")
+            info(f"Resuming from iteration {start} of {config.iterations}")
+        ptx = ptx_batches(config, tokenizer, sft_manifest, device, accelerator) if config.ptx_coef > 0 else None
+        world = accelerator.num_processes
+        info(
+            f"ppo: {len(encoded)} prompts, {config.iterations} iterations of {config.rollout_batch_size * world} "
+            f"rollouts{f' on {world} processes' if world > 1 else ''} on {device} ({config.quantization}, "
+            f"precision {accelerator.mixed_precision}; policy/reference/value/reward adapters on one base)"
+        )
+        metrics = train(
+            run_folder, roles, tokenizer, encoded, eval_prompts, config, controller, trainable, checkpoint, start, ptx
+        )
+        if accelerator.is_main_process:
+            save_outputs(roles, run_folder.path)
+        accelerator.wait_for_everyone()
+        run_folder.complete(metrics, iterations=config.iterations, final_beta=controller.beta)
+    if accelerator.is_main_process:
+        summary_table(
+            "ppo",
+            {
+                "output": str(config.out),
+                "iterations": config.iterations,
+                **{k: v for k, v in metrics.items() if k.startswith(("eval/", "objective/"))},
+            },
+        )
+    return Path(config.out)
+
+
+def check_config(config: PPOConfig) -> None:
+    """The flags ppo needs, and combinations that cannot work."""
+    for flag, value in (("--sft", config.sft), ("--reward", config.reward), ("--data", config.data)):
+        if value is None:
+            raise UserError(f"{flag} is required", where=flag, fix="See `instruct ppo --help` for an example")
+    if config.out is None:
+        raise UserError("--out is required", where="--out", fix="Pass --out runs/NAME")
+    if config.minibatch_size > config.rollout_batch_size:
+        raise UserError(
+            "--minibatch-size cannot exceed --rollout-batch-size",
+            where="--minibatch-size",
+            fix=f"Use at most {config.rollout_batch_size}",
+        )
+    if config.kl_horizon > 1000:
+        raise UserError(
+            f"--kl-horizon {config.kl_horizon}: the horizon now counts iterations, not samples",
+            where="--kl-horizon",
+            fix="Use a few iterations, e.g. 5 (the default): beta then moves up to 4% per iteration",
+        )
+
+
+def train(
+    run_folder, roles, tokenizer, encoded, eval_prompts, config, controller, trainable, checkpoint, start, ptx
+) -> dict[str, float]:
+    """The iterations: trajectory, update, KL controller, logs, evaluation, checkpoints at boundaries."""
+    accelerator = trainable.accelerator
+    metrics: dict[str, float] = {}
+    started, rollouts = time.time(), 0
+    with progress("ppo", total=config.iterations) as bar, StopSignals() as stop:
+        bar.set_completed(start)
+        iteration = start
+        try:
+            while iteration < config.iterations:
+                mine = iteration_prompts(len(encoded), config, iteration, accelerator)
+                batch = rollout(roles, tokenizer, [encoded[i] for i in mine], config, accelerator)
+                trajectory, stats = make_trajectory(roles, batch, config, controller.beta, accelerator)
+                if not torch.isfinite(trajectory.scores).all():
+                    raise NonFinite("reward")
+                stats.update(
+                    update(
+                        roles, trainable.optimizer, trajectory, config, accelerator, iteration, ptx and ptx(iteration)
+                    )
+                )
+                stats["objective/beta"] = controller.beta
+                controller.update(stats["objective/kl"])
+                trainable.scheduler.step()
+                iteration += 1
+                rollouts += len(mine) * accelerator.num_processes
+                stats["train/samples_per_s"] = rollouts / max(time.time() - started, 1e-6)
+                stats["train/lr"] = trainable.scheduler.get_last_lr()[0]
+                if iteration % config.eval_every == 0 or iteration == config.iterations:
+                    eval_metrics, samples = evaluate(roles, tokenizer, eval_prompts, config, accelerator)
+                    stats.update(eval_metrics)
+                    if accelerator.is_main_process:
+                        append_samples(run_folder.path, iteration, samples)
+                        show_samples(samples, iteration)
+                metrics = stats
+                run_folder.log_metrics(iteration, stats)
+                bar.advance(
+                    1,
+                    score=stats["objective/score"],
+                    kl=stats["objective/kl"],
+                    beta=controller.beta,
+                    clip=stats["policy/clipfrac"],
+                    samples_s=stats["train/samples_per_s"],
+                    **kl_warning(stats["objective/kl"], config),
+                )
+                if stop.should_stop(accelerator):
+                    checkpoint.save(iteration, math.inf)
+                    raise Stopped
+                if iteration % config.save_every == 0 and iteration < config.iterations:
+                    checkpoint.save(iteration, math.inf)
+        except NonFinite as exc:
+            last = checkpoint.latest()
+            raise UserError(
+                f"PPO stopped at iteration {iteration + 1}: the {exc} became NaN or infinite",
+                where=str(last) if last else "before the first checkpoint",
+                fix="Lower --lr or raise --kl-coef; --resume continues from the last good checkpoint",
+            ) from None
+    return metrics
+
+
+def kl_warning(kl: float, config: PPOConfig) -> dict[str, str]:
+    """A warning field for the progress line when the KL is far above its target (or above 20 nats)."""
+    limit = 3 * config.target_kl if config.target_kl else 20.0
+    return {"warning": f"KL {kl:.1f} >> target"} if kl > limit else {}
+
+
+# ------------------------------------------------------------------------------------------------ data
+def prompt_batches(count: int, batch_size: int, seed: int, iteration: int) -> list[int]:
+    """Indices of the prompts of iteration `iteration`: a fresh shuffle per pass over the data."""
+    per_epoch = max(1, count // batch_size)
+    epoch, position = divmod(iteration, per_epoch)
+    order = list(range(count))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    chosen = order[position * batch_size : (position + 1) * batch_size]
+    return chosen if len(chosen) == batch_size else (order * batch_size)[:batch_size]
+
+
+def iteration_prompts(count: int, config: PPOConfig, iteration: int, accelerator) -> list[int]:
+    """This process's prompts of iteration `iteration`: the global batch of rollout_batch_size x processes
+    prompts is formed as one process would form it, and process r takes its r-th contiguous share (so the
+    trajectory's rows, process 0's first, are the global batch in order)."""
+    size, rank = config.rollout_batch_size, accelerator.process_index
+    chosen = prompt_batches(count, size * accelerator.num_processes, config.seed, iteration)
+    return chosen[rank * size : (rank + 1) * size]
+
+
+def ptx_batches(config: PPOConfig, tokenizer, sft_manifest: dict, device, accelerator):
+    """PPO-ptx batches of SFT demonstrations (from --ptx-data, or the SFT run's own data): iteration ->
+    minibatch number -> batch. A pure function of (seed, process, iteration, minibatch), so resuming needs
+    no state of its own."""
+    folder = config.ptx_data or Path(sft_manifest["parents"]["data"]["path"])
+    rows = data_folders.read_split(folder, "sft.train")
+    encoded = [chat.encode_conversation(tokenizer, row["messages"], 1024) for row in rows]
+    rank = accelerator.process_index
+
+    def for_iteration(iteration: int):
+        def batch(number: int) -> dict:
+            rng = random.Random(f"ptx-{config.seed}-{rank}-{iteration}-{number}")
+            chosen = rng.sample(encoded, k=min(config.minibatch_size, len(encoded)))
+            return lm.collate(chosen, tokenizer.pad_token_id, device)
+
+        return batch
+
+    return for_iteration
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(
+    roles: Roles, tokenizer, prompts: list[list[dict]], config: PPOConfig, accelerator
+) -> tuple[dict[str, float], list[dict]]:
+    """Mean normalised reward (missing-EOS penalty included, as `instruct eval` scores), KL to the
+    reference, length and EOS rate on held-out prompts, plus the samples. Each process answers its share;
+    every process gets the whole result."""
+    rows = []
+    share = [(index, prompts[index]) for index in distributed.my_share(len(prompts), accelerator)]
+    for start in range(0, len(share), config.rollout_batch_size):
+        chunk = share[start : start + config.rollout_batch_size]
+        encoded = [chat.encode_prompt(tokenizer, messages) for _, messages in chunk]
+        batch = rollout(roles, tokenizer, encoded, config, accelerator)
+        with accelerator.autocast():
+            scores = score(roles, batch, config.missing_eos_penalty)
+            policy = rl.token_logprobs(response_logits(roles, POLICY, *batch[:4]), batch.response, config.temperature)
+            reference = rl.token_logprobs(
+                response_logits(roles, REFERENCE, *batch[:4]), batch.response, config.temperature
+            )
+        kls = ((policy - reference) * batch.response_mask).sum(1)
+        for row, (index, messages) in enumerate(chunk):
+            ids = batch.response[row][batch.response_mask[row].bool()]
+            rows.append(
+                {
+                    "index": index,
+                    "prompt": messages,
+                    "response": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                    "reward": scores[row].item(),
+                    "kl": kls[row].item(),
+                    "length": int(batch.response_mask[row].sum()),
+                    "eos": bool(batch.ended[row]),
+                }
+            )
+    rows = sorted(distributed.gather_lists(accelerator, rows), key=lambda row: row["index"])
+    metrics = {
+        "eval/reward": sum(r["reward"] for r in rows) / len(rows),
+        "eval/kl": sum(r["kl"] for r in rows) / len(rows),
+        "eval/length": sum(r["length"] for r in rows) / len(rows),
+        "eval/eos_rate": sum(r["eos"] for r in rows) / len(rows),
+    }
+    samples = [{"prompt": r["prompt"], "response": r["response"], "reward": r["reward"]} for r in rows]
+    return metrics, samples
+
+
+def show_samples(samples: list[dict], iteration: int, how_many: int = 2) -> None:
+    """Print a few prompt/response pairs with their reward."""
+    for sample in samples[:how_many]:
+        prompt = sample["prompt"][-1]["content"]
+        console.print(
+            f"[dim]iter {iteration}[/dim] [bold]{prompt[:80]}[/bold] -> {sample['response'][:160]!r} "
+            f"[dim](reward {sample['reward']:.2f})[/dim]"
+        )
+
+
+# ------------------------------------------------------------------------------------------ run folder
+def append_samples(folder: Path, iteration: int, samples: list[dict]) -> None:
+    """Append an evaluation's samples to samples.jsonl."""
+    with open(folder / "samples.jsonl", "a", encoding="utf-8") as handle:
+        for sample in samples:
+            handle.write(json.dumps({"iteration": iteration, **sample}, ensure_ascii=False) + "\n")
+
+
+def open_ppo_run(config: PPOConfig, accelerator, sft_manifest: dict) -> artifacts.RunFolder:
+    """Open the ppo run folder (main process), naming its three parents."""
+    if accelerator.is_main_process:
+        run_folder = artifacts.RunFolder.open(
+            config.out,
+            "ppo",
+            to_recipe_dict(config),
+            force=config.force,
+            resume=config.resume,
+            parents={
+                "sft": artifacts.parent_record(config.sft),
+                "rm": artifacts.parent_record(config.reward),
+                "data": artifacts.parent_record(config.data),
+            },
+            extra={"base_model": sft_manifest["base_model"], "quantization": config.quantization},
+        )
+    accelerator.wait_for_everyone()
+    return run_folder if accelerator.is_main_process else artifacts.RunFolder.follow(config.out)

@@ -1,0 +1,137 @@
+"""Step 5 of a PPO iteration: clipped policy and value losses over several epochs of minibatches.
+
+Minibatch k is the same set of rollouts whatever the number of processes: the shuffle of each epoch is drawn
+over the global batch (every process's rollouts, process 0's first) from a generator seeded by (seed,
+iteration), identical on every process. Each process computes the part of the minibatch it holds, with
+losses divided by the minibatch's real tokens on all processes; gradients and statistics are then summed
+over processes. N processes with B rollouts each therefore take exactly the steps of one process with
+N x B rollouts and N x the minibatch size.
+
+A trap worth knowing: with (non-reentrant) gradient checkpointing, the forward is recomputed during the
+backward with whatever adapter is active THEN. So each role's loss is backpropagated right after its own
+forward, before the next `set_adapter`.
+May use: core (distributed, lm, rl), roles, trajectory.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from instruct_cli.core import distributed, lm, rl
+from instruct_cli.core.config import PPOConfig
+from instruct_cli.steps.ppo import trajectory as steps
+from instruct_cli.steps.ppo.roles import POLICY, Roles
+from instruct_cli.steps.ppo.trajectory import Trajectory
+
+PtxBatches = Callable[[int], dict]
+"""Minibatch number -> a batch of SFT demonstrations for PPO-ptx (this process's)."""
+
+
+class NonFinite(Exception):
+    """A loss or reward became NaN or infinite."""
+
+
+def update(
+    roles: Roles,
+    optimizer,
+    trajectory: Trajectory,
+    config: PPOConfig,
+    accelerator,
+    iteration: int = 0,
+    ptx_batches: PtxBatches | None = None,
+) -> dict[str, float]:
+    """`ppo_epochs` passes of minibatches over the global batch; returns the mean of each statistic, plus the
+    first minibatch's clip fraction and approximate KL (before any step: 0 when old and new log-probs agree)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    local = trajectory.response.shape[0]
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
+    minibatch = config.minibatch_size * world
+    parameters = roles.trainable_parameters()
+    totals: dict[str, float] = {}
+    count = 0
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(local * world, generator=generator)
+        for start in range(0, local * world, minibatch):
+            chosen = order[start : start + minibatch]
+            mine = (chosen[chosen // local == rank] - rank * local).to(trajectory.response.device)
+            token_count = distributed.summer(accelerator)(trajectory.response_mask[mine].sum())
+            ptx_batch = ptx_batches(count) if ptx_batches is not None else None
+            stats = update_minibatch(roles, trajectory.rows(mine), config, accelerator, token_count, ptx_batch)
+            stats = distributed.sum_stats(accelerator, stats)
+            distributed.sum_gradients(accelerator, parameters)
+            stats["policy/grad_norm"] = float(accelerator.clip_grad_norm_(parameters, config.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if count == 0:
+                stats["policy/first_clipfrac"] = stats["policy/clipfrac"]
+                stats["policy/first_approxkl"] = stats["policy/approxkl"]
+            for name, value in stats.items():
+                totals[name] = totals.get(name, 0.0) + value
+            count += 1
+    means = {name: total / count for name, total in totals.items()}
+    means["policy/first_clipfrac"] = totals["policy/first_clipfrac"]
+    means["policy/first_approxkl"] = totals["policy/first_approxkl"]
+    return means
+
+
+def update_minibatch(
+    roles: Roles,
+    batch: Trajectory,
+    config: PPOConfig,
+    accelerator,
+    token_count: torch.Tensor | None = None,
+    ptx_batch: dict | None = None,
+) -> dict[str, float]:
+    """Backpropagate the policy loss (with its adapter active), then the value loss (with its own).
+
+    `token_count` is the minibatch's real tokens on all processes (None: this batch's own): the losses are
+    this process's shares of the minibatch's means. A process may hold no rollout of a minibatch; it then
+    contributes nothing but the PPO-ptx term."""
+    stats = {"loss/policy": 0.0, "loss/value": 0.0, "policy/clipfrac": 0.0, "policy/approxkl": 0.0}
+    stats["value/clipfrac"] = 0.0
+    share = 1.0 / accelerator.num_processes  # of the ptx loss, a mean over processes
+    if len(batch.response) > 0:
+        with accelerator.autocast():
+            logits = steps.response_logits(
+                roles, POLICY, batch.query, batch.query_mask, batch.response, batch.response_mask
+            )
+            new_logprobs = rl.token_logprobs(logits, batch.response, config.temperature)
+            pg_loss, pg_stats = rl.policy_loss(
+                new_logprobs, batch.logprobs, batch.advantages, batch.response_mask, config.clip_range, token_count
+            )
+            loss = pg_loss + (ptx_term(roles, ptx_batch, config, share, stats) if ptx_batch is not None else 0.0)
+        check_finite(loss, "policy loss")
+        accelerator.backward(loss)
+        with accelerator.autocast():
+            new_values = steps.response_values(
+                roles, batch.query, batch.query_mask, batch.response, batch.response_mask
+            )
+            vf_loss, vf_stats = rl.value_loss(
+                new_values, batch.values, batch.returns, batch.response_mask, config.value_clip_range, token_count
+            )
+        check_finite(vf_loss, "value loss")
+        accelerator.backward(config.vf_coef * vf_loss)
+        stats.update({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), **pg_stats, **vf_stats})
+    elif ptx_batch is not None:
+        with accelerator.autocast():
+            loss = ptx_term(roles, ptx_batch, config, share, stats)
+        accelerator.backward(loss)
+    return stats
+
+
+def ptx_term(roles: Roles, ptx_batch: dict, config: PPOConfig, share: float, stats: dict) -> torch.Tensor:
+    """PPO-ptx: `ptx_coef` x the SFT loss on demonstrations, as this process's share of the mean over
+    processes (the policy adapter is active); logs loss/ptx."""
+    roles.use(POLICY)
+    ptx_loss, _ = lm.sft_loss(roles.model, ptx_batch)
+    check_finite(ptx_loss, "ptx loss")
+    stats["loss/ptx"] = ptx_loss.item() * share
+    return config.ptx_coef * ptx_loss * share
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    """Stop on NaN/inf with a clear message (the last good checkpoint stays on disk)."""
+    if not torch.isfinite(value).all():
+        raise NonFinite(what)
