@@ -8,7 +8,7 @@ state of EVERY process. A resumed run therefore replays exactly the steps an uni
 How a run stops:
     Ctrl-C or SIGTERM   `StopSignals` records the request; the loop finishes the step it is in, writes a
                         checkpoint at that boundary and stops (all processes agree on the boundary).
-    a second Ctrl-C     stops at once (KeyboardInterrupt); resume then starts from the last checkpoint.
+    Ctrl-C again        stops at once (KeyboardInterrupt); resume then starts from the last checkpoint.
     SIGKILL, a crash    the same: the last checkpoint on disk is a consistent one.
 On resume the metrics log is cut back to the checkpoint's step, so redone steps are not logged twice.
 May use: artifacts, console, errors.
@@ -33,7 +33,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class StopSignals:
     """While active, the first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next step boundary
-    instead of killing it mid-step; a second one stops at once. Use as a context manager around a loop."""
+    instead of killing it mid-step; the same signal again stops at once. Use as a context manager."""
 
     def __init__(self):
         self.requested_by: str | None = None
@@ -51,9 +51,12 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, number: int, frame) -> None:
+        name = signal.Signals(number).name
+        if self.requested_by == name:
+            raise KeyboardInterrupt  # the same signal again: stop now
         if self.requested_by is not None:
-            raise KeyboardInterrupt  # the second signal: stop now
-        self.requested_by = signal.Signals(number).name
+            return  # torchrun answers Ctrl-C by sending its workers SIGTERM: still one request
+        self.requested_by = name
         info(f"{self.requested_by}: stopping after this step and saving a checkpoint (again to stop at once)")
 
     def should_stop(self, accelerator) -> bool:

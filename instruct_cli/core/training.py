@@ -50,10 +50,18 @@ def make_accelerator(seed: int, precision: str = "auto", device: str = "auto"):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from accelerate.state import AcceleratorState
+
     on_cpu = not torch.cuda.is_available() or device == "cpu"
+    precision = mixed_precision(precision, on_cpu)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != precision:
+        # accelerate keeps one precision per process and refuses another; a recipe run by `instruct run` may
+        # give its steps different ones. Reset the precision state only (the process group stays).
+        AcceleratorState._reset_state(reset_partial_state=False)
     # without cpu=True, Accelerator ignores the torchrun environment on a machine with no GPU and every
     # process would train alone; with it, several CPU processes form a gloo group (DistributedType.MULTI_CPU)
-    accelerator = Accelerator(mixed_precision=mixed_precision(precision, on_cpu), cpu=on_cpu)
+    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
     set_seed(seed, device_specific=True)  # seed + process index
     return accelerator
 
