@@ -457,3 +457,41 @@ def test_a_failed_evaluation_never_looks_complete(pipeline, tmp_path, monkeypatc
     assert "not complete" in message
     with pytest.raises(RuntimeError):  # a report has nothing to resume: running it again starts it over
         evaluate.run(config)
+
+
+def test_eval_and_ppo_give_the_same_reward_to_the_same_sample(pipeline, tmp_path):
+    """eval scores the sampled ids with PPO's missing-EOS penalty: a response cut at max_new_tokens is not
+    scored as a complete one, and both tools report the same reward for each sample."""
+    from instruct_cli.core import chat, recipes, training
+    from instruct_cli.core import config as cfg
+    from instruct_cli.steps import ppo
+    from instruct_cli.steps.evaluate import entries, measure
+
+    config = recipes.build_config(
+        cfg.PPOConfig,
+        "ppo",
+        None,
+        dict(sft=pipeline["sft"], reward=pipeline["rm"], data=pipeline["data-prompts"], out=tmp_path / "x")
+        | dict(quantization="none", gradient_checkpointing=False, max_new_tokens=4, missing_eos_penalty=1.5),
+    )
+    accelerator = training.make_accelerator(0, "no", "cpu")
+    roles, tokenizer, _, _ = ppo.load_roles(config, "cpu")
+    prompts = [[{"role": "user", "content": f"{w} cat sun?"}] for w in ("red", "blue", "green", "dog")]
+    torch.manual_seed(0)
+    batch = ppo.rollout(roles, tokenizer, [chat.encode_prompt(tokenizer, p) for p in prompts], config, accelerator)
+    ppo_rewards = ppo.trajectory.score(roles, batch, config.missing_eos_penalty).tolist()
+    assert not batch.ended.all()  # 4 new tokens: some answers are cut, and penalised
+    samples = entries.Samples(
+        [chat.encode_prompt(tokenizer, p) for p in prompts],
+        [row[mask.bool()].tolist() for row, mask in zip(batch.response, batch.response_mask)],
+        [
+            tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
+            for row, mask in zip(batch.response, batch.response_mask)
+        ],
+        batch.ended.tolist(),
+    )
+    entry = entries.Entry(name="ppo", spec=str(pipeline["sft"]), kind="sft", samples=samples)
+    eval_config = EvalConfig(reward=pipeline["rm"], quantization="none", device="cpu", missing_eos_penalty=1.5)
+    scored = measure.score_with_reward_model([entry], prompts, [], "", eval_config)
+    assert scored["scored_on"] == {"ppo": "sampled ids"}
+    assert entry.rewards == pytest.approx(ppo_rewards, abs=1e-4)

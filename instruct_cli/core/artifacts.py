@@ -302,6 +302,7 @@ class RunFolder:
             "packages": package_versions(),
             **(extra or {}),
         }
+        reset_cuda_peak()
         run = cls(path, manifest, writer=writer)
         if writer:
             path.mkdir(parents=True, exist_ok=True)
@@ -364,6 +365,9 @@ class RunFolder:
         timings = dict(self.manifest.get("timings") or {})
         timings["seconds"] = round(time.time() - self._started + timings.get("seconds", 0.0), 2)
         self.manifest.update(fields)
+        peak = cuda_peak_gib()
+        if peak is not None:
+            self.manifest["peak_memory_gib"] = peak
         self.manifest.update(metrics=metrics or {}, timings=timings, finished=_now(), status=STATUS_COMPLETE)
         self.manifest.pop("error", None)
         self.write_manifest()
@@ -379,3 +383,18 @@ def _row_step(row: str, key: str) -> float:
         return json.loads(row)[key]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
+
+
+def cuda_peak_gib() -> float | None:
+    """The peak GPU memory allocated by torch since the step's folder was opened (None without CUDA)."""
+    torch = sys.modules.get("torch")  # never imported here just for this
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+
+def reset_cuda_peak() -> None:
+    """Start counting the peak afresh (several steps may run in one process under `instruct run`)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()

@@ -299,6 +299,8 @@ class EvalConfig(OutputOptions):
     """Sequences per forward pass."""
     max_length: int = 1024
     """Longest prompt + response in tokens for scoring and perplexity (longer ones lose the start of the prompt)."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the reward of a response that ends without an EOS (cut at max_new_tokens), as ppo does."""
     bootstrap: int = 1000
     """Bootstrap resamples of the prompts for the win-rate's 95% interval."""
     compare: list[Path] = field(default_factory=list)

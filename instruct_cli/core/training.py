@@ -48,9 +48,8 @@ def make_accelerator(seed: int, precision: str = "auto", device: str = "auto"):
     """An Accelerator with the mixed precision asked for (see `mixed_precision`), each process seeded with
     seed + its index: its own random stream for sampling and dropout, reproducible from the run seed."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
 
     on_cpu = not torch.cuda.is_available() or device == "cpu"
     precision = mixed_precision(precision, on_cpu)

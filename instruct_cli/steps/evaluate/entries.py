@@ -33,6 +33,8 @@ class Samples:
     """The responses as text (special tokens dropped)."""
     ended: list[bool | None]
     """Whether each response ends with an EOS (None: unknown, for --generations rows without `eos`)."""
+    retokenised: bool = False
+    """True when some responses are text re-encoded (a --generations file without token ids)."""
 
 
 @dataclass

@@ -77,7 +77,8 @@ def samples_from_file(tokenizer, prompts: list[list[dict]], answers: list[dict],
         + ([] if answer.get("eos") is False else [tokenizer.eos_token_id])
         for answer in answers
     ]
-    return Samples(queries, responses, [a["text"] for a in answers], [a.get("eos") for a in answers])
+    retokenised = not all(answer.get("ids") for answer in answers)
+    return Samples(queries, responses, [a["text"] for a in answers], [a.get("eos") for a in answers], retokenised)
 
 
 @torch.no_grad()
@@ -273,23 +274,44 @@ def answering_order(entries: list[Entry]) -> list[Entry]:
 def score_with_reward_model(
     entries: list[Entry], prompts: list[list[dict]], pref_rows: list[dict], prefs_where: str, config: EvalConfig
 ) -> dict | None:
-    """Normalised reward of every response (into each entry), and the RM's accuracy on preference rows."""
+    """Normalised reward of every response (into each entry), and the RM's accuracy on preference rows.
+
+    A response is scored as PPO scores a rollout: the sampled token ids after the prompt's ids, read at the
+    last real token, minus `missing_eos_penalty` when it has no EOS. Only when the reward model's tokenizer
+    renders the prompts differently (another base) is the response's text re-rendered with its template."""
     model, tokenizer, norm = preferences.load_reward_model(config.reward, config.quantization, config.device)
     device = next(model.head.parameters()).device
     total = len(prompts) * len(entries)
+    scored_on = {}
     with progress("reward model", total=total) as bar:
         for entry in entries:
-            sequences = [
-                preferences.encode_response(
-                    tokenizer, prompt, [{"role": "assistant", "content": text}], config.max_length
-                )
-                for prompt, text in zip(prompts, entry.samples.texts)
-            ]
+            sequences, scored_on[entry.name] = reward_inputs(tokenizer, prompts, entry.samples, config.max_length)
             raw = preferences.score_sequences(model, sequences, tokenizer.pad_token_id, device, config.batch_size, bar)
-            entry.rewards = [preferences.normalize(value, norm) for value in raw]
+            entry.rewards = [
+                preferences.normalize(value, norm) - (config.missing_eos_penalty if ended is False else 0.0)
+                for value, ended in zip(raw, entry.samples.ended)
+            ]
     accuracy = None
     if pref_rows:
         accuracy = reward_model_accuracy(model, tokenizer, pref_rows, config.max_length, config.batch_size, prefs_where)
     del model
     release_memory()
-    return {"path": str(config.reward), "normalization": norm, **(accuracy or {})}
+    return {
+        "path": str(config.reward),
+        "normalization": norm,
+        "missing_eos_penalty": config.missing_eos_penalty,
+        "scored_on": scored_on,
+        **(accuracy or {}),
+    }
+
+
+def reward_inputs(tokenizer, prompts: list[list[dict]], samples, max_length: int) -> tuple[list[list[int]], str]:
+    """What the reward model reads for each response, and how it was made: "sampled ids" (prompt ids +
+    response ids through the EOS, as PPO scores them) when the reward model's tokenizer renders every prompt
+    as the answering model did, else "text" (the response re-rendered through the chat template)."""
+    queries = [chat.encode_prompt(tokenizer, prompt)[-max_length:] for prompt in prompts]
+    if queries == samples.queries:
+        how = "re-tokenised text" if samples.retokenised else "sampled ids"
+        return [(query + response)[-max_length:] for query, response in zip(queries, samples.responses)], how
+    texts = [[{"role": "assistant", "content": text}] for text in samples.texts]
+    return [preferences.encode_response(tokenizer, p, t, max_length) for p, t in zip(prompts, texts)], "text"

@@ -191,6 +191,18 @@ def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str
         ]
     else:
         lines += [f"Reward model {rm_report['path']}: no preference eval split was available to measure its accuracy."]
+    if rm_report.get("scored_on"):
+        retokenised = [name for name, way in rm_report["scored_on"].items() if way != "sampled ids"]
+        lines += [
+            "Responses were scored on their sampled token ids, as PPO scores its rollouts"
+            + (
+                f" (re-tokenised text for {', '.join(retokenised)}: a generations file without ids, or a "
+                "tokenizer other than the reward model's)"
+                if retokenised
+                else ""
+            )
+            + f"; a response without an EOS loses {rm_report.get('missing_eos_penalty', 0):g}."
+        ]
     lines += [
         "",
         "How to read it: reward is the reward model's score in units of the standard deviation of its "
