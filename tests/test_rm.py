@@ -261,3 +261,42 @@ def test_cli_errors(tmp_path, tiny_model_dir):
     for args, expected in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output, result.output
+
+
+def test_scale_out_on_two_processes_matches_one(tmp_path, tiny_sft_rm):
+    """`accelerate launch` with 2 CPU processes of batch 4 follows the loss and accuracy curves of 1 process
+    of batch 8: each step's loss is the mean over the same prompts."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    flags = ["--model", str(tiny_sft_rm["sft"]), "--data", str(tiny_sft_rm["data-prefs"]), "--quantization", "none"]
+    flags += ["--max-steps", "6", "--lr", "3e-3", "--no-gradient-checkpointing", "--lora-dropout", "0"]
+    flags += ["--eval-every", "3", "--warmup-ratio", "0"]
+    single = runner.invoke(app, ["rm", *flags, "--batch-size", "8", "--out", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    accelerate = Path(sys.executable).parent / "accelerate"
+    launched = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+        + ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29537"]
+        + ["-m", "instruct_cli", "rm", *flags, "--batch-size", "4", "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+
+    def curve(run, key):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [row[key] for row in rows if key in row]
+
+    for key in ("loss/train", "eval/loss", "eval/accuracy"):
+        one, two = curve(tmp_path / "one", key), curve(tmp_path / "two", key)
+        assert len(one) == len(two) > 0, key
+        for a, b in zip(one, two):
+            assert b == pytest.approx(a, rel=0.02, abs=1e-3), (key, one, two)
+    one = artifacts.read_manifest(tmp_path / "one")["reward_normalization"]
+    two = artifacts.read_manifest(tmp_path / "two")["reward_normalization"]
+    assert two["gain"] == pytest.approx(one["gain"], rel=0.02) and two["bias"] == pytest.approx(one["bias"], abs=0.05)
