@@ -20,8 +20,8 @@ def test_complete_run_lifecycle(tmp_path):
     out = tmp_path / "run"
     run = RunFolder.open(out, "sft", {"lr": 1e-4}, parents={"data": {"path": "d"}})
     assert artifacts.read_manifest(out)["status"] == "running"
-    with pytest.raises(UserError, match="not complete.*--resume"):
-        artifacts.require_complete(out, "sft")
+    with pytest.raises(UserError, match="is being written by another instruct process"):
+        artifacts.require_complete(out, "sft")  # a live writer holds the folder's lock
     run.log_metrics(1, {"loss/train": 2.0})
     run.log_metrics(2, {"loss/train": 1.5})
     run.complete({"loss/eval": 1.2})

@@ -202,10 +202,13 @@ def require_complete(folder: Path, kinds: tuple[str, ...] | str, flag: str = "in
         )
     status = manifest.get("status")
     if status != STATUS_COMPLETE:
+        if status == STATUS_RUNNING and lock_holder(folder) is not None:
+            raise busy_error(folder)
         command = manifest.get("command") or f"instruct {maker} ..."
         resume = command if "--resume" in command else f"{command} --resume"
         raise UserError(
-            f"{folder} is not complete (status: {status}); a step that did not finish cannot be used as input",
+            f"{folder} is not complete (status: {describe_status(folder, manifest)}); a step that did not finish "
+            "cannot be used as input",
             where=str(folder / MANIFEST),
             fix=f"Finish it with `{resume}`, or start it again with --force",
         )
@@ -216,6 +219,82 @@ def parent_record(folder: Path) -> dict:
     """How a run names one of its inputs: the folder's path, kind and content hash."""
     manifest = read_manifest(folder) or {}
     return {"path": str(Path(folder).resolve()), "kind": manifest.get("kind"), "sha256": sha256_folder(folder)}
+
+
+# ---------------------------------------------------------------------------------------------- locks
+LOCK = ".instruct.lock"
+LOCK_OWNER = ".instruct.lock.json"
+
+
+class FolderLock:
+    """An OS file lock held while a process writes a folder: a second writer is refused with the holder's pid
+    and command. The OS releases it when the holder dies (even by SIGKILL), so a lock left by a process that
+    is gone is simply taken over."""
+
+    def __init__(self, folder: Path):
+        from filelock import FileLock
+
+        self.folder = Path(folder)
+        self._lock = FileLock(str(self.folder / LOCK), timeout=0)
+
+    def acquire(self) -> None:
+        """Take the lock now, or raise a UserError naming the process that holds it."""
+        from filelock import Timeout
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise busy_error(self.folder) from None
+        atomic_write_json(
+            self.folder / LOCK_OWNER,
+            {"pid": os.getpid(), "host": platform.node(), "command": _command(), "since": _now()},
+        )
+
+    def release(self) -> None:
+        """Let go of the lock (the owner file stays: it is only read while the lock is held)."""
+        if self._lock.is_locked:
+            self._lock.release(force=True)
+
+
+def lock_holder(folder: Path) -> dict | None:
+    """Who is writing `folder` right now ({pid, host, command, since}), or None when nobody is."""
+    folder = Path(folder)
+    if not (folder / LOCK).exists():
+        return None
+    from filelock import FileLock, Timeout
+
+    probe = FileLock(str(folder / LOCK), timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        try:
+            return json.loads((folder / LOCK_OWNER).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {"pid": "?", "command": "?"}
+    except OSError:  # a read-only folder: nobody can be writing it
+        return None
+    probe.release(force=True)
+    return None
+
+
+def busy_error(folder: Path) -> UserError:
+    """The error for a folder another live process is writing."""
+    holder = lock_holder(folder) or {}
+    return UserError(
+        f"{folder} is being written by another instruct process (pid {holder.get('pid', '?')} on "
+        f"{holder.get('host', 'this machine')}, since {holder.get('since', '?')}: `{holder.get('command', '?')}`)",
+        where=str(folder),
+        fix="Wait for that process to finish or stop it; a lock whose process is gone is taken over automatically",
+    )
+
+
+def describe_status(folder: Path, manifest: dict) -> str:
+    """The status of a folder for messages: a `running` folder that no process holds was killed hard."""
+    status = manifest.get("status")
+    if status == STATUS_RUNNING and lock_holder(folder) is None:
+        return "interrupted: its process stopped without saying so (killed, crashed or out of memory)"
+    return str(status)
 
 
 # ------------------------------------------------------------------------------------------ run folders
@@ -233,6 +312,7 @@ class RunFolder:
         self.manifest = manifest
         self.writer = writer  # False on the non-main processes of a data-parallel run: they write nothing
         self._started = time.time()
+        self.lock: FolderLock | None = None
 
     @property
     def checkpoints(self) -> Path:
@@ -259,42 +339,37 @@ class RunFolder:
     ) -> "RunFolder":
         """Start (or resume) writing a `kind` output at `path`, with the resolved `config`."""
         path = Path(path)
-        existing = read_manifest(path) if path.exists() else None
         if path.exists() and not path.is_dir():
             raise UserError(
                 f"The output path {path} is a file, not a folder", where="--out", fix="Choose another --out"
             )
-        if existing is not None and not force:
-            if existing.get("status") == STATUS_COMPLETE:
-                raise UserError(
-                    f"{path} already holds a complete {existing.get('kind')} output",
-                    where="--out",
-                    fix="Pass --force to replace it, or choose another --out",
-                )
-            if not resume:
-                raise UserError(
-                    f"{path} holds an unfinished {existing.get('kind')} run (status: {existing.get('status')})",
-                    where="--out",
-                    fix="Pass --resume to continue it, or --force to start over",
-                )
-            if existing.get("kind") != kind:
-                raise UserError(
-                    f"{path} holds a {existing.get('kind')} run, not {kind}", where="--out", fix="Choose another --out"
-                )
-        elif path.exists() and any(path.iterdir()) and not force and existing is None:
+        if path.exists() and read_manifest(path) is None and not _own_files_only(path):
             raise UserError(
-                f"{path} exists and is not empty, and is not an instruct folder",
+                f"{path} is not empty and was not written by instruct (it has no {MANIFEST}), so instruct will not "
+                "write into it or delete it, with --force or without",
                 where="--out",
-                fix="Choose an empty or new folder for --out, or pass --force to replace it",
+                fix="Choose a new or empty folder for --out",
             )
-        if force and path.exists() and writer:
-            shutil.rmtree(path)
+        lock = FolderLock(path) if writer else None
+        if lock is not None:
+            lock.acquire()  # before looking at the status: nobody else may be writing from here on
+        existing = read_manifest(path) if path.exists() else None
+        try:
+            _check_replaceable(path, existing, kind, force=force, resume=resume)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if force and existing is not None and writer:
+            _clear_folder(path)
+        elif writer and path.exists():
+            sweep_temporaries(path)
         resumed = existing is not None and resume and not force
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "kind": kind,
             "status": STATUS_RUNNING,
-            "command": shlex.join(["instruct", *sys.argv[1:]]) if sys.argv else None,
+            "command": _command(),
             "created": (existing or {}).get("created") if resumed else _now(),
             "resumed": resumed,
             "config": config,
@@ -304,6 +379,7 @@ class RunFolder:
         }
         reset_cuda_peak()
         run = cls(path, manifest, writer=writer)
+        run.lock = lock
         if writer:
             path.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path / RECIPE, yaml.safe_dump({kind: config}, sort_keys=False))
@@ -357,8 +433,12 @@ class RunFolder:
             self.update(status=STATUS_INTERRUPTED, finished=_now())
             raise
         except BaseException as exc:
-            self.update(status=STATUS_FAILED, finished=_now(), error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the run
+                self.update(status=STATUS_FAILED, finished=_now(), error=f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def complete(self, metrics: dict | None = None, **fields) -> None:
         """Record the final metrics and mark the folder complete: the last write of every step."""
@@ -371,6 +451,8 @@ class RunFolder:
         self.manifest.update(metrics=metrics or {}, timings=timings, finished=_now(), status=STATUS_COMPLETE)
         self.manifest.pop("error", None)
         self.write_manifest()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _now() -> str:
@@ -398,3 +480,62 @@ def reset_cuda_peak() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+
+
+def _command() -> str | None:
+    """The command line of this process, as the user would type it."""
+    return shlex.join(["instruct", *sys.argv[1:]]) if sys.argv else None
+
+
+def _check_replaceable(path: Path, existing: dict | None, kind: str, *, force: bool, resume: bool) -> None:
+    """Refuse to start over or continue an existing output unless the flags say so (the lock is held)."""
+    if existing is None or force:
+        return
+    status = existing.get("status")
+    if status == STATUS_COMPLETE:
+        raise UserError(
+            f"{path} already holds a complete {existing.get('kind')} output",
+            where="--out",
+            fix="Pass --force to replace it, or choose another --out",
+        )
+    if not resume:
+        raise UserError(
+            f"{path} holds an unfinished {existing.get('kind')} run (status: {describe_status(path, existing)})",
+            where="--out",
+            fix="Pass --resume to continue it, or --force to start over",
+        )
+    if existing.get("kind") != kind:
+        raise UserError(
+            f"{path} holds a {existing.get('kind')} run, not {kind}", where="--out", fix="Choose another --out"
+        )
+
+
+def _own_files_only(path: Path) -> bool:
+    """True when a folder without a manifest holds nothing but what instruct leaves before writing one (its
+    lock files, temporaries of a killed atomic write): such a folder counts as empty."""
+    return all(
+        item.name in (LOCK, LOCK_OWNER) or (item.name.startswith(".") and item.name.endswith((".tmp", ".old")))
+        for item in path.iterdir()
+    )
+
+
+def _clear_folder(path: Path) -> None:
+    """Delete what an instruct folder holds, keeping the lock files (the lock is held by this process)."""
+    for item in path.iterdir():
+        if item.name in (LOCK, LOCK_OWNER):
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+
+
+def sweep_temporaries(path: Path) -> None:
+    """Remove what a hard-killed writer may have left: temporary files and folders of atomic writes
+    (`.NAME.*.tmp`, `.NAME.old`) and unfinished checkpoints (`*.pt.tmp`)."""
+    for pattern in (".*.tmp", ".*.old", f"{CHECKPOINTS}/*.pt.tmp", f"{CHECKPOINTS}/.*.tmp", f"{CHECKPOINTS}/.*.old"):
+        for item in path.glob(pattern):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)

@@ -135,6 +135,18 @@ def require_data_and_out(config) -> None:
         raise UserError("No output folder given", where="--out", fix="Pass --out runs/NAME")
 
 
+def nothing_to_resume(config, kind: str) -> bool:
+    """True (and says so) when --resume names an output that is already complete: a retry script can always
+    add --resume, even when the crash came after the end."""
+    if not getattr(config, "resume", False) or getattr(config, "force", False) or config.out is None:
+        return False
+    manifest = artifacts.read_manifest(config.out) if Path(config.out).is_dir() else None
+    if manifest and manifest.get("status") == artifacts.STATUS_COMPLETE and manifest.get("kind") == kind:
+        info(f"{config.out} is already complete: nothing to resume")
+        return True
+    return False
+
+
 def open_run(config, kind: str, accelerator, source, parents: dict | None = None) -> RunFolder:
     """Open the step's run folder on the main process; the other processes follow once it exists."""
     from instruct_cli.core.config import to_recipe_dict

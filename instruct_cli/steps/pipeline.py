@@ -47,6 +47,8 @@ def decide(task: recipes.Task, rebuilt: set[Path], force: bool) -> tuple[str, st
     if manifest is None:
         return "run", "no output yet"
     same_config = manifest.get("config") == cfg.to_recipe_dict(task.config)
+    if manifest.get("status") == artifacts.STATUS_RUNNING and artifacts.lock_holder(task.out) is not None:
+        raise artifacts.busy_error(task.out)
     if manifest.get("status") != artifacts.STATUS_COMPLETE:
         if task.step in recipes.RESUMABLE and same_config and not force:
             return "resume", f"the last run stopped ({manifest.get('status')})"

@@ -68,6 +68,8 @@ def load_trainable_reward_model(config: RMConfig, source: models.ModelSource, de
 # ------------------------------------------------------------------------------------------------- run
 def run(config: RMConfig) -> Path:
     """Train a reward model on the data folder's prefs split; write the run folder; return its path."""
+    if training.nothing_to_resume(config, "rm"):
+        return Path(config.out)
     training.require_data_and_out(config)
     train_rows = read_prefs(config.data, "prefs.train")
     eval_rows = read_prefs(config.data, "prefs.eval")

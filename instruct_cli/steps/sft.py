@@ -33,6 +33,8 @@ def save_adapter(model, folder: Path) -> None:
 def run(config: SFTConfig) -> Path:
     """Fine-tune `config.model` on the data folder's sft split; write the run folder; return its path."""
     training.require_data_and_out(config)
+    if training.nothing_to_resume(config, "sft"):
+        return Path(config.out)
     train_rows = data_folders.read_split(config.data, "sft.train")
     eval_rows = data_folders.read_split(config.data, "sft.eval")
     source = models.resolve_model(config.model)

@@ -69,6 +69,8 @@ __all__ = [
 def run(config: PPOConfig) -> Path:
     """PPO from an SFT run against an RM run on a data folder's prompts; writes the ppo run folder."""
     check_config(config)
+    if training.nothing_to_resume(config, "ppo"):
+        return Path(config.out)
     train_prompts = data_folders.read_prompts(config.data, "train")
     eval_prompts = (
         data_folders.read_prompts(config.data, "eval")[: config.eval_prompts] or train_prompts[: config.eval_prompts]
