@@ -96,7 +96,9 @@ def test_every_recipe_in_the_repository_is_valid():
 
 
 def test_run_every_step_then_skip_then_rerun_only_what_changed(tmp_path, tiny_model_dir):
-    recipe = tiny_recipe(tmp_path, tiny_model_dir)
+    model = tmp_path / "model"  # a copy: its weights are changed in place at the end
+    shutil.copytree(tiny_model_dir, model)
+    recipe = tiny_recipe(tmp_path, model)
     result = runner.invoke(app, ["run", str(recipe)])
     assert result.exit_code == 0, result.output
     for out in ("data/sft", "data/prefs", "data/prompts", "runs/sft", "runs/rm", "runs/ppo", "reports/tiny"):
@@ -123,6 +125,18 @@ def test_run_every_step_then_skip_then_rerun_only_what_changed(tmp_path, tiny_mo
     recipe.write_text(text)
     tasks = pipeline.plan(recipes.read_tasks(recipe), {"prepare-data", "sft", "rm", "ppo", "eval"}, force=False)
     assert [label for label, action in actions(tasks) if action != "skip"] == ["sft", "rm", "ppo", "eval"]
+
+    # new base weights written over the old ones (same file size): what was trained on them runs again
+    recipe.write_text(recipe.read_text().replace("max_steps: 5", "max_steps: 4", 1))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] * 1.01
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    tasks = pipeline.plan(recipes.read_tasks(recipe), {"prepare-data", "sft", "rm", "ppo", "eval"}, force=False)
+    assert [label for label, action in actions(tasks) if action != "skip"] == ["sft", "rm", "ppo", "eval"]
+    assert "base model" in next(task.reason for task in tasks if task.step == "sft")
 
 
 def test_recipe_errors_name_the_key(tmp_path, tiny_model_dir):

@@ -124,8 +124,24 @@ def _resolve_run_folder(path: Path, flag: str) -> ModelSource:
 
 def _gguf_fingerprint(path: Path) -> str:
     """The sha256 of the GGUF file's bytes, so that the same model installed twice (a new venv, a reinstall)
-    is the same base. Hashing 100 MB costs ~0.3 s, so the result is kept in the cache under the file's path,
-    size and mtime and recomputed only when those change."""
+    is the same base."""
+    return file_digest(path)
+
+
+def _folder_fingerprint(path: Path) -> str:
+    """A content fingerprint of a transformers folder: its config and the sha256 of every weight file. Weights
+    rewritten in place (an export into the same folder, a fine-tune saved over it) change it, so the 4-bit
+    cache and `instruct run`'s up-to-date check never take new weights for old ones."""
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weight in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weight.name}:{file_digest(weight)}".encode())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes. Hashing costs ~0.3 s per 100 MB, so the result is kept in the cache under
+    the file's path, size and modification time, and computed again only when one of them changes."""
+    path = Path(path)
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     memo = cache_dir() / "fingerprints" / key
@@ -134,13 +150,6 @@ def _gguf_fingerprint(path: Path) -> str:
     digest = artifacts.sha256_file(path)
     artifacts.atomic_write_text(memo, digest + "\n")
     return digest
-
-
-def _folder_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256((path / "config.json").read_bytes())
-    for weight in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        digest.update(f"{weight.name}:{weight.stat().st_size}".encode())
-    return digest.hexdigest()
 
 
 def convert_gguf(gguf: Path) -> Path:

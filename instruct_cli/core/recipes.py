@@ -291,6 +291,7 @@ def read_tasks(recipe_path: Path) -> list[Task]:
                     fix="Every step of a recipe names the folder it writes with `out:`",
                 )
             tasks.append(Task(step, config))
+    check_order(tasks, recipe_path)
     if not tasks:
         raise UserError(
             "The recipe has no step sections",
@@ -309,3 +310,22 @@ def step_config_class(step: str) -> type:
         "ppo": cfg.PPOConfig,
         "eval": getattr(cfg, "EvalConfig", None),
     }[step]
+
+
+def check_order(tasks: list[Task], recipe_path: Path) -> None:
+    """Refuse a recipe whose steps read their own output or the output of a later step (a cycle: no order
+    of the steps could make their inputs first)."""
+    for position, task in enumerate(tasks):
+        later = {Path(t.config.out).resolve(): t for t in tasks[position:]}
+        for key in INPUT_FIELDS[task.step]:
+            value = getattr(task.config, key, None)
+            for item in value if isinstance(value, list) else [value]:
+                if item is None or Path(str(item)).resolve() not in later:
+                    continue
+                maker = later[Path(str(item)).resolve()]
+                raise UserError(
+                    f"The recipe's steps form a cycle: `{task.step}` reads {item} ({key}), which "
+                    f"`{maker.step}` writes {'itself' if maker is task else 'after it'}",
+                    where=f"{recipe_path}: {task.step}.{key}",
+                    fix="Each step must read what earlier steps (or you) made: point it at another folder",
+                )

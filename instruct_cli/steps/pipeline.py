@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from instruct_cli.core import artifacts, recipes
+from instruct_cli.core import artifacts, models, recipes
 from instruct_cli.core import config as cfg
 from instruct_cli.core.console import console, display_path, info, print_table
 from instruct_cli.core.errors import UserError
@@ -83,7 +83,22 @@ def stale_input(manifest: dict, rebuilt: set[Path]) -> str | None:
             return f"its input {path.name} is rebuilt"
         if not path.is_dir() or artifacts.sha256_folder(path) != parent.get("sha256"):
             return f"its input {path.name} changed"
-    return None
+    return stale_base_model(manifest.get("base_model"))
+
+
+def stale_base_model(base: dict | None) -> str | None:
+    """Why the base model a run was trained on is no longer the same weights (None when it is, or when it is
+    a hub model, which is not fetched again just to check)."""
+    if not base or not base.get("fingerprint"):
+        return None
+    reference = str(base.get("id", ""))
+    if reference != models.BUILTIN_NAME and not Path(reference).exists():
+        return None
+    try:
+        current = models.resolve_model(reference).fingerprint
+    except UserError:
+        return f"its base model {reference} can no longer be loaded"
+    return None if current == base["fingerprint"] else f"its base model {Path(reference).name} changed"
 
 
 def plan(tasks: list[recipes.Task], selected: set[str], force: bool) -> list[recipes.Task]:

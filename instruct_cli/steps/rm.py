@@ -74,27 +74,27 @@ def run(config: RMConfig) -> Path:
     train_rows = read_prefs(config.data, "prefs.train")
     eval_rows = read_prefs(config.data, "prefs.eval")
     source = models.resolve_model(config.model)
+    # 1. data, before the run folder is opened (a bad input never leaves a folder behind): each row a group of
+    # K responses (encoded once) and its C(K, 2) pairs
+    tokenizer = models.load_tokenizer(source)
+    train_set, cut = preferences.encode_rows(
+        tokenizer, train_rows, config.max_length, f"{config.data}/prefs.train.jsonl"
+    )
+    eval_set, _ = preferences.encode_rows(tokenizer, eval_rows, config.max_length, f"{config.data}/prefs.eval.jsonl")
+    if cut:
+        warn(f"{cut} training responses were cut to --max-length {config.max_length} tokens (from the prompt side)")
+    if not train_set or not any(group.pairs for group in train_set):
+        raise UserError(
+            "The training split has no preference pairs to learn from (no rows, or every ranking is one tie)",
+            where=f"{config.data}/prefs.train.jsonl",
+            fix="Prepare it with `instruct prepare-data --task prefs`",
+        )
     accelerator = training.make_accelerator(config.seed, config.precision, config.device)
     device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
     run_folder = training.open_run(config, "rm", accelerator, source)
     with run_folder.recording():
-        # 1. model: base + LoRA (from the SFT adapter if given) + a fresh scalar head
-        model, tokenizer = load_trainable_reward_model(config, source, device)
-        # 2. data: each row a group of K responses (encoded once) and its C(K, 2) pairs
-        train_set, cut = preferences.encode_rows(
-            tokenizer, train_rows, config.max_length, f"{config.data}/prefs.train.jsonl"
-        )
-        eval_set, _ = preferences.encode_rows(
-            tokenizer, eval_rows, config.max_length, f"{config.data}/prefs.eval.jsonl"
-        )
-        if cut:
-            warn(f"{cut} training responses were cut to --max-length {config.max_length} tokens (from the prompt side)")
-        if not train_set:
-            raise UserError(
-                "The training split has no preference rows",
-                where=f"{config.data}/prefs.train.jsonl",
-                fix="Prepare it with `instruct prepare-data --task prefs`",
-            )
+        # 2. model: base + LoRA (from the SFT adapter if given) + a fresh scalar head
+        model, _ = load_trainable_reward_model(config, source, device)
 
         def batches_for_epoch(epoch: int) -> list[training.Batch]:
             mine = training.my_batches(accelerator, [g.longest for g in train_set], config, epoch)

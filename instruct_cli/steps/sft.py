@@ -38,23 +38,25 @@ def run(config: SFTConfig) -> Path:
     train_rows = data_folders.read_split(config.data, "sft.train")
     eval_rows = data_folders.read_split(config.data, "sft.eval")
     source = models.resolve_model(config.model)
+    # the rows are encoded before the run folder is opened: a bad input never leaves a folder behind
+    tokenizer = models.load_tokenizer(source)
+    encode = partial(chat.encode_conversation, tokenizer, max_length=config.max_length)
+    train_set = [encode(row["messages"]) for row in train_rows]
+    eval_set = [encode(row["messages"]) for row in eval_rows]
+    truncated = sum(len(ids) >= config.max_length for ids, _ in train_set)
+    if truncated:
+        warn(f"{truncated} training rows were cut to --max-length {config.max_length} tokens")
+    if not any(label != chat.IGNORE for _, labels in train_set for label in labels):
+        raise UserError(
+            "No assistant tokens to learn from in the training split",
+            where=str(config.data),
+            fix="Check that the conversations end with assistant messages",
+        )
     accelerator = training.make_accelerator(config.seed, config.precision, config.device)
     device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
     run_folder = training.open_run(config, "sft", accelerator, source)
     with run_folder.recording():
-        model, tokenizer = training.load_trainable_policy(config, source, device)
-        encode = partial(chat.encode_conversation, tokenizer, max_length=config.max_length)
-        train_set = [encode(row["messages"]) for row in train_rows]
-        eval_set = [encode(row["messages"]) for row in eval_rows]
-        truncated = sum(len(ids) >= config.max_length for ids, _ in train_set)
-        if truncated:
-            warn(f"{truncated} training rows were cut to --max-length {config.max_length} tokens")
-        if not any(label != chat.IGNORE for _, labels in train_set for label in labels):
-            raise UserError(
-                "No assistant tokens to learn from in the training split",
-                where=str(config.data),
-                fix="Check that the conversations end with assistant messages",
-            )
+        model, _ = training.load_trainable_policy(config, source, device)
 
         def batches_for_epoch(epoch: int) -> list[training.Batch]:
             mine = training.my_batches(accelerator, [len(ids) for ids, _ in train_set], config, epoch)

@@ -39,6 +39,7 @@ from instruct_cli.steps.ppo.roles import (
     REWARD,
     VALUE,
     Roles,
+    check_runs,
     disable_dropout,
     load_roles,
     save_outputs,
@@ -78,6 +79,7 @@ def run(config: PPOConfig) -> Path:
     accelerator = training.make_accelerator(config.seed, config.precision, config.device)
     device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
     sft_manifest = artifacts.require_complete(config.sft, "sft", flag="--sft")
+    check_runs(config)  # before the run folder is opened: a bad input never leaves a folder behind
     run_folder = open_ppo_run(config, accelerator, sft_manifest)
     with run_folder.recording():
         roles, tokenizer, _, _ = load_roles(config, device)

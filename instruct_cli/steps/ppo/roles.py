@@ -48,11 +48,9 @@ class Roles(nn.Module):
         return adapters + list(self.value_head.parameters())
 
 
-def load_roles(config: PPOConfig, device) -> tuple[Roles, object, models.ModelSource, dict]:
-    """Load the base once and attach the four role adapters and the two heads; returns (roles, tokenizer,
-    source of the SFT run, manifest of the RM run)."""
-    from peft import PeftModel
-
+def check_runs(config: PPOConfig) -> tuple[models.ModelSource, dict]:
+    """The SFT run (as a model source) and the RM run's manifest, checked: complete, of the right kinds, on
+    the same base model."""
     sft_source = models.resolve_model(str(config.sft), flag="--sft")
     if sft_source.run_manifest.get("kind") != "sft":
         raise UserError(
@@ -68,6 +66,15 @@ def load_roles(config: PPOConfig, device) -> tuple[Roles, object, models.ModelSo
             where="--reward",
             fix="Train the reward model on the same base (e.g. `instruct rm --model RUNS/sft`)",
         )
+    return sft_source, rm_manifest
+
+
+def load_roles(config: PPOConfig, device) -> tuple[Roles, object, models.ModelSource, dict]:
+    """Load the base once and attach the four role adapters and the two heads; returns (roles, tokenizer,
+    source of the SFT run, manifest of the RM run)."""
+    from peft import PeftModel
+
+    sft_source, rm_manifest = check_runs(config)
     tokenizer = models.load_tokenizer(sft_source)
     base = models.load_base_model(sft_source, config.quantization, device)
     base = training.prepare_for_training(base, config.quantization, config.gradient_checkpointing)

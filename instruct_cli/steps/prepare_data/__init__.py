@@ -27,6 +27,7 @@ from instruct_cli.core import artifacts
 from instruct_cli.core.config import PrepareDataConfig, to_recipe_dict
 from instruct_cli.core.console import info, progress, summary_table, warn
 from instruct_cli.core.errors import UserError
+from instruct_cli.core.preferences import ranking_pairs
 from instruct_cli.steps.prepare_data.formats import Malformed, convert, detect_format, read_source
 
 
@@ -52,7 +53,7 @@ def add_system(row: dict, system: str) -> dict:
 
 
 def check_row(row: dict, task: str) -> str | None:
-    """Why a canonical row must be dropped ('empty' or 'malformed'), or None when it is fine."""
+    """Why a canonical row must be dropped ('empty', 'malformed' or 'all_ties'), or None when it is fine."""
     conversations = (
         [row["messages"]]
         if task == "sft"
@@ -72,6 +73,8 @@ def check_row(row: dict, task: str) -> str | None:
             return "malformed"
         if row["chosen"] == row["rejected"]:
             return "malformed"
+    if task == "prefs" and "ranking" in row and not ranking_pairs(row["ranking"], row.get("ties") or []):
+        return "all_ties"  # every response judged equal: no preference to learn
     return None
 
 
