@@ -293,8 +293,11 @@ def describe_status(folder: Path, manifest: dict) -> str:
     """The status of a folder for messages: a `running` folder that no process holds was killed hard."""
     status = manifest.get("status")
     if status == STATUS_RUNNING and lock_holder(folder) is None:
-        return "interrupted: its process stopped without saying so (killed, crashed or out of memory)"
+        return KILLED
     return str(status)
+
+
+KILLED = "interrupted: its process stopped without saying so (killed, crashed or out of memory)"
 
 
 # ------------------------------------------------------------------------------------------ run folders
@@ -498,9 +501,11 @@ def _check_replaceable(path: Path, existing: dict | None, kind: str, *, force: b
             where="--out",
             fix="Pass --force to replace it, or choose another --out",
         )
+    # this process holds the lock now: a folder still marked running lost its writer without a word
+    shown = KILLED if status == STATUS_RUNNING else status
     if not resume:
         raise UserError(
-            f"{path} holds an unfinished {existing.get('kind')} run (status: {describe_status(path, existing)})",
+            f"{path} holds an unfinished {existing.get('kind')} run (status: {shown})",
             where="--out",
             fix="Pass --resume to continue it, or --force to start over",
         )
