@@ -56,6 +56,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -339,7 +340,17 @@ def side_cli(paths: dict, work: Path, quantization: str, args) -> dict:
         result["iteration_s"] = [round(b["time"] - a["time"], 1) for a, b in zip(rows, rows[1:])]
         result["first_row_s"] = rows[0]["time"]
         result["response_length"] = [row.get("response/length") for row in rows]
+        # per-phase seconds of an iteration (instruct's own time/* metrics), median over the iterations
+        result["phases"] = {
+            name: statistics.median(row[name] for row in rows if name in row)
+            for name in PHASES
+            if any(name in row for row in rows)
+        }
     return result
+
+
+PHASES = ("time/rollout", "time/score", "time/logprobs", "time/update", "time/eval", "time/iteration",
+          "rollout/tokens_per_s")  # fmt: skip
 
 
 def side_one_step(paths: dict, work: Path, quantization: str, design: str, args) -> dict:
@@ -604,6 +615,11 @@ def report(quantization: str, baseline: dict, sides: dict[str, dict], args) -> d
             f"between metric rows {cli.get('iteration_s')} (the last includes the final evaluation); "
             f"mean response length per iteration {[fmt(x) for x in cli.get('response_length', [])]}"
         )
+        if cli.get("phases"):
+            print(
+                "  CLI per-phase median over iterations: "
+                + ", ".join(f"{name} {fmt(value, 2)}" for name, value in cli["phases"].items())
+            )
     for key in ("shared", "separate"):
         if sides.get(key, {}).get("rc") == 0:
             r = sides[key]

@@ -196,8 +196,16 @@ def test_ppo_learns_to_please_the_reward_model(pipeline, tmp_path):
         "response/length",
         "response/eos_rate",
         "objective/beta",
+        "policy/first_approxkl",
+        "time/rollout",
+        "time/score",
+        "time/logprobs",
+        "time/update",
+        "time/iteration",
+        "rollout/tokens_per_s",
     ):
         assert name in rows[-1], name
+    assert "time/eval" in rows[9] and rows[9]["time/eval"] > 0
     assert "eval/reward" in rows[9] and "eval/reward" in rows[19]
     manifest = artifacts.require_complete(out, "ppo")
     assert set(manifest["parents"]) == {"sft", "rm", "data"}

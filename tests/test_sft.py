@@ -135,11 +135,10 @@ def sft_config(tmp_path, tiny_model_dir, data, out="sft", **overrides):
 
 
 def eval_losses(run_dir):
-    return [
-        row["eval/loss"]
-        for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-        if "eval/loss" in row
-    ]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["time/step"] > 0 for row in rows)  # per-phase timing
+    assert all(row["time/eval"] > 0 for row in rows if "eval/loss" in row)
+    return [row["eval/loss"] for row in rows if "eval/loss" in row]
 
 
 def test_sft_memorises_and_generate_reproduces(tmp_path, tiny_model_dir):

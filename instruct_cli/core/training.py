@@ -282,6 +282,7 @@ def fit(
             if epoch != cached_epoch:
                 cached_epoch, batches = epoch, batches_for_epoch(epoch)
             group = batches[position * grad_accum : (position + 1) * grad_accum]
+            step_began = time.perf_counter()
             step_metrics = mean_over_processes(accelerator, accumulate(model, accelerator, loss_fn, group, weight_of))
             if not math.isfinite(step_metrics["loss"]):
                 raise Diverged(step + 1, step_metrics["loss"], checkpoint.latest())
@@ -301,8 +302,11 @@ def fit(
                 "train/tokens_per_s": rate,
                 **{f"train/{k}": v for k, v in step_metrics.items()},
             }
+            metrics["time/step"] = time.perf_counter() - step_began
             if step % eval_every == 0 or step == total_steps:
+                evaluating = time.perf_counter()
                 metrics.update(evaluate(model))
+                metrics["time/eval"] = time.perf_counter() - evaluating
                 model.train()
                 if keep == "best" and metrics[eval_key] < best:
                     best = metrics[eval_key]

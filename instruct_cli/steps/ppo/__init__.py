@@ -154,16 +154,23 @@ def train(
         iteration = start
         try:
             while iteration < config.iterations:
+                began = time.perf_counter()
                 mine = iteration_prompts(len(encoded), config, iteration, accelerator)
                 batch = rollout(roles, tokenizer, [encoded[i] for i in mine], config, accelerator)
+                rolled = time.perf_counter()
                 trajectory, stats = make_trajectory(roles, batch, config, controller.beta, accelerator)
                 if not torch.isfinite(trajectory.scores).all():
                     raise NonFinite("reward")
+                updating = time.perf_counter()
                 stats.update(
                     update(
                         roles, trainable.optimizer, trajectory, config, accelerator, iteration, ptx and ptx(iteration)
                     )
                 )
+                stats["time/rollout"] = rolled - began
+                stats["time/update"] = time.perf_counter() - updating
+                sampled = distributed.summer(accelerator)(batch.response_mask.sum()).item()
+                stats["rollout/tokens_per_s"] = sampled / max(stats["time/rollout"], 1e-9)
                 stats["objective/beta"] = controller.beta
                 controller.update(stats["objective/kl"])
                 trainable.scheduler.step()
@@ -172,11 +179,14 @@ def train(
                 stats["train/samples_per_s"] = rollouts / max(time.time() - started, 1e-6)
                 stats["train/lr"] = trainable.scheduler.get_last_lr()[0]
                 if iteration % config.eval_every == 0 or iteration == config.iterations:
+                    evaluating = time.perf_counter()
                     eval_metrics, samples = evaluate(roles, tokenizer, eval_prompts, config, accelerator)
                     stats.update(eval_metrics)
+                    stats["time/eval"] = time.perf_counter() - evaluating
                     if accelerator.is_main_process:
                         append_samples(run_folder.path, iteration, samples)
                         show_samples(samples, iteration)
+                stats["time/iteration"] = time.perf_counter() - began
                 metrics = stats
                 run_folder.log_metrics(iteration, stats)
                 bar.advance(
@@ -185,6 +195,8 @@ def train(
                     kl=stats["objective/kl"],
                     beta=controller.beta,
                     clip=stats["policy/clipfrac"],
+                    rollout_s=stats["time/rollout"],
+                    update_s=stats["time/update"],
                     samples_s=stats["train/samples_per_s"],
                     **kl_warning(stats["objective/kl"], config),
                 )

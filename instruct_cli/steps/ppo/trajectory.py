@@ -14,6 +14,7 @@ May use: core (heads, rl, sampling, distributed), roles.
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import torch
@@ -135,8 +136,10 @@ def make_trajectory(
     statistics over every process's rollouts."""
     total = distributed.summer(accelerator)
     query, query_mask, response, mask, ended = rollout
+    began = time.perf_counter()
     with accelerator.autocast():
         scores = score(roles, rollout, config.missing_eos_penalty)
+        scored = time.perf_counter()
         # log-probs, entropy and values in chunks of a minibatch: full-vocabulary logits for the whole rollout
         # batch at once would be the largest tensor of the run (B x T x vocab floats)
         logprobs, ref_logprobs, values, entropies = [], [], [], []
@@ -151,6 +154,7 @@ def make_trajectory(
             del reference_logits
             values.append(response_values(roles, *chunk) * mask[rows])
     logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+    measured = time.perf_counter()
     rewards, kl = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, beta)
     advantages, returns = rl.gae(rewards, values, mask, config.gamma, config.lam)
     advantages = rl.whiten(advantages, mask, total=total)
@@ -165,5 +169,7 @@ def make_trajectory(
         "val/explained_variance": rl.explained_variance(values, returns, mask, total=total),
         "response/length": (total(mask.sum()) / rollouts).item(),
         "response/eos_rate": (total(ended.float().sum()) / rollouts).item(),
+        "time/score": scored - began,
+        "time/logprobs": measured - scored,  # policy, reference and values
     }
     return trajectory, stats
