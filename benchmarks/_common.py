@@ -28,16 +28,17 @@ TRL_VERSION = "1.16.0"
 
 
 # ------------------------------------------------------------------------------------------------- TRL
-def ensure_trl() -> None:
-    """Install TRL into benchmarks/.trl (no dependencies: transformers, accelerate, datasets are already there)."""
+def ensure_trl() -> bool:
+    """Install TRL into benchmarks/.trl (no dependencies: transformers, accelerate, datasets are already there);
+    False, with a message saying so, when the package registry cannot be reached (the TRL side is skipped)."""
     if (TRL_DIR / "trl" / "__init__.py").is_file():
-        return
+        return True
     print(
         f"[bench] TRL is not installed for the benchmark: installing trl=={TRL_VERSION} into {TRL_DIR} "
         "(--no-deps; the project's venv is not changed)",
         flush=True,
     )
-    subprocess.run(
+    installed = subprocess.run(
         [
             PYTHON,
             "-m",
@@ -50,8 +51,16 @@ def ensure_trl() -> None:
             str(TRL_DIR),
             f"trl=={TRL_VERSION}",
         ],
-        check=True,
+        check=False,
     )
+    if installed.returncode != 0:
+        print(
+            f"[bench] SKIPPED the TRL side: trl=={TRL_VERSION} could not be installed (exit {installed.returncode}; "
+            "is the package registry reachable?). Only instruct's side runs.",
+            flush=True,
+        )
+        return False
+    return True
 
 
 def base_env(work: Path) -> dict[str, str]:
@@ -206,6 +215,23 @@ def add_model_flags(parser) -> None:
     parser.add_argument(
         "--prewarm-gib", type=float, default=0, help="GiB of memory to touch once before timing (0: off); see README"
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="The same code path on a tiny model, a few steps, each side once (well under a minute of training): "
+        "checks that every side runs and produces its numbers; exits non-zero if one does not",
+    )
+
+
+SMOKE_SHAPE = dict(hidden=64, layers=2, intermediate=128, heads=4, rows=24, max_steps=3, max_length=256, repeats=1)
+"""What --smoke sets (sft and rm)."""
+
+
+def apply_smoke(args) -> None:
+    """Shrink the work to SMOKE_SHAPE when --smoke was given."""
+    if getattr(args, "smoke", False):
+        for key, value in SMOKE_SHAPE.items():
+            setattr(args, key, value)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -360,12 +386,8 @@ def run_instruct(
     result.update(step_ends=instruct_step_ends(run), loop_tokens_per_s=rows[-1].get("train/tokens_per_s"))
     try:
         result["batches"] = batches()
-    except Exception as exc:  # the CLI's internals moved: keep the numbers that do not need them
-        print(
-            f"[bench] could not recompute instruct's batches ({type(exc).__name__}: {exc}); "
-            "throughput and padding are n/a for instruct",
-            flush=True,
-        )
+    except Exception as exc:  # the CLI's internals moved: a failed side, not a row of n/a
+        result["failed"] = f"could not recompute instruct's batches ({type(exc).__name__}: {exc})"
     return result
 
 
@@ -403,8 +425,9 @@ def run_benchmark(
     removed at the end unless --work or --keep."""
     import tempfile
 
-    if args.only != "instruct":
-        ensure_trl()
+    apply_smoke(args)
+    if args.only != "instruct" and not ensure_trl():
+        args.only = "instruct"
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix=f"bench-{step}-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -421,6 +444,11 @@ def run_benchmark(
                 runs.setdefault("TRL", []).append(run_trl(model, data, work, args, index))
         (work / "results.json").write_text(json.dumps(runs, indent=1))
         report(runs, args)
+        failed = [f"{side} run {i + 1}: {why}" for side, results in runs.items() for i, r in enumerate(results)
+                  if (why := failure(r))]  # fmt: skip
+        if failed:
+            print("[bench] FAILED: " + "; ".join(failed), flush=True)
+            raise SystemExit(1)
         print(
             f"[bench] done in {time.time() - started:.0f} s; work folder {work}"
             + ("" if args.keep or args.work else " (removed)")
@@ -428,6 +456,17 @@ def run_benchmark(
     finally:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def failure(result: dict) -> str | None:
+    """Why a side's run did not produce its numbers (None when it did): a failed side fails the benchmark."""
+    if result.get("rc") != 0:
+        return f"exit code {result.get('rc')}"
+    if result.get("failed"):
+        return result["failed"]
+    if result.get("loop_tokens_per_s") is None:
+        return "no throughput measured"
+    return None
 
 
 def trl_model_kwargs(quantization: str, **extra) -> dict:

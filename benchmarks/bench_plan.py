@@ -534,7 +534,17 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (keep it low on a shared box)")
     parser.add_argument("--tolerance", type=float, default=0.20)
     parser.add_argument("--work", type=Path, help="Work folder (default: a temporary one)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="Every step once on a tiny model (fp32 base, checkpointing off): checks that each runs and is "
+        "measured; the estimate's tolerance is not checked at these toy shapes",
+    )
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.quantization, args.checkpointing, args.hidden, args.layers, args.heads = "none", "off", 64, 2, 4
+        args.kv_heads, args.vocab, args.batch_size, args.max_length, args.rollout_batch_size = 2, 1024, 1, 64, 2
+        args.minibatch_size, args.prompt_length, args.new_tokens, args.tolerance = 2, 16, 8, float("inf")
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

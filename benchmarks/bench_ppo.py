@@ -66,7 +66,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import INSTRUCT, PYTHON, fmt, print_table, ratio, read_jsonl, write_jsonl  # noqa: E402
 
-MODEL = "smollm2-135m"
+MODEL = os.environ.get("BENCH_PPO_MODEL", "smollm2-135m")  # --smoke points it at a tiny model
 ROLES = ("policy", "reference", "value", "reward")
 
 # Runs the command as its only child, so RUSAGE_CHILDREN is that command's alone (the benchmark's own
@@ -234,13 +234,15 @@ def build_inputs(work: Path, prompts: int, seed: int) -> dict[str, Path]:
         (raw_prefs, paths["prefs-data"], "prefs"),
     ):
         run_checked(
-            [INSTRUCT, "prepare-data", "-i", str(raw), "-o", str(folder), "--task", task, "--force"],
+            [INSTRUCT, "prepare-data", "-i", str(raw), "-o", str(folder), "--task", task, "--model", MODEL, "--force"],
             logs / f"prepare-{task}.log",
         )
     run_checked(
         [
             INSTRUCT,
             "sft",
+            "--model",
+            MODEL,
             "--data",
             str(paths["sft-data"]),
             "--out",
@@ -697,6 +699,12 @@ def main() -> None:
         action="store_true",
         help="Also run `instruct ppo` once under cProfile per quantization and print hot spots",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="Every side once on a tiny model (fp32 base, 2 iterations of 4 rollouts): checks that each runs and "
+        "produces its numbers; exits non-zero if one does not",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global THREADS
@@ -715,6 +723,15 @@ def main() -> None:
 
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     (work / "logs").mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        global MODEL
+        from instruct_cli.core.tiny import build_tiny_model
+
+        MODEL = str(build_tiny_model(work / "tiny-model"))
+        os.environ["BENCH_PPO_MODEL"] = MODEL  # the one-step children load their separate models from it
+        args.quantization, args.prompts, args.iterations, args.rollout_batch_size = ["none"], 8, 2, 4
+        args.minibatch_size, args.max_new_tokens = 2, 8
+    failed = []
     started = time.time()
     try:
         if EXTRA_ENV or THREADS:
@@ -743,6 +760,11 @@ def main() -> None:
                 if design not in args.skip:
                     sides[design] = side_one_step(paths, work, quantization, design, args)
             all_ratios[quantization] = report(quantization, baseline, sides, args)
+            failed += [
+                f"{quantization} {name} (exit {side.get('rc')})" for name, side in sides.items() if side.get("rc")
+            ]
+            if "cli" in sides and sides["cli"].get("rc") == 0 and not sides["cli"].get("phases"):
+                failed.append(f"{quantization} cli (no per-phase timing in its metrics)")
             (work / f"results-{quantization}.json").write_text(
                 json.dumps(
                     {
@@ -778,6 +800,9 @@ def main() -> None:
             "rollouts / one trajectory (rollout and scoring, no update). Timings: 2 shared cores, noisy."
         )
         print_warnings(work)
+        if failed:
+            print("[bench] FAILED: " + "; ".join(failed), flush=True)
+            raise SystemExit(1)
         print(
             f"\n[bench] done in {time.time() - started:.0f} s; logs in {work / 'logs'}"
             + ("" if args.keep or args.work else " (removed)")
