@@ -203,7 +203,8 @@ def test_two_processes_update_like_one_with_twice_the_batch(pipeline, tmp_path):
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["stats"].keys() == two["stats"].keys()
     for name, value in one["stats"].items():
-        assert two["stats"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+        if not name.startswith("time/"):  # seconds differ; every statistic of the learning must not
+            assert two["stats"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     assert two["beta"] == pytest.approx(one["beta"], rel=1e-6)
     assert one["weights"].keys() == two["weights"].keys()
     for name, value in one["weights"].items():
