@@ -113,15 +113,3 @@ def test_help_and_version():
         assert command in result.output
     assert "instruct 0.1.0" in invoke("--version").output
     assert "Examples" in invoke("generate", "--help").output
-
-
-def test_auto_quantization_samples_unquantised_on_a_cpu_when_the_model_fits(tiny_model_dir, monkeypatch):
-    """On a CPU 4-bit weights are dequantised on every token (about half the decoding speed of fp32 for a
-    small model): generate's default `auto` keeps the base unquantised when it fits, 4-bit when it does not."""
-    from instruct_cli.core import models
-
-    assert models.inference_quantization("auto", str(tiny_model_dir), "cpu")[0] == "none"
-    assert models.inference_quantization("nf4", str(tiny_model_dir), "cpu") == ("nf4", "as asked")
-    monkeypatch.setattr(models, "available_memory", lambda: 1024)
-    quantization, why = models.inference_quantization("auto", str(tiny_model_dir), "cpu")
-    assert quantization == "nf4" and "would not fit" in why

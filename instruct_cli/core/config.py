@@ -237,11 +237,6 @@ class PrepareDataConfig(OutputOptions):
 class GenerateConfig(ModelOptions):
     """`instruct generate`: answer a prompt (streamed) or a file of prompts (batched) with any model or run."""
 
-    quantization: Literal["auto", "nf4", "int8", "none"] = "auto"
-    """How the base weights are stored: auto (unquantised on a CPU when the model fits in half the free memory,
-    where 4-bit weights are dequantised on every token and decode about twice as slowly; nf4 on a GPU), nf4,
-    int8 or none."""
-
     prompt: Optional[str] = None
     """The prompt; `-` reads it from standard input."""
     input: Optional[Path] = None

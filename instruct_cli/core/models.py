@@ -356,41 +356,6 @@ def lora_config(options, task_type: str = "CAUSAL_LM"):
     )
 
 
-def inference_quantization(quantization: str, spec: str, device: str = "auto") -> tuple[str, str]:
-    """The storage to sample with, and why: `auto` is nf4 on a GPU, and on a CPU unquantised (fp32) when its
-    weights fit in half the free memory (4-bit weights are dequantised on every token there), else nf4."""
-    if quantization != "auto":
-        return quantization, "as asked"
-    if pick_device(device).type != "cpu":
-        return "nf4", "auto: 4-bit on a GPU"
-    source = resolve_model(spec)
-    weights = sum(f.stat().st_size for f in Path(source.load_path).glob("*.safetensors"))
-    dtype = str(getattr(load_config(source), "dtype", None) or getattr(load_config(source), "torch_dtype", ""))
-    fp32_bytes = weights * (1 if "float32" in dtype else 2)
-    free = available_memory()
-    if free is None or fp32_bytes < free / 2:
-        return "none", f"auto: unquantised on the CPU ({fp32_bytes / 2**30:.1f} GiB), the fastest there"
-    return "nf4", f"auto: 4-bit, the fp32 weights ({fp32_bytes / 2**30:.1f} GiB) would not fit in half the free memory"
-
-
-def load_config(source: ModelSource):
-    """The transformers config of a source's base."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(source.load_path)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux's MemAvailable), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def load_for_inference(spec: str, quantization: str = "nf4", device: str = "auto"):
     """Load `spec` (any model reference) ready to generate: base, plus the run's adapter if it is a run folder.
 

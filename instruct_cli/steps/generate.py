@@ -14,7 +14,7 @@ import torch
 
 from instruct_cli.core import artifacts, chat, models, sampling
 from instruct_cli.core.config import GenerateConfig
-from instruct_cli.core.console import info, progress, summary_table
+from instruct_cli.core.console import progress, summary_table
 from instruct_cli.core.data_folders import json_lines
 from instruct_cli.core.errors import UserError
 
@@ -39,10 +39,7 @@ def run(config: GenerateConfig) -> None:
             )
         prompts = [chat.to_messages(text.strip(), config.system)]
 
-    quantization, why = models.inference_quantization(config.quantization, config.model, config.device)
-    if config.quantization == "auto":
-        info(f"generate: --quantization {quantization} ({why.removeprefix('auto: ')})")
-    model, tokenizer, _ = models.load_for_inference(config.model, quantization, config.device)
+    model, tokenizer, _ = models.load_for_inference(config.model, config.quantization, config.device)
     torch.manual_seed(config.seed)
     if config.input is None:
         stream_answer(model, tokenizer, prompts[0], config)
