@@ -1,7 +1,7 @@
 """Peak memory and speed of `instruct ppo` (four LoRA roles on ONE base) against four separate models.
 
 `instruct ppo` keeps one (4-bit) base model in memory with four LoRA adapters -- policy, reference, value,
-reward -- switched with peft's `set_adapter` (instruct_cli/steps/ppo.py `load_roles`). A four-model design, the
+reward -- switched with peft's `set_adapter` (instruct_cli/steps/ppo/roles.py `load_roles`). A four-model design, the
 way torchtune's PPO recipe does it, holds four full models. This script measures both on the built-in model
 (`smollm2-135m`, SmolLM2-135M-Instruct) on this machine.
 
