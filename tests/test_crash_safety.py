@@ -20,6 +20,7 @@ from instruct_cli.cli import app
 from instruct_cli.core import artifacts, models
 from instruct_cli.core.artifacts import RunFolder
 from instruct_cli.core.errors import UserError
+from scripts import fault_injection as faults
 
 runner = CliRunner()
 
@@ -94,14 +95,6 @@ def test_force_replaces_instruct_output_and_resume_after_the_end_is_a_no_op(tmp_
 
 # ------------------------------------------------------------------------------------------ SIGTERM
 def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_exactly(tmp_path, tiny_sft_rm):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "fault_injection", Path(__file__).parents[1] / "scripts" / "fault_injection.py"
-    )
-    faults = importlib.util.module_from_spec(spec)
-    sys.modules["fault_injection"] = faults
-    spec.loader.exec_module(faults)
     data = {task: tiny_sft_rm[f"data-{task}"] for task in ("sft", "prefs", "prompts")}
     ws = faults.Workspace(tmp_path, tiny_sft_rm["model"], data, tiny_sft_rm["sft"], tiny_sft_rm["rm"])
     straight = faults.straight_runs(ws, ["sft"])["sft"]

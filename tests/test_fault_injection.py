@@ -2,17 +2,9 @@
 uninterrupted run's (adapters within 1e-5, one metrics row per step, complete, no temporary files).
 The harness is scripts/fault_injection.py, whose longer run draws the moments at random."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fault_injection.py"
-spec = importlib.util.spec_from_file_location("fault_injection", SCRIPT)
-faults = importlib.util.module_from_spec(spec)
-sys.modules["fault_injection"] = faults  # dataclasses look their module up there
-spec.loader.exec_module(faults)
+from scripts import fault_injection as faults
 
 TRIALS = [
     ("sft", "load", 1),

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from instruct_cli.core import chat, recipes, rl, sampling, training
-from instruct_cli.core import config as cfg
+from instruct_cli.core import chat, rl, sampling, training
 from instruct_cli.core.errors import UserError
 from instruct_cli.steps import ppo
+from tests.test_ppo import ppo_config
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -24,14 +24,6 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 @pytest.fixture(scope="module")
 def pipeline(tiny_sft_rm):
     return {**tiny_sft_rm, "prompts": tiny_sft_rm["data-prompts"]}
-
-
-def ppo_config(pipeline, out, **overrides):
-    values = dict(sft=pipeline["sft"], reward=pipeline["rm"], data=pipeline["prompts"], out=out)
-    values.update(quantization="none", gradient_checkpointing=False, rollout_batch_size=8, minibatch_size=4)
-    values.update(ppo_epochs=2, max_new_tokens=16, eval_every=100, save_every=100, eval_prompts=4, lr=1e-3)
-    values.update(overrides)
-    return recipes.build_config(cfg.PPOConfig, "ppo", None, values)
 
 
 def launch(args, processes=2, port=29541, **popen):

@@ -125,6 +125,15 @@ class Checkpointer:
         for old in files[: -self.KEEP]:
             old.unlink()
 
+    def end_of_step(self, step: int, best: float, *, total: int, every: int, stop: StopSignals) -> None:
+        """At the boundary after step `step`: when a stop was asked for, checkpoint here and raise Stopped;
+        otherwise checkpoint every `every` steps (the last step's result is the run's output, not a checkpoint)."""
+        if stop.should_stop(self.trainable.accelerator):
+            self.save(step, best)
+            raise Stopped
+        if step % every == 0 and step < total:
+            self.save(step, best)
+
     def restore(self) -> tuple[int, float]:
         """Load the newest checkpoint into the trainable; returns (step, best eval value). The metrics log is
         cut back to that step."""

@@ -17,7 +17,7 @@ def summer(accelerator) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function that sums a tensor over all processes (the identity on one process)."""
     if accelerator.num_processes == 1:
         return lambda tensor: tensor
-    return lambda tensor: accelerator.reduce(tensor.detach().clone(), reduction="sum")
+    return lambda tensor: accelerator.reduce(tensor.detach(), reduction="sum")  # reduce works on a copy
 
 
 def sum_gradients(accelerator, parameters: list[torch.nn.Parameter]) -> None:

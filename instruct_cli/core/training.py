@@ -22,9 +22,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from instruct_cli.core import artifacts, models
+from instruct_cli.core import artifacts, distributed, models
 from instruct_cli.core.artifacts import RunFolder
-from instruct_cli.core.checkpoints import Checkpointer, Stopped, StopSignals
+from instruct_cli.core.checkpoints import Checkpointer, StopSignals
 from instruct_cli.core.console import info, progress
 from instruct_cli.core.errors import UserError
 
@@ -320,11 +320,7 @@ def fit(
                 tok_s=round(rate),
                 **({eval_key: metrics[eval_key]} if eval_key in metrics else {}),
             )
-            if stop.should_stop(accelerator):
-                checkpoint.save(step, best)
-                raise Stopped
-            if step % save_every == 0 and step < total_steps:
-                checkpoint.save(step, best)
+            checkpoint.end_of_step(step, best, total=total_steps, every=save_every, stop=stop)
     kept = "best" if keep == "best" and checkpoint.best_dir.exists() else "last"
     if accelerator.is_main_process:
         with artifacts.atomic_folder(run.path / "adapter") as tmp:
@@ -367,14 +363,8 @@ def accumulate(
 
 def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
     """Average each metric over the processes of a data-parallel run (tokens are summed)."""
-    if accelerator.num_processes == 1:
-        return metrics
-    names = sorted(metrics)
-    values = torch.tensor([metrics[name] for name in names], dtype=torch.float64, device=accelerator.device)
-    summed = accelerator.reduce(values, reduction="sum").tolist()
-    return {
-        name: total if name == "tokens" else total / accelerator.num_processes for name, total in zip(names, summed)
-    }
+    summed = distributed.sum_stats(accelerator, metrics)
+    return {name: total if name == "tokens" else total / accelerator.num_processes for name, total in summed.items()}
 
 
 class Diverged(UserError):
@@ -391,14 +381,15 @@ class Diverged(UserError):
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def load_trainable_policy(config, source: models.ModelSource, device):
-    """The base model (quantised as configured) with a trainable LoRA adapter, and its tokenizer.
+def load_trainable_policy(config, source: models.ModelSource, device, tokenizer=None):
+    """The base model (quantised as configured) with a trainable LoRA adapter, and its tokenizer (loaded
+    unless the caller already has it).
 
     A run folder as --model continues from that run's adapter; otherwise a new adapter is attached.
     """
     from peft import PeftModel, get_peft_model
 
-    tokenizer = models.load_tokenizer(source)
+    tokenizer = tokenizer or models.load_tokenizer(source)
     base = models.load_base_model(source, config.quantization, device)
     base = prepare_for_training(base, config.quantization, config.gradient_checkpointing)
     if source.adapter is not None:

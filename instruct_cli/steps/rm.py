@@ -31,8 +31,6 @@ from instruct_cli.core.console import info, progress, summary_table, warn
 from instruct_cli.core.errors import UserError
 from instruct_cli.core.heads import RewardModel, save_adapter  # noqa: F401 - save_adapter is part of this step's API
 
-# ------------------------------------------------------------------------------------------------- rows
-
 
 # ------------------------------------------------------------------------------------------------ losses
 def prompts_in(batch: training.Batch) -> float:
@@ -54,13 +52,10 @@ def rm_loss(model, batch: training.Batch, margin: float = 0.0) -> tuple[torch.Te
     return loss, metrics
 
 
-# ------------------------------------------------------------------------------------------ normalisation
-
-
 # ------------------------------------------------------------------------------------------------- model
-def load_trainable_reward_model(config: RMConfig, source: models.ModelSource, device):
+def load_trainable_reward_model(config: RMConfig, source: models.ModelSource, device, tokenizer=None):
     """The base with a trainable LoRA (the SFT run's adapter when --model is a run folder) and a fresh head."""
-    body, tokenizer = training.load_trainable_policy(config, source, device)  # the same base + LoRA as sft
+    body, tokenizer = training.load_trainable_policy(config, source, device, tokenizer)  # the base + LoRA as sft
     head = heads.ScalarHead(heads.hidden_size_of(body), seed=config.seed).to(device)
     return RewardModel(body, head), tokenizer
 
@@ -94,7 +89,7 @@ def run(config: RMConfig) -> Path:
     run_folder = training.open_run(config, "rm", accelerator, source)
     with run_folder.recording():
         # 2. model: base + LoRA (from the SFT adapter if given) + a fresh scalar head
-        model, _ = load_trainable_reward_model(config, source, device)
+        model, _ = load_trainable_reward_model(config, source, device, tokenizer)
 
         def batches_for_epoch(epoch: int) -> list[training.Batch]:
             mine = training.my_batches(accelerator, [g.longest for g in train_set], config, epoch)

@@ -2,7 +2,8 @@
 
 The loss is the next-token cross-entropy on assistant tokens only — every assistant turn, each with its
 EOS, so the model learns to stop — while system and user tokens are masked out. Rows are batched by
-similar length; the loop itself (accumulation, schedule, eval, checkpoints, resume) is training.fit.
+similar length. The encoding is core/chat.py's, the loss core/lm.py's and the loop itself (accumulation,
+schedule, eval, checkpoints, resume) core/training.py's `fit`.
 """
 
 from __future__ import annotations
@@ -15,17 +16,10 @@ from instruct_cli.core.config import SFTConfig
 from instruct_cli.core.console import info, summary_table, warn
 from instruct_cli.core.errors import UserError
 
-# ---------------------------------------------------------------------------------------------- encoding
-
-
-# ------------------------------------------------------------------------------------------------ losses
-
 
 # ------------------------------------------------------------------------------------------------- model
-
-
 def save_adapter(model, folder: Path) -> None:
-    """Save the LoRA adapter (peft's save_pretrained format) of a peft model or of a lm.NextTokenLoss around one."""
+    """Save the LoRA adapter (peft's save_pretrained format) of a peft model or of an lm.NextTokenLoss around one."""
     (model.lm if isinstance(model, lm.NextTokenLoss) else model).save_pretrained(folder)
 
 
@@ -56,7 +50,7 @@ def run(config: SFTConfig) -> Path:
     device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
     run_folder = training.open_run(config, "sft", accelerator, source)
     with run_folder.recording():
-        model, _ = training.load_trainable_policy(config, source, device)
+        model, _ = training.load_trainable_policy(config, source, device, tokenizer)
 
         def batches_for_epoch(epoch: int) -> list[training.Batch]:
             mine = training.my_batches(accelerator, [len(ids) for ids, _ in train_set], config, epoch)

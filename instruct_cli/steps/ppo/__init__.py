@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from instruct_cli.core import artifacts, chat, data_folders, distributed, lm, models, rl, training
-from instruct_cli.core.checkpoints import Checkpointer, Stopped, StopSignals
+from instruct_cli.core.checkpoints import Checkpointer, StopSignals
 from instruct_cli.core.config import PPOConfig, to_recipe_dict
 from instruct_cli.core.console import console, info, progress, summary_table
 from instruct_cli.core.errors import UserError
@@ -78,11 +78,11 @@ def run(config: PPOConfig) -> Path:
     )
     accelerator = training.make_accelerator(config.seed, config.precision, config.device)
     device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
-    sft_manifest = artifacts.require_complete(config.sft, "sft", flag="--sft")
-    check_runs(config)  # before the run folder is opened: a bad input never leaves a folder behind
+    runs = check_runs(config)  # before the run folder is opened: a bad input never leaves a folder behind
+    sft_manifest = runs[0].run_manifest
     run_folder = open_ppo_run(config, accelerator, sft_manifest)
     with run_folder.recording():
-        roles, tokenizer, _, _ = load_roles(config, device)
+        roles, tokenizer, _, _ = load_roles(config, device, runs)
         encoded = [chat.encode_prompt(tokenizer, messages) for messages in train_prompts]
         optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=config.lr, eps=1e-5)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / config.iterations))
@@ -200,11 +200,7 @@ def train(
                     samples_s=stats["train/samples_per_s"],
                     **kl_warning(stats["objective/kl"], config),
                 )
-                if stop.should_stop(accelerator):
-                    checkpoint.save(iteration, math.inf)
-                    raise Stopped
-                if iteration % config.save_every == 0 and iteration < config.iterations:
-                    checkpoint.save(iteration, math.inf)
+                checkpoint.end_of_step(iteration, math.inf, total=config.iterations, every=config.save_every, stop=stop)
         except NonFinite as exc:
             last = checkpoint.latest()
             raise UserError(

@@ -51,13 +51,8 @@ class Roles(nn.Module):
 def check_runs(config: PPOConfig) -> tuple[models.ModelSource, dict]:
     """The SFT run (as a model source) and the RM run's manifest, checked: complete, of the right kinds, on
     the same base model."""
+    artifacts.require_complete(config.sft, "sft", flag="--sft")  # the error names the command that makes one
     sft_source = models.resolve_model(str(config.sft), flag="--sft")
-    if sft_source.run_manifest.get("kind") != "sft":
-        raise UserError(
-            f"{config.sft} is a {sft_source.run_manifest.get('kind')} run, not an sft run",
-            where="--sft",
-            fix="Pass the folder written by `instruct sft`",
-        )
     rm_manifest = artifacts.require_complete(config.reward, "rm", flag="--reward")
     if rm_manifest["base_model"]["fingerprint"] != sft_source.run_manifest["base_model"]["fingerprint"]:
         raise UserError(
@@ -69,12 +64,14 @@ def check_runs(config: PPOConfig) -> tuple[models.ModelSource, dict]:
     return sft_source, rm_manifest
 
 
-def load_roles(config: PPOConfig, device) -> tuple[Roles, object, models.ModelSource, dict]:
+def load_roles(
+    config: PPOConfig, device, runs: tuple[models.ModelSource, dict] | None = None
+) -> tuple[Roles, object, models.ModelSource, dict]:
     """Load the base once and attach the four role adapters and the two heads; returns (roles, tokenizer,
-    source of the SFT run, manifest of the RM run)."""
+    source of the SFT run, manifest of the RM run). `runs` is what `check_runs` returned, if it already ran."""
     from peft import PeftModel
 
-    sft_source, rm_manifest = check_runs(config)
+    sft_source, rm_manifest = runs or check_runs(config)
     tokenizer = models.load_tokenizer(sft_source)
     base = models.load_base_model(sft_source, config.quantization, device)
     base = training.prepare_for_training(base, config.quantization, config.gradient_checkpointing)

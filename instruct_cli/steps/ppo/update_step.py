@@ -49,31 +49,28 @@ def update(
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
     minibatch = config.minibatch_size * world
     parameters = roles.trainable_parameters()
-    totals: dict[str, float] = {}
-    count = 0
+    total = distributed.summer(accelerator)
+    steps: list[dict[str, float]] = []
     for _ in range(config.ppo_epochs):
         order = torch.randperm(local * world, generator=generator)
         for start in range(0, local * world, minibatch):
             chosen = order[start : start + minibatch]
             mine = (chosen[chosen // local == rank] - rank * local).to(trajectory.response.device)
-            token_count = distributed.summer(accelerator)(trajectory.response_mask[mine].sum())
-            ptx_batch = ptx_batches(count) if ptx_batches is not None else None
+            token_count = total(trajectory.response_mask[mine].sum())
+            ptx_batch = ptx_batches(len(steps)) if ptx_batches is not None else None
             stats = update_minibatch(roles, trajectory.rows(mine), config, accelerator, token_count, ptx_batch)
             stats = distributed.sum_stats(accelerator, stats)
             distributed.sum_gradients(accelerator, parameters)
             stats["policy/grad_norm"] = float(accelerator.clip_grad_norm_(parameters, config.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if count == 0:
-                stats["policy/first_clipfrac"] = stats["policy/clipfrac"]
-                stats["policy/first_approxkl"] = stats["policy/approxkl"]
-            for name, value in stats.items():
-                totals[name] = totals.get(name, 0.0) + value
-            count += 1
-    means = {name: total / count for name, total in totals.items()}
-    means["policy/first_clipfrac"] = totals["policy/first_clipfrac"]
-    means["policy/first_approxkl"] = totals["policy/first_approxkl"]
-    return means
+            steps.append(stats)
+    means = {name: sum(step[name] for step in steps) / len(steps) for name in steps[0]}
+    return {
+        **means,
+        "policy/first_clipfrac": steps[0]["policy/clipfrac"],
+        "policy/first_approxkl": steps[0]["policy/approxkl"],
+    }
 
 
 def update_minibatch(
