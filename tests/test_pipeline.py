@@ -120,6 +120,13 @@ def test_run_every_step_then_skip_then_rerun_only_what_changed(tmp_path, tiny_mo
     tasks = pipeline.run(recipe, recipe_steps())
     assert [label for label, action in actions(tasks) if action != "skip"] == ["ppo", "eval"]
 
+    # a run made before a setting existed (here: precision) is up to date when the setting is at its default
+    manifest = artifacts.read_manifest(tmp_path / "runs/ppo")
+    del manifest["config"]["precision"]
+    artifacts.atomic_write_json(tmp_path / "runs/ppo/manifest.json", manifest)
+    tasks = pipeline.plan(recipes.read_tasks(recipe), {"prepare-data", "sft", "rm", "ppo", "eval"}, force=False)
+    assert dict(actions(tasks))["ppo"] == "skip", actions(tasks)
+
     # a changed setting reruns that step and everything downstream of it
     text = recipe.read_text().replace("max_steps: 4", "max_steps: 5", 1)
     recipe.write_text(text)

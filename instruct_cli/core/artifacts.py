@@ -422,10 +422,8 @@ class RunFolder:
         path = self.path / name
         if not self.writer or not path.is_file():
             return
-        rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [row for row in rows if row.strip() and _row_step(row, key) <= step]
-        if len(kept) != len(rows):
-            atomic_write_text(path, "".join(kept))
+        # read_jsonl leaves out a line torn by a hard kill; the rest is rewritten without the redone steps
+        write_jsonl(path, [row for row in read_jsonl(path) if row.get(key, math.inf) <= step])
 
     @contextlib.contextmanager
     def recording(self) -> Iterator["RunFolder"]:
@@ -460,14 +458,6 @@ class RunFolder:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _row_step(row: str, key: str) -> float:
-    """The step of a log row (a torn last line from a hard kill counts as past every step)."""
-    try:
-        return json.loads(row)[key]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
 
 
 def cuda_peak_gib() -> float | None:

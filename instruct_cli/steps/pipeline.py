@@ -46,7 +46,8 @@ def decide(task: recipes.Task, rebuilt: set[Path], force: bool) -> tuple[str, st
     manifest = artifacts.read_manifest(task.out) if task.out.is_dir() else None
     if manifest is None:
         return "run", "no output yet"
-    same_config = manifest.get("config") == cfg.to_recipe_dict(task.config)
+    changed = changed_settings(manifest.get("config") or {}, task.config)
+    same_config = not changed
     if manifest.get("status") == artifacts.STATUS_RUNNING and artifacts.lock_holder(task.out) is not None:
         raise artifacts.busy_error(task.out)
     if manifest.get("status") != artifacts.STATUS_COMPLETE:
@@ -56,16 +57,21 @@ def decide(task: recipes.Task, rebuilt: set[Path], force: bool) -> tuple[str, st
     if force:
         return "rerun", "--force"
     if not same_config:
-        changed = sorted(
-            key
-            for key, value in cfg.to_recipe_dict(task.config).items()
-            if (manifest.get("config") or {}).get(key) != value
-        )
-        return "rerun", f"the recipe changed ({', '.join(changed) or 'config'})"
+        return "rerun", f"the recipe changed ({', '.join(changed)})"
     stale = stale_input(manifest, rebuilt)
     if stale:
         return "rerun", stale
     return "skip", "up to date"
+
+
+def changed_settings(recorded: dict, config: Any) -> list[str]:
+    """The settings of `config` that differ from those a run recorded. A setting the run did not record (it
+    was added to instruct later) counts as its default, so upgrading instruct does not rerun every step."""
+    now = cfg.to_recipe_dict(config)
+    defaults = cfg.to_recipe_dict(type(config)())
+    return sorted(key for key, value in now.items() if recorded.get(key, defaults.get(key)) != value) + sorted(
+        key for key in recorded if key not in now
+    )
 
 
 def stale_input(manifest: dict, rebuilt: set[Path]) -> str | None:
