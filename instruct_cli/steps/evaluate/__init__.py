@@ -23,7 +23,8 @@ The work, top to bottom (`run`):
                that is also the KL reference of other models goes after them and measures their KL
   3. KL        each reference not evaluated itself, in turn: the log-probs of the samples measured against it
   4. score     the reward model: every response, and its accuracy on the preference eval split
-  5. report    report.json, report.md, samples.jsonl, PNG plots; the report folder is marked complete last
+  5. report    report.json, report.md, report.html, samples.jsonl, PNG plots; the report folder is marked
+               complete last
 
 The package, one concern a module (none imports this __init__, so there are no cycles):
   stats      outcomes, win-rate, bootstrap interval, distinct-n, KL sums, describe: pure functions, numpy only
@@ -31,6 +32,7 @@ The package, one concern a module (none imports this __init__, so there are no c
   measure    2-4. the model work: sampling, log-probs, KL, perplexity, reward scores, RM accuracy
   report     5. report.json's figures, the verdict, the table, report.md, samples.jsonl; show and load
   plots      5. the PNG plots (matplotlib)
+  html_report  5. report.html: the report as one self-contained web page (plots inline, answers filterable)
   compare    --compare of two reports
   __init__   `run`, which calls them in that order, and `write_report`; it re-exports the names the cli,
              tests and benchmarks use (`evaluate.run`, `evaluate.show`, `evaluate.win_rate`, ...)
@@ -57,6 +59,7 @@ from instruct_cli.steps.evaluate.entries import (
     resolve_entries,
     training_data,
 )
+from instruct_cli.steps.evaluate.html_report import render_html
 from instruct_cli.steps.evaluate.measure import release_memory, response_logprobs, sample_responses
 from instruct_cli.steps.evaluate.plots import (
     plot_reward_distribution,
@@ -67,6 +70,7 @@ from instruct_cli.steps.evaluate.plots import (
 )
 from instruct_cli.steps.evaluate.report import (
     CURVES_PLOT,
+    REPORT_HTML,
     REPORT_JSON,
     REPORT_MD,
     REWARD_PLOT,
@@ -97,6 +101,7 @@ __all__ = [
     "plot_win_rates",
     "read_generations",
     "read_metrics",
+    "render_html",
     "release_memory",
     "response_logprobs",
     "run",
@@ -174,7 +179,7 @@ def write_report(
     inputs: dict,
     config: EvalConfig,
 ) -> dict:
-    """Write the plots, samples.jsonl, report.json and report.md into `out`; returns the report."""
+    """Write the plots, samples.jsonl, report.json, report.md and report.html into `out`; returns the report."""
     report = {
         "baseline": baseline.name,
         "prompts": len(prompts),
@@ -196,4 +201,5 @@ def write_report(
     artifacts.write_jsonl(out / SAMPLES, samples)
     artifacts.atomic_write_json(out / REPORT_JSON, report)
     artifacts.atomic_write_text(out / REPORT_MD, render_markdown(report, samples))
+    artifacts.atomic_write_text(out / REPORT_HTML, render_html(report, samples, out))
     return report

@@ -1,9 +1,10 @@
 """The report of `instruct eval` (step 5 of `run`): its figures, words and files.
 
 Owns the report folder's file names; each model's figures in report.json (`model_report`); the metrics the
-manifest records; the verdict; the results table; report.md; samples.jsonl's rows; and showing a report in the
-terminal and loading it back. Writes no plot itself (`plots` does; `run` puts them together). Uses the core
-(artifacts, config, console, errors), `stats` and `entries`; not `measure`, `plots` or `compare`.
+manifest records; the verdict; the results table and the sentences around it; report.md; samples.jsonl's rows;
+and showing a report in the terminal and loading it back. Writes no plot (`plots` does) and no web page
+(`html_report` does); `run` puts them together. Uses the core (artifacts, config, console, errors), `stats` and
+`entries`; not `measure`, `plots`, `html_report` or `compare`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from instruct_cli.steps.evaluate.entries import Entry
 from instruct_cli.steps.evaluate.stats import bootstrap_interval, describe, distinct_n, outcomes
 
 REPORT_JSON, REPORT_MD, SAMPLES = "report.json", "report.md", "samples.jsonl"
+REPORT_HTML = "report.html"
+"""The report as one self-contained web page (`html_report` writes it)."""
 SAMPLES_SHOWN = 3
 """How many prompts `show` prints with every model's answer side by side."""
 REWARD_PLOT, WIN_PLOT, CURVES_PLOT = "reward_distribution.png", "win_rate.png", "training_curves.png"
@@ -165,32 +168,44 @@ def fenced(text: str) -> str:
     return f"{fence}text\n{text or '(empty)'}\n{fence}"
 
 
-def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str:
-    """report.md: the verdict, the table, how it was measured, a few side-by-side samples, the plots."""
+PLOT_TITLES = {
+    REWARD_PLOT: "Reward distributions",
+    WIN_PLOT: "Win-rate against the baseline",
+    CURVES_PLOT: "Training curves",
+}
+"""The heading each plot gets in report.md and report.html."""
+
+HOW_TO_READ = (
+    "How to read it: reward is the reward model's score in units of the standard deviation of its "
+    "training responses (0 = their mean). Win-rate is the share of prompts on which a model's response "
+    "scores higher than the baseline's on the same prompt (ties count half), with a bootstrap 95% "
+    "interval over prompts: an interval above 50% means a real win. KL is the mean over a model's "
+    "responses of log p_model - log p_SFT summed over the response's tokens (nats): how far it moved "
+    "from the SFT model. Perplexity is on the SFT eval split (lower = closer to the demonstrations). "
+    "Length is in tokens, EOS included; distinct-n is the share of unique word n-grams."
+)
+
+
+def sampling_sentence(report: dict) -> str:
+    """How the answers were sampled: '64 held-out prompts, each answered once by every model (...).'"""
     settings = report["settings"]
-    lines = ["# Evaluation report", ""]
-    for line in report["verdict"]:
-        lines += [line if line.startswith(CAUTION) else f"**{line}**", ""]
-    lines += [
-        "## Results",
-        "",
+    return (
         f"{report['prompts']} held-out prompts, each answered once by every model (temperature "
         f"{settings['temperature']}, top-p {settings['top_p']}, at most {settings['max_new_tokens']} tokens, "
-        f"seed {settings['seed']}). Baseline: **{report['baseline']}**.",
-        "",
-        "| " + " | ".join(TABLE_COLUMNS) + " |",
-        "|" + "---|" * len(TABLE_COLUMNS),
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+        f"seed {settings['seed']})."
+    )
+
+
+def reward_model_lines(report: dict) -> list[str]:
+    """What the report says about the reward model: its accuracy, and what its scores were computed on."""
     rm_report = report["reward_model"]
-    lines += [""]
     if rm_report.get("accuracy") is not None:
-        lines += [
+        lines = [
             f"Reward model {rm_report['path']}: {percent(rm_report['accuracy'])} accuracy on "
             f"{rm_report['pairs']} held-out preference pairs (mean margin {rm_report['margin']:.2f})."
         ]
     else:
-        lines += [f"Reward model {rm_report['path']}: no preference eval split was available to measure its accuracy."]
+        lines = [f"Reward model {rm_report['path']}: no preference eval split was available to measure its accuracy."]
     if rm_report.get("scored_on"):
         retokenised = [name for name, way in rm_report["scored_on"].items() if way != "sampled ids"]
         lines += [
@@ -203,17 +218,24 @@ def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str
             )
             + f"; a response without an EOS loses {rm_report.get('missing_eos_penalty', 0):g}."
         ]
+    return lines
+
+
+def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str:
+    """report.md: the verdict, the table, how it was measured, a few side-by-side samples, the plots."""
+    lines = ["# Evaluation report", ""]
+    for line in report["verdict"]:
+        lines += [line if line.startswith(CAUTION) else f"**{line}**", ""]
     lines += [
+        "## Results",
         "",
-        "How to read it: reward is the reward model's score in units of the standard deviation of its "
-        "training responses (0 = their mean). Win-rate is the share of prompts on which a model's response "
-        "scores higher than the baseline's on the same prompt (ties count half), with a bootstrap 95% "
-        "interval over prompts: an interval above 50% means a real win. KL is the mean over a model's "
-        "responses of log p_model - log p_SFT summed over the response's tokens (nats): how far it moved "
-        "from the SFT model. Perplexity is on the SFT eval split (lower = closer to the demonstrations). "
-        "Length is in tokens, EOS included; distinct-n is the share of unique word n-grams.",
+        f"{sampling_sentence(report)} Baseline: **{report['baseline']}**.",
         "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "---|" * len(TABLE_COLUMNS),
     ]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    lines += ["", *reward_model_lines(report), "", HOW_TO_READ, ""]
     if samples:
         lines += ["## Samples", ""]
         for number, row in enumerate(samples[:how_many], start=1):
@@ -225,13 +247,9 @@ def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str
     plots = report["plots"]
     if plots:
         lines += ["## Plots", ""]
-        titles = {
-            REWARD_PLOT: "Reward distributions",
-            WIN_PLOT: "Win-rate against the baseline",
-            CURVES_PLOT: "Training curves",
-        }
         for plot in plots:
-            lines += [f"### {titles.get(plot, plot)}", "", f"![{titles.get(plot, plot)}]({plot})", ""]
+            title = PLOT_TITLES.get(plot, plot)
+            lines += [f"### {title}", "", f"![{title}]({plot})", ""]
     lines += ["## Inputs", "", "| input | path | sha256 |", "|---|---|---|"]
     lines += [f"| {key} | {record['path']} | `{record['sha256'][:12]}` |" for key, record in report["inputs"].items()]
     return "\n".join(lines) + "\n"
@@ -285,6 +303,7 @@ def show(report: dict, folder: Path) -> None:
         "eval",
         {
             "report": display_path(Path(folder) / REPORT_MD),
+            "web page": display_path(Path(folder) / REPORT_HTML),
             "reward model accuracy": percent(rm_report["accuracy"]) if rm_report.get("accuracy") is not None else "-",
             "plots": ", ".join(report["plots"]),
         },
