@@ -33,6 +33,9 @@ MANIFEST = "manifest.json"
 RECIPE = "recipe.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+TRACKER_LOGS = (TENSORBOARD, "wandb")
+"""What experiment trackers (trackers.py) write inside a run folder: like metrics.jsonl, a log of how the run went."""
 
 STATUS_RUNNING = "running"
 STATUS_INTERRUPTED = "interrupted"
@@ -118,10 +121,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_folder(folder: Path, skip: tuple[str, ...] = (CHECKPOINTS, METRICS)) -> str:
+def sha256_folder(folder: Path, skip: tuple[str, ...] = (CHECKPOINTS, METRICS, *TRACKER_LOGS)) -> str:
     """A content hash of a folder: every file's relative path and bytes, in sorted order.
 
-    Checkpoints and the metrics log are skipped: they describe how the folder was made, not what it holds.
+    Checkpoints, the metrics log and the trackers' logs are skipped: they describe how the folder was made, not
+    what it holds.
     The manifest is hashed without its volatile fields (timings), so the hash changes only with content.
     """
     folder = Path(folder)
@@ -196,7 +200,7 @@ def require_complete(folder: Path, kinds: tuple[str, ...] | str, flag: str = "in
         found = manifest.get("kind")
         raise UserError(
             f"{folder} is the output of `instruct {COMMAND_OF_KIND.get(found, found)}`, but {flag} "
-            f"needs the output of `instruct {' or '.join(COMMAND_OF_KIND.get(k, k) for k in kinds)}`",
+            f"needs the output of `instruct {either(COMMAND_OF_KIND.get(k, k) for k in kinds)}`",
             where=str(folder / MANIFEST),
             fix=f"Pass a folder written by `instruct {maker}`",
         )
@@ -213,6 +217,12 @@ def require_complete(folder: Path, kinds: tuple[str, ...] | str, flag: str = "in
             fix=f"Finish it with `{resume}`, or start it again with --force",
         )
     return manifest
+
+
+def either(names) -> str:
+    """"a", "a or b", "a, b or c"."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def parent_record(folder: Path) -> dict:
@@ -316,6 +326,7 @@ class RunFolder:
         self.writer = writer  # False on the non-main processes of a data-parallel run: they write nothing
         self._started = time.time()
         self.lock: FolderLock | None = None
+        self.trackers = None  # trackers.RunTrackers when --report-to names any: each metrics row goes to them too
 
     @property
     def checkpoints(self) -> Path:
@@ -408,13 +419,16 @@ class RunFolder:
         self.write_manifest()
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        """Append one JSON line to metrics.jsonl (flushed at once, so a crash loses nothing logged)."""
+        """Append one JSON line to metrics.jsonl (flushed at once, so a crash loses nothing logged), and send the
+        same metrics to the run's experiment trackers, if any."""
         if not self.writer:
             return
         row = {"step": step, "time": round(time.time() - self._started, 3), **metrics}
         with open(self.path / METRICS, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
+        if self.trackers is not None:
+            self.trackers.log(step, metrics)
 
     def truncate_log(self, step: int, name: str = METRICS, key: str = "step") -> None:
         """Keep only the rows of the JSONL log `name` whose `key` is <= `step` (a resumed run redoes the later
@@ -438,6 +452,8 @@ class RunFolder:
                 self.update(status=STATUS_FAILED, finished=_now(), error=f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            if self.trackers is not None:
+                self.trackers.finish()  # flushes and closes them, whether the run finished or not
             if self.lock is not None:
                 self.lock.release()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -55,13 +56,14 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     transformers.utils.logging.disable_default_handler()
-    try:
-        import datasets
-
+    # datasets costs a second to import, and sampling never needs it: when it is not loaded yet, the same
+    # settings go through the variables it reads on import
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    datasets = sys.modules.get("datasets")
+    if datasets is not None:
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        pass
 
 
 @contextmanager
@@ -171,5 +173,6 @@ def warn(message: str) -> None:
 
 
 def error(message: str) -> None:
-    """The one-paragraph error a command ends with."""
-    _errors.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+    """The one-paragraph error a command ends with (plain text: brackets such as `instruct-cli[tensorboard]` or
+    in a path are printed, not read as rich markup)."""
+    _errors.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
