@@ -1,0 +1,136 @@
+"""`instruct export`: merge a run's LoRA adapter into its base and write the result for other tools.
+
+Two formats:
+  * `transformers` (default): a plain folder that loads with `AutoModelForCausalLM.from_pretrained` alone (no
+    peft, no bitsandbytes), with its tokenizer and chat template, ready for vLLM or the hub;
+  * `gguf`: one `.gguf` file for llama.cpp and Ollama, tokenizer and chat template inside (gguf_file.py), and an
+    Ollama `Modelfile` beside it (ollama.py).
+Either way the output folder appears in one rename, complete, with `instruct-export.json` saying where it
+came from.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from instruct_cli.core import artifacts, models
+from instruct_cli.core.console import summary_table
+from instruct_cli.core.errors import UserError
+from instruct_cli.steps.export import gguf_file, ollama
+
+FORMATS = ("transformers", "gguf")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def run(
+    run_dir: Path,
+    out: Path,
+    dtype: str | None = None,
+    force: bool = False,
+    format: str = "transformers",
+    gguf_type: str | None = None,
+) -> Path:
+    """Merge the adapter of `run_dir` (an sft, ppo or dpo run) into its base and write it to `out` as `format`.
+
+    `dtype` is the weight dtype of a transformers export (default bfloat16) and the dtype the adapter is merged
+    in before a GGUF export (default float32, the most exact); `gguf_type` is the GGUF tensor type (default f16).
+    Returns the output folder (transformers) or the GGUF file in it (gguf).
+    """
+    manifest = artifacts.require_complete(run_dir, ("sft", "ppo", "dpo"), flag="RUN")
+    if out is None:
+        raise UserError("No output folder given", where="--out", fix="Pass --out DIR")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} exists and is not empty", where="--out", fix="Pass --force to replace it")
+    if format not in FORMATS:
+        raise UserError(f"Unknown export format {format!r}", where="--format", fix="Use transformers or gguf")
+    if format == "transformers" and gguf_type is not None:
+        raise UserError(
+            "--gguf-type applies only to GGUF exports",
+            where="--gguf-type",
+            fix="Add --format gguf, or drop --gguf-type",
+        )
+    dtype = dtype or ("float32" if format == "gguf" else "bfloat16")
+    if dtype not in DTYPES:
+        raise UserError(f"Unknown dtype {dtype!r}", where="--dtype", fix="Use bfloat16, float16 or float32")
+    record = {
+        "run": str(Path(run_dir).resolve()),
+        "run_sha256": artifacts.sha256_folder(run_dir),
+        "base_model": manifest.get("base_model"),
+        "format": format,
+        "dtype": dtype,
+    }
+    source = models.resolve_model(str(run_dir))
+    tokenizer = models.load_tokenizer(source)
+    if format == "gguf":
+        return _export_gguf(run_dir, out, source, tokenizer, DTYPES[dtype], gguf_type or "f16", record)
+
+    merged = _merge(source, DTYPES[dtype])
+    with artifacts.atomic_folder(out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        artifacts.atomic_write_json(tmp / "instruct-export.json", record)
+    summary_table("export", {"run": str(run_dir), "base": source.reference, "dtype": dtype, "output": str(out)})
+    return out
+
+
+def _merge(source: models.ModelSource, dtype: torch.dtype):
+    """The run's base with its adapter merged in: a plain transformers model of `dtype`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # merging needs the real 16-bit weights of the base, not its 4-bit copy
+    base = AutoModelForCausalLM.from_pretrained(source.load_path, dtype=dtype)
+    return PeftModel.from_pretrained(base, str(source.adapter)).merge_and_unload()
+
+
+def _export_gguf(run_dir, out: Path, source, tokenizer, dtype, gguf_type: str, record: dict) -> Path:
+    from transformers import AutoConfig
+
+    gguf_file.check_gguf_type(gguf_type)
+    config = AutoConfig.from_pretrained(source.load_path)
+    pre_tokenizer = gguf_file.check_exportable(config, tokenizer, where=f"the base model of {run_dir}")
+    base_gguf = _base_gguf(source)
+    if base_gguf is not None:  # the base's own file knows its tokenizer best (SmolLM2's splits digits: "smollm")
+        pre_tokenizer = gguf_file.gguf_pre_tokenizer(base_gguf) or pre_tokenizer
+    merged = _merge(source, dtype)
+    name = _file_stem(out) + f"-{gguf_type}.gguf"
+    with artifacts.atomic_folder(out) as tmp:
+        counts = gguf_file.write(
+            merged, tokenizer, tmp / name, gguf_type, name=_file_stem(out), pre_tokenizer=pre_tokenizer
+        )
+        artifacts.atomic_write_text(tmp / "Modelfile", ollama.modelfile(name, tokenizer))
+        artifacts.atomic_write_json(
+            tmp / "instruct-export.json",
+            {**record, "gguf_type": gguf_type, "file": name, "pre_tokenizer": pre_tokenizer},
+        )
+    size = (out / name).stat().st_size
+    summary_table(
+        "export",
+        {
+            "run": str(run_dir),
+            "base": source.reference,
+            "architecture": config.model_type,
+            "type": f"{gguf_type} ({counts[gguf_file.GGUF_TYPES[gguf_type][1]]} of {counts['tensors']} tensors)",
+            "file": f"{out / name} ({size / 2**20:.1f} MiB)",
+            "Modelfile": str(out / "Modelfile"),
+        },
+    )
+    return out / name
+
+
+def _base_gguf(source: models.ModelSource) -> Path | None:
+    """The GGUF file the run's base was converted from, if it was."""
+    if source.reference == models.BUILTIN_NAME:
+        return models.builtin_gguf_path()
+    if source.reference.endswith(".gguf") and Path(source.reference).is_file():
+        return Path(source.reference)
+    return None
+
+
+def _file_stem(out: Path) -> str:
+    """A file name from the output folder's name: `models/my-assistant` -> `my-assistant`."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(out).resolve().name).strip("-.") or "model"
