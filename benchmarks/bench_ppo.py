@@ -430,6 +430,14 @@ class SeparateRoles:
         self.reward_gain = reward_gain
         self.reward_bias = reward_bias
 
+    has_value = True
+    has_reward_model = True
+
+    @property
+    def device(self):
+        """Where the inputs go (the value head sits with the models)."""
+        return self.value_head.weight.device
+
     def use(self, role: str) -> None:
         self.model = self.models[role]
 

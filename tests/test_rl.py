@@ -146,3 +146,38 @@ def test_explained_variance():
     mask = torch.ones(1, 4)
     assert rl.explained_variance(returns, returns, mask) == pytest.approx(1.0)
     assert rl.explained_variance(torch.zeros(1, 4) + 2.5, returns, mask) == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------------- critic-free (17)
+def test_rloo_leaves_each_response_out_of_its_own_baseline():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    # K = 2: groups [1, 2] and [3, 6]; each response's baseline is the other one
+    torch.testing.assert_close(rl.rloo_advantages(rewards, 2), torch.tensor([-1.0, 1.0, -3.0, 3.0]))
+    # K = 4: the baseline of 1 is (2 + 3 + 6) / 3 = 11/3, and so on
+    expected = torch.tensor([1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3])
+    torch.testing.assert_close(rl.rloo_advantages(rewards, 4), expected)
+    assert rl.rloo_advantages(rewards, 4).sum().item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_grpo_normalises_within_each_group():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
+    std = math.sqrt((4 + 1 + 0 + 9) / 3)  # unbiased: mean 3, deviations -2, -1, 0, 3
+    expected = torch.tensor([-2 / std, -1 / std, 0.0, 3 / std, 0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(rl.grpo_advantages(rewards, 4, eps=0.0)[:4], expected[:4])
+    # a group whose responses all scored the same has no signal (eps keeps it finite)
+    torch.testing.assert_close(rl.grpo_advantages(rewards, 4)[4:], torch.zeros(4))
+
+
+def test_k3_kl_by_hand():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0]])
+    reference = torch.tensor([[-2.0, -1.0, -3.0]])
+    # r = ref - policy: -1 -> e^-1 + 1 - 1; 1 -> e - 1 - 1; 0 -> 0
+    expected = torch.tensor([[math.exp(-1), math.e - 2, 0.0]])
+    torch.testing.assert_close(rl.k3_kl(logprobs, reference), expected)
+
+
+def test_sequence_rewards_subtract_the_summed_kl():
+    scores = torch.tensor([1.0, 0.0])
+    kl = torch.tensor([[0.5, 0.0, -1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(rl.sequence_rewards(scores, kl, 0.1), torch.tensor([1.05, -0.2]))
+    torch.testing.assert_close(rl.sequence_rewards(scores, kl, 0.0), scores)

@@ -9,7 +9,8 @@ batch (whitening, explained variance) take `total`, a function that sums a tenso
 all processes: each process's loss is then its share of the global mean, and summing the gradients over
 processes gives exactly the gradient of one process holding every rollout.
 References: Ouyang et al. 2022 (InstructGPT); Ziegler et al. 2019 (adaptive KL); Huang et al. 2024,
-"The N Implementation Details of RLHF with PPO" (whitening, clipping, EOS handling).
+"The N Implementation Details of RLHF with PPO" (whitening, clipping, EOS handling); Ahmadian et al. 2024
+(RLOO); Shao et al. 2024 (GRPO, the k3 KL loss).
 """
 
 from __future__ import annotations
@@ -106,6 +107,35 @@ def gae(
         advantages[:, t] = running
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
+
+
+def sequence_rewards(scores: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """One reward per response for the critic-free advantages: score - beta * (sum of its per-token KL).
+    (B,), (B, T) -> (B,). With the KL as a loss term instead, pass beta = 0."""
+    return scores - beta * kl.sum(1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): each response's reward minus the mean reward of the
+    other K - 1 responses to the same prompt. `rewards` (B,) holds groups of K = `group_size` consecutive
+    rows, one group per prompt; returns (B,)."""
+    groups = rewards.view(-1, group_size)
+    others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): each response's reward minus its group's mean, divided by the group's
+    (unbiased) standard deviation + eps. Groups as in `rloo_advantages`; returns (B,)."""
+    groups = rewards.view(-1, group_size)
+    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)).reshape(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate k3 = exp(r) - r - 1 with r = logp_ref - logp_policy
+    (Schulman 2020; GRPO's KL loss): never negative, unbiased, low variance. (B, T) -> (B, T)."""
+    log_ratio = reference_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
 
 
 def token_share(values: torch.Tensor, mask: torch.Tensor, token_count: torch.Tensor | float | None) -> torch.Tensor:

@@ -4,7 +4,8 @@ One iteration, top to bottom (`train`):
     1. rollout     sample responses for a batch of prompts (left padding, KV cache, temperature T), cut at EOS
     2. score       reward role on prompt + response at the last real token; penalty when there is no EOS
     3. KL          per-token logp_policy - logp_reference (both at temperature T); reward shaping with beta
-    4. advantages  GAE with the value role, advantages whitened
+    4. advantages  GAE with the value role, advantages whitened (or, critic-free, RLOO / GRPO over the K
+                   responses to each prompt)
     5. update      clipped policy and value losses, several epochs of minibatches, gradient clipping
 
     roles.py       the four adapters on one base (policy, reference, value, reward) and the two heads
@@ -25,10 +26,22 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from instruct_cli.core import artifacts, chat, data_folders, distributed, lm, models, rl, training
+from instruct_cli.core import (
+    artifacts,
+    chat,
+    data_folders,
+    distributed,
+    lm,
+    models,
+    reward_functions,
+    rl,
+    trackers,
+    training,
+)
 from instruct_cli.core.checkpoints import Checkpointer, StopSignals
 from instruct_cli.core.config import PPOConfig, to_recipe_dict
 from instruct_cli.core.console import console, info, progress, summary_table
@@ -44,7 +57,16 @@ from instruct_cli.steps.ppo.roles import (
     load_roles,
     save_outputs,
 )
-from instruct_cli.steps.ppo.trajectory import Rollout, Trajectory, make_trajectory, response_logits, rollout, score
+from instruct_cli.steps.ppo.trajectory import (
+    FunctionReward,
+    Rollout,
+    Trajectory,
+    group_size,
+    make_trajectory,
+    response_logits,
+    rollout,
+    score,
+)
 from instruct_cli.steps.ppo.update_step import NonFinite, update, update_minibatch
 
 __all__ = [
@@ -79,10 +101,12 @@ def run(config: PPOConfig) -> Path:
     accelerator = training.make_accelerator(config.seed, config.precision, config.device)
     device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
     runs = check_runs(config)  # before the run folder is opened: a bad input never leaves a folder behind
+    user_function = reward_functions.load(config.reward_fn) if config.reward_fn else None
     sft_manifest = runs[0].run_manifest
     run_folder = open_ppo_run(config, accelerator, sft_manifest)
     with run_folder.recording():
         roles, tokenizer, _, _ = load_roles(config, device, runs)
+        function_reward = FunctionReward(user_function, config.reward_fn_weight, tokenizer) if user_function else None
         encoded = [chat.encode_prompt(tokenizer, messages) for messages in train_prompts]
         optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=config.lr, eps=1e-5)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / config.iterations))
@@ -97,14 +121,17 @@ def run(config: PPOConfig) -> Path:
             info(f"Resuming from iteration {start} of {config.iterations}")
         ptx = ptx_batches(config, tokenizer, sft_manifest, device, accelerator) if config.ptx_coef > 0 else None
         world = accelerator.num_processes
+        adapters = "/".join(name for name in roles.model.peft_config)
+        k = group_size(config)
         info(
-            f"ppo: {len(encoded)} prompts, {config.iterations} iterations of {config.rollout_batch_size * world} "
-            f"rollouts{f' on {world} processes' if world > 1 else ''} on {device} ({config.quantization}, "
-            f"precision {accelerator.mixed_precision}; policy/reference/value/reward adapters on one base)"
+            f"ppo ({config.advantage}): {len(encoded)} prompts, {config.iterations} iterations of "
+            f"{config.rollout_batch_size * world} rollouts{f' ({k} per prompt)' if k > 1 else ''}"
+            f"{f' on {world} processes' if world > 1 else ''} on {device} ({config.quantization}, "
+            f"precision {accelerator.mixed_precision}; {adapters} adapters on one base"
+            f"{f'; reward function {config.reward_fn}' if config.reward_fn else ''})"
         )
-        metrics = train(
-            run_folder, roles, tokenizer, encoded, eval_prompts, config, controller, trainable, checkpoint, start, ptx
-        )
+        prompts = Prompts(train_prompts, encoded, eval_prompts, function_reward)
+        metrics = train(run_folder, roles, tokenizer, prompts, config, controller, trainable, checkpoint, start, ptx)
         if accelerator.is_main_process:
             save_outputs(roles, run_folder.path)
         accelerator.wait_for_everyone()
@@ -123,9 +150,29 @@ def run(config: PPOConfig) -> Path:
 
 def check_config(config: PPOConfig) -> None:
     """The flags ppo needs, and combinations that cannot work."""
-    for flag, value in (("--sft", config.sft), ("--reward", config.reward), ("--data", config.data)):
+    for flag, value in (("--sft", config.sft), ("--data", config.data)):
         if value is None:
             raise UserError(f"{flag} is required", where=flag, fix="See `instruct ppo --help` for an example")
+    if config.reward is None and config.reward_fn is None:
+        raise UserError(
+            "--reward or --reward-fn is required",
+            where="--reward",
+            fix="Pass a reward-model run (--reward runs/rm), a reward function (--reward-fn FILE.py:NAME), or both",
+        )
+    k = group_size(config)
+    if config.advantage != "gae" and k < 2:
+        raise UserError(
+            f"--advantage {config.advantage} compares several responses to the same prompt, and "
+            f"--samples-per-prompt is {k}",
+            where="--samples-per-prompt",
+            fix="Use --samples-per-prompt 2 or more (4 is the default for rloo and grpo)",
+        )
+    if config.rollout_batch_size % k:
+        raise UserError(
+            f"--rollout-batch-size {config.rollout_batch_size} is not a multiple of --samples-per-prompt {k}",
+            where="--rollout-batch-size",
+            fix=f"Use a multiple of {k}, e.g. {max(k, config.rollout_batch_size // k * k)}",
+        )
     if config.out is None:
         raise UserError("--out is required", where="--out", fix="Pass --out runs/NAME")
     if config.minibatch_size > config.rollout_batch_size:
@@ -142,8 +189,18 @@ def check_config(config: PPOConfig) -> None:
         )
 
 
+class Prompts(NamedTuple):
+    """The prompts of a run: training prompts as messages and as token ids, held-out prompts for the
+    evaluations, and the reward function (if any) that scores responses to them."""
+
+    train: list[list[dict]]
+    encoded: list[list[int]]
+    eval: list[list[dict]]
+    function_reward: FunctionReward | None
+
+
 def train(
-    run_folder, roles, tokenizer, encoded, eval_prompts, config, controller, trainable, checkpoint, start, ptx
+    run_folder, roles, tokenizer, prompts: Prompts, config, controller, trainable, checkpoint, start, ptx
 ) -> dict[str, float]:
     """The iterations: trajectory, update, KL controller, logs, evaluation, checkpoints at boundaries."""
     accelerator = trainable.accelerator
@@ -155,16 +212,36 @@ def train(
         try:
             while iteration < config.iterations:
                 began = time.perf_counter()
-                mine = iteration_prompts(len(encoded), config, iteration, accelerator)
-                batch = rollout(roles, tokenizer, [encoded[i] for i in mine], config, accelerator)
+                # K consecutive rows per prompt: the groups of rloo/grpo
+                mine = [
+                    i
+                    for i in iteration_prompts(len(prompts.encoded), config, iteration, accelerator)
+                    for _ in range(group_size(config))
+                ]
+                batch = rollout(roles, tokenizer, [prompts.encoded[i] for i in mine], config, accelerator)
                 rolled = time.perf_counter()
-                trajectory, stats = make_trajectory(roles, batch, config, controller.beta, accelerator)
+                trajectory, stats = make_trajectory(
+                    roles,
+                    batch,
+                    config,
+                    controller.beta,
+                    accelerator,
+                    prompts.function_reward,
+                    [prompts.train[i] for i in mine],
+                )
                 if not torch.isfinite(trajectory.scores).all():
                     raise NonFinite("reward")
                 updating = time.perf_counter()
                 stats.update(
                     update(
-                        roles, trainable.optimizer, trajectory, config, accelerator, iteration, ptx and ptx(iteration)
+                        roles,
+                        trainable.optimizer,
+                        trajectory,
+                        config,
+                        accelerator,
+                        iteration,
+                        ptx and ptx(iteration),
+                        beta=controller.beta,
                     )
                 )
                 stats["time/rollout"] = rolled - began
@@ -180,7 +257,9 @@ def train(
                 stats["train/lr"] = trainable.scheduler.get_last_lr()[0]
                 if iteration % config.eval_every == 0 or iteration == config.iterations:
                     evaluating = time.perf_counter()
-                    eval_metrics, samples = evaluate(roles, tokenizer, eval_prompts, config, accelerator)
+                    eval_metrics, samples = evaluate(
+                        roles, tokenizer, prompts.eval, config, accelerator, prompts.function_reward
+                    )
                     stats.update(eval_metrics)
                     stats["time/eval"] = time.perf_counter() - evaluating
                     if accelerator.is_main_process:
@@ -229,10 +308,10 @@ def prompt_batches(count: int, batch_size: int, seed: int, iteration: int) -> li
 
 
 def iteration_prompts(count: int, config: PPOConfig, iteration: int, accelerator) -> list[int]:
-    """This process's prompts of iteration `iteration`: the global batch of rollout_batch_size x processes
+    """This process's prompts of iteration `iteration`: the global batch of rollout_batch_size / K x processes
     prompts is formed as one process would form it, and process r takes its r-th contiguous share (so the
     trajectory's rows, process 0's first, are the global batch in order)."""
-    size, rank = config.rollout_batch_size, accelerator.process_index
+    size, rank = config.rollout_batch_size // group_size(config), accelerator.process_index
     chosen = prompt_batches(count, size * accelerator.num_processes, config.seed, iteration)
     return chosen[rank * size : (rank + 1) * size]
 
@@ -260,7 +339,12 @@ def ptx_batches(config: PPOConfig, tokenizer, sft_manifest: dict, device, accele
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(
-    roles: Roles, tokenizer, prompts: list[list[dict]], config: PPOConfig, accelerator
+    roles: Roles,
+    tokenizer,
+    prompts: list[list[dict]],
+    config: PPOConfig,
+    accelerator,
+    function_reward: FunctionReward | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Mean normalised reward (missing-EOS penalty included, as `instruct eval` scores), KL to the
     reference, length and EOS rate on held-out prompts, plus the samples. Each process answers its share;
@@ -272,7 +356,7 @@ def evaluate(
         encoded = [chat.encode_prompt(tokenizer, messages) for _, messages in chunk]
         batch = rollout(roles, tokenizer, encoded, config, accelerator)
         with accelerator.autocast():
-            scores = score(roles, batch, config.missing_eos_penalty)
+            scores = score(roles, batch, config.missing_eos_penalty, function_reward, [m for _, m in chunk])
             policy = rl.token_logprobs(response_logits(roles, POLICY, *batch[:4]), batch.response, config.temperature)
             reference = rl.token_logprobs(
                 response_logits(roles, REFERENCE, *batch[:4]), batch.response, config.temperature
@@ -321,7 +405,13 @@ def append_samples(folder: Path, iteration: int, samples: list[dict]) -> None:
 
 
 def open_ppo_run(config: PPOConfig, accelerator, sft_manifest: dict) -> artifacts.RunFolder:
-    """Open the ppo run folder (main process), naming its three parents."""
+    """Open the ppo run folder (main process), naming its parents (and the reward function's file, by
+    content, so a changed function is visible in the manifest), with the experiment trackers of --report-to."""
+    trackers.require_installed(config.report_to)  # before the folder exists: a bad input leaves nothing behind
+    function_record = {}
+    if config.reward_fn:
+        file = Path(config.reward_fn.rpartition(":")[0])
+        function_record = {"reward_fn": {"spec": config.reward_fn, "sha256": artifacts.sha256_file(file)}}
     if accelerator.is_main_process:
         run_folder = artifacts.RunFolder.open(
             config.out,
@@ -331,10 +421,11 @@ def open_ppo_run(config: PPOConfig, accelerator, sft_manifest: dict) -> artifact
             resume=config.resume,
             parents={
                 "sft": artifacts.parent_record(config.sft),
-                "rm": artifacts.parent_record(config.reward),
+                **({"rm": artifacts.parent_record(config.reward)} if config.reward is not None else {}),
                 "data": artifacts.parent_record(config.data),
             },
-            extra={"base_model": sft_manifest["base_model"], "quantization": config.quantization},
+            extra={"base_model": sft_manifest["base_model"], "quantization": config.quantization, **function_record},
         )
+        trackers.attach(run_folder, config.report_to)
     accelerator.wait_for_everyone()
     return run_folder if accelerator.is_main_process else artifacts.RunFolder.follow(config.out)

@@ -1,9 +1,12 @@
 """Steps 1-4 of a PPO iteration: the trajectory the update learns from.
 
     1. rollout     sample responses for a batch of prompts (left padding, KV cache, temperature T), cut at EOS
-    2. score       reward role on prompt + response at the last real token; penalty when there is no EOS
+    2. score       reward role on prompt + response at the last real token, plus a user's reward function if
+                   given; penalty when there is no EOS
     3. KL          per-token logp_policy - logp_reference (both at temperature T); reward shaping with beta
-    4. advantages  GAE with the value role, advantages whitened
+                   (unless --kl-penalty loss: then the update adds beta x k3 to the policy loss instead)
+    4. advantages  gae: GAE with the value role, whitened. rloo / grpo (no value role): one reward per
+                   response, compared with the other responses to the same prompt (K consecutive rows)
 
 Every forward here runs under the same autocast as the update's (`accelerator.autocast()`): the update's
 first importance ratio is then exactly 1 on a bf16 GPU too, not only in fp32. Sampling is exactly
@@ -21,6 +24,7 @@ import torch
 
 from instruct_cli.core import distributed, heads, rl, sampling
 from instruct_cli.core.config import PPOConfig
+from instruct_cli.core.reward_functions import RewardFunction
 from instruct_cli.steps.ppo.roles import POLICY, REFERENCE, REWARD, VALUE, Roles
 
 
@@ -48,11 +52,11 @@ class Trajectory(NamedTuple):
     ended: torch.Tensor  # (B,) bool: the response has an EOS
     logprobs: torch.Tensor  # (B, T) policy log-probs at rollout time (temperature T)
     ref_logprobs: torch.Tensor  # (B, T) reference log-probs (temperature T)
-    values: torch.Tensor  # (B, T) value estimates at rollout time
-    scores: torch.Tensor  # (B,) normalised reward-model score, EOS penalty applied
+    values: torch.Tensor  # (B, T) value estimates at rollout time (0 without a value role)
+    scores: torch.Tensor  # (B,) normalised reward-model score (+ reward function), EOS penalty applied
     kl: torch.Tensor  # (B, T) per-token KL estimate
-    advantages: torch.Tensor  # (B, T) GAE advantages, whitened over every process's rollouts
-    returns: torch.Tensor  # (B, T) GAE returns (value targets)
+    advantages: torch.Tensor  # (B, T) gae: whitened over every process's rollouts; rloo/grpo: per response
+    returns: torch.Tensor  # (B, T) GAE returns (value targets; 0 without a value role)
 
     def rows(self, index: torch.Tensor) -> "Trajectory":
         """The minibatch of rollouts `index`."""
@@ -65,7 +69,7 @@ def rollout(roles: Roles, tokenizer, prompts: list[list[int]], config: PPOConfig
     """Sample one response per prompt with the policy, from exactly softmax(logits / T)."""
     roles.use(POLICY)
     roles.model.eval()
-    device = roles.value_head.weight.device
+    device = roles.device
     query, query_mask = sampling.left_pad(
         [p[-config.max_prompt_length :] for p in prompts], tokenizer.pad_token_id, device
     )
@@ -90,15 +94,45 @@ def rollout(roles: Roles, tokenizer, prompts: list[list[int]], config: PPOConfig
 
 
 # ---------------------------------------------------------------------------------------- 2. score
+class FunctionReward(NamedTuple):
+    """A user's reward function (--reward-fn) with its weight, and the tokenizer that decodes responses."""
+
+    function: RewardFunction
+    weight: float
+    tokenizer: object
+
+    def __call__(self, prompts: list[list[dict]], rollout: Rollout) -> torch.Tensor:
+        """weight x the function's rewards for the rollouts of `prompts` (message lists): (B,)."""
+        responses = [
+            self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
+            for ids, mask in zip(rollout.response, rollout.response_mask)
+        ]
+        rewards = self.function.scores(prompts, responses)
+        return self.weight * torch.tensor(rewards, dtype=torch.float32, device=rollout.response.device)
+
+
 @torch.no_grad()
-def score(roles: Roles, rollout: Rollout, penalty: float) -> torch.Tensor:
-    """Normalised reward of each prompt + response, read at its last real token; minus `penalty` if no EOS."""
-    roles.use(REWARD)
-    input_ids, attention_mask, _ = sampling.sequences(
-        rollout.query, rollout.query_mask, rollout.response, rollout.response_mask
-    )
-    raw = heads.sequence_scores(roles.model, roles.reward_head, input_ids, attention_mask).float()
-    return roles.reward_gain * raw + roles.reward_bias - penalty * (~rollout.ended).float()
+def score(
+    roles: Roles,
+    rollout: Rollout,
+    penalty: float,
+    function_reward: FunctionReward | None = None,
+    prompts: list[list[dict]] | None = None,
+) -> torch.Tensor:
+    """Score of each prompt + response: the reward model's normalised reward read at the last real token
+    (if there is a reward model), plus the weighted reward function of `prompts` (if given); minus `penalty`
+    if there is no EOS."""
+    scores = torch.zeros(len(rollout.response), device=rollout.response.device)
+    if roles.has_reward_model:
+        roles.use(REWARD)
+        input_ids, attention_mask, _ = sampling.sequences(
+            rollout.query, rollout.query_mask, rollout.response, rollout.response_mask
+        )
+        raw = heads.sequence_scores(roles.model, roles.reward_head, input_ids, attention_mask).float()
+        scores = scores + roles.reward_gain * raw + roles.reward_bias
+    if function_reward is not None:
+        scores = scores + function_reward(prompts, rollout)
+    return scores - penalty * (~rollout.ended).float()
 
 
 # ------------------------------------------------------------------------------- 3. log-probs and KL
@@ -128,17 +162,28 @@ def response_values(roles: Roles, query, query_mask, response, response_mask) ->
     return roles.value_head(hidden[:, -steps - 1 : -1]).squeeze(-1).float()
 
 
+def group_size(config: PPOConfig) -> int:
+    """K, the responses sampled per prompt: --samples-per-prompt, else 1 for gae and 4 for rloo/grpo."""
+    return config.samples_per_prompt or (1 if config.advantage == "gae" else 4)
+
+
 @torch.no_grad()
 def make_trajectory(
-    roles: Roles, rollout: Rollout, config: PPOConfig, beta: float, accelerator
+    roles: Roles,
+    rollout: Rollout,
+    config: PPOConfig,
+    beta: float,
+    accelerator,
+    function_reward: FunctionReward | None = None,
+    prompts: list[list[dict]] | None = None,
 ) -> tuple[Trajectory, dict[str, float]]:
-    """Steps 2-4 for this process's rollouts: the trajectory the update learns from, and the iteration's
-    statistics over every process's rollouts."""
+    """Steps 2-4 for this process's rollouts (of `prompts`, message lists, for a reward function): the
+    trajectory the update learns from, and the iteration's statistics over every process's rollouts."""
     total = distributed.summer(accelerator)
     query, query_mask, response, mask, ended = rollout
     began = time.perf_counter()
     with accelerator.autocast():
-        scores = score(roles, rollout, config.missing_eos_penalty)
+        scores = score(roles, rollout, config.missing_eos_penalty, function_reward, prompts)
         scored = time.perf_counter()
         # log-probs, entropy and values in chunks of a minibatch: full-vocabulary logits for the whole rollout
         # batch at once would be the largest tensor of the run (B x T x vocab floats)
@@ -152,12 +197,12 @@ def make_trajectory(
             reference_logits = response_logits(roles, REFERENCE, *chunk)
             ref_logprobs.append(rl.token_logprobs(reference_logits, response[rows], config.temperature) * mask[rows])
             del reference_logits
-            values.append(response_values(roles, *chunk) * mask[rows])
-    logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+            if roles.has_value:
+                values.append(response_values(roles, *chunk) * mask[rows])
+    logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
+    values = torch.cat(values) if roles.has_value else torch.zeros_like(logprobs)
     measured = time.perf_counter()
-    rewards, kl = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, beta)
-    advantages, returns = rl.gae(rewards, values, mask, config.gamma, config.lam)
-    advantages = rl.whiten(advantages, mask, total=total)
+    advantages, returns, kl = advantages_of(scores, logprobs, ref_logprobs, values, mask, config, beta, total)
     trajectory = Trajectory(
         query, query_mask, response, mask, ended, logprobs, ref_logprobs, values, scores, kl, advantages, returns
     )
@@ -166,10 +211,27 @@ def make_trajectory(
         "objective/score": (total(scores.sum()) / rollouts).item(),
         "objective/kl": (total(kl.sum()) / rollouts).item(),
         "objective/entropy": rl.masked_mean(torch.cat(entropies), mask, total=total).item(),
-        "val/explained_variance": rl.explained_variance(values, returns, mask, total=total),
         "response/length": (total(mask.sum()) / rollouts).item(),
         "response/eos_rate": (total(ended.float().sum()) / rollouts).item(),
         "time/score": scored - began,
         "time/logprobs": measured - scored,  # policy, reference and values
     }
+    if roles.has_value:
+        stats["val/explained_variance"] = rl.explained_variance(values, returns, mask, total=total)
     return trajectory, stats
+
+
+def advantages_of(
+    scores, logprobs, ref_logprobs, values, mask, config: PPOConfig, beta: float, total
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 4: (advantages, returns, kl), all (B, T). The KL is in the reward unless --kl-penalty loss."""
+    beta_in_reward = beta if config.kl_penalty == "reward" else 0.0
+    if config.advantage == "gae":
+        rewards, kl = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, beta_in_reward)
+        advantages, returns = rl.gae(rewards, values, mask, config.gamma, config.lam)
+        return rl.whiten(advantages, mask, total=total), returns, kl
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = rl.sequence_rewards(scores, kl, beta_in_reward)
+    per_response = {"rloo": rl.rloo_advantages, "grpo": rl.grpo_advantages}[config.advantage]
+    advantages = per_response(rewards, group_size(config)).unsqueeze(1) * mask
+    return advantages, torch.zeros_like(advantages), kl

@@ -1,5 +1,8 @@
 """Step 5 of a PPO iteration: clipped policy and value losses over several epochs of minibatches.
 
+Without a value role (--advantage rloo/grpo) there is no value loss; with --kl-penalty loss the policy loss
+gains beta x the mean k3 KL to the reference (GRPO's form) instead of the KL sitting in the reward.
+
 Minibatch k is the same set of rollouts whatever the number of processes: the shuffle of each epoch is drawn
 over the global batch (every process's rollouts, process 0's first) from a generator seeded by (seed,
 iteration), identical on every process. Each process computes the part of the minibatch it holds, with
@@ -41,6 +44,7 @@ def update(
     accelerator,
     iteration: int = 0,
     ptx_batches: PtxBatches | None = None,
+    beta: float = 0.0,
 ) -> dict[str, float]:
     """`ppo_epochs` passes of minibatches over the global batch; returns the mean of each statistic, plus the
     first minibatch's clip fraction and approximate KL (before any step: 0 when old and new log-probs agree)."""
@@ -58,7 +62,7 @@ def update(
             mine = (chosen[chosen // local == rank] - rank * local).to(trajectory.response.device)
             token_count = total(trajectory.response_mask[mine].sum())
             ptx_batch = ptx_batches(len(steps)) if ptx_batches is not None else None
-            stats = update_minibatch(roles, trajectory.rows(mine), config, accelerator, token_count, ptx_batch)
+            stats = update_minibatch(roles, trajectory.rows(mine), config, accelerator, token_count, ptx_batch, beta)
             stats = distributed.sum_stats(accelerator, stats)
             distributed.sum_gradients(accelerator, parameters)
             stats["policy/grad_norm"] = float(accelerator.clip_grad_norm_(parameters, config.max_grad_norm))
@@ -80,14 +84,21 @@ def update_minibatch(
     accelerator,
     token_count: torch.Tensor | None = None,
     ptx_batch: dict | None = None,
+    beta: float = 0.0,
 ) -> dict[str, float]:
-    """Backpropagate the policy loss (with its adapter active), then the value loss (with its own).
+    """Backpropagate the policy loss (with its adapter active), then the value loss (with its own), if there
+    is a value role. `beta` weighs the k3 KL term of --kl-penalty loss.
 
     `token_count` is the minibatch's real tokens on all processes (None: this batch's own): the losses are
     this process's shares of the minibatch's means. A process may hold no rollout of a minibatch; it then
     contributes nothing but the PPO-ptx term."""
     stats = {"loss/policy": 0.0, "loss/value": 0.0, "policy/clipfrac": 0.0, "policy/approxkl": 0.0}
-    stats["value/clipfrac"] = 0.0
+    if roles.has_value:
+        stats["value/clipfrac"] = 0.0
+    else:
+        del stats["loss/value"]
+    if config.kl_penalty == "loss":
+        stats["loss/kl"] = 0.0
     share = 1.0 / accelerator.num_processes  # of the ptx loss, a mean over processes
     if len(batch.response) > 0:
         with accelerator.autocast():
@@ -99,18 +110,24 @@ def update_minibatch(
                 new_logprobs, batch.logprobs, batch.advantages, batch.response_mask, config.clip_range, token_count
             )
             loss = pg_loss + (ptx_term(roles, ptx_batch, config, share, stats) if ptx_batch is not None else 0.0)
+            if config.kl_penalty == "loss":
+                kl_loss = rl.token_share(rl.k3_kl(new_logprobs, batch.ref_logprobs), batch.response_mask, token_count)
+                loss = loss + beta * kl_loss
+                stats["loss/kl"] = kl_loss.item()
         check_finite(loss, "policy loss")
         accelerator.backward(loss)
-        with accelerator.autocast():
-            new_values = steps.response_values(
-                roles, batch.query, batch.query_mask, batch.response, batch.response_mask
-            )
-            vf_loss, vf_stats = rl.value_loss(
-                new_values, batch.values, batch.returns, batch.response_mask, config.value_clip_range, token_count
-            )
-        check_finite(vf_loss, "value loss")
-        accelerator.backward(config.vf_coef * vf_loss)
-        stats.update({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), **pg_stats, **vf_stats})
+        stats.update({"loss/policy": pg_loss.item(), **pg_stats})
+        if roles.has_value:
+            with accelerator.autocast():
+                new_values = steps.response_values(
+                    roles, batch.query, batch.query_mask, batch.response, batch.response_mask
+                )
+                vf_loss, vf_stats = rl.value_loss(
+                    new_values, batch.values, batch.returns, batch.response_mask, config.value_clip_range, token_count
+                )
+            check_finite(vf_loss, "value loss")
+            accelerator.backward(config.vf_coef * vf_loss)
+            stats.update({"loss/value": vf_loss.item(), **vf_stats})
     elif ptx_batch is not None:
         with accelerator.autocast():
             loss = ptx_term(roles, ptx_batch, config, share, stats)
