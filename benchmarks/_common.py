@@ -228,10 +228,15 @@ SMOKE_SHAPE = dict(hidden=64, layers=2, intermediate=128, heads=4, rows=24, max_
 
 
 def apply_smoke(args) -> None:
-    """Shrink the work to SMOKE_SHAPE when --smoke was given."""
+    """Shrink the work to SMOKE_SHAPE when --smoke was given; then raise --max-length to `args.max_length_floor`
+    when the script set one (bench_rm's real-shaped data)."""
     if getattr(args, "smoke", False):
         for key, value in SMOKE_SHAPE.items():
             setattr(args, key, value)
+    floor = getattr(args, "max_length_floor", 0)
+    if args.max_length < floor:
+        print(f"[bench] --max-length {args.max_length} -> {floor} (no row cut or dropped)", flush=True)
+        args.max_length = floor
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -246,7 +251,7 @@ def _sentence(rng: random.Random, words: list[str], low: int, high: int) -> str:
     return text[0].upper() + text[1:] + rng.choice([".", "?", "!"])
 
 
-def sft_rows(n: int, seed: int) -> list[dict]:
+def sft_rows(n: int, seed: int, model: Path | None = None) -> list[dict]:
     """`n` single-turn conversations of random words with varying lengths (a third with a system message).
 
     Single-turn, so "loss on the assistant turn" (instruct) and "loss on the completion" (TRL) are the same
@@ -264,7 +269,7 @@ def sft_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def preference_rows(n: int, seed: int) -> list[dict]:
+def preference_rows(n: int, seed: int, model: Path | None = None) -> list[dict]:
     """`n` rows of {prompt, chosen, rejected} text with varying lengths (chosen and rejected differ)."""
     rng, words = random.Random(seed), _words()
     rows = []
@@ -276,6 +281,54 @@ def preference_rows(n: int, seed: int) -> list[dict]:
                 "rejected": _sentence(rng, words, 6, 100),
             }
         )
+    return rows
+
+
+REAL_SHAPE = {"prompt": (100, 400), "response": (30, 200)}
+"""Token lengths (uniform in these ranges) of the real-shaped preference data: real preference prompts are
+often longer than their responses (multi-turn ones especially)."""
+
+
+def tokens_per_word(model: Path) -> float:
+    """How many tokens one random word of the corpus takes with `model`'s tokenizer (with its space)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    rng, words = random.Random(0), _words()
+    sample = " ".join(rng.choice(words) for _ in range(2000))
+    return len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / 2000
+
+
+def real_preference_rows(n: int, seed: int, model: Path) -> list[dict]:
+    """`n` preference rows with realistic shapes: prompts of 100-400 tokens (of `model`'s tokenizer, before
+    the chat template), responses of 30-200; a third of the prompts are multi-turn (user, assistant, user),
+    a quarter have a system message. Random words, deterministic in `seed`; no network."""
+    rng, words, ratio = random.Random(seed), _words(), tokens_per_word(model)
+
+    def text(tokens: int) -> str:
+        count = max(1, round(tokens / ratio))
+        body = " ".join(rng.choice(words) for _ in range(count))
+        return body[0].upper() + body[1:] + "."
+
+    rows = []
+    for _ in range(n):
+        budget = rng.randint(*REAL_SHAPE["prompt"])
+        prompt = []
+        if rng.random() < 1 / 4:
+            system = rng.randint(10, 30)
+            prompt.append({"role": "system", "content": text(system)})
+            budget = max(40, budget - system)
+        if rng.random() < 1 / 3:
+            first, answer = round(budget * 0.4), round(budget * 0.3)
+            prompt += [
+                {"role": "user", "content": text(first)},
+                {"role": "assistant", "content": text(answer)},
+                {"role": "user", "content": text(budget - first - answer)},
+            ]
+        else:
+            prompt.append({"role": "user", "content": text(budget)})
+        chosen, rejected = (text(rng.randint(*REAL_SHAPE["response"])) for _ in range(2))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
 
 
@@ -327,10 +380,18 @@ def step_batches(lengths: list[int], batch_size: int, seed: int, max_steps: int)
 
 
 def run_instruct(
-    step: str, model: Path, data: Path, work: Path, args, index: int, batches: Callable[[], list[dict]]
+    step: str,
+    model: Path,
+    data: Path,
+    work: Path,
+    args,
+    index: int,
+    batches: Callable[[], list[dict]],
+    extra: tuple[str, ...] = (),
 ) -> dict:
     """`instruct STEP` (sft or rm) through the real CLI, in its own subprocess, with the settings both sides
-    share; its numbers from metrics.jsonl, its per-step batches from `batches()` (the CLI's own batcher)."""
+    share (and the step's own flags `extra`); its numbers from metrics.jsonl, its per-step batches from
+    `batches()` (the CLI's own batcher)."""
     run = work / f"instruct-{step}-run-{index}"
     cmd = [
         INSTRUCT,
@@ -377,6 +438,7 @@ def run_instruct(
         "100000",
         "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
         "--force",
+        *extra,
     ]
     usage = measure(cmd, base_env(work), work / f"instruct-{step}-{index}.log", f"instruct {step}", args.wait_quiet)
     result = {"side": "instruct", **usage}
@@ -415,12 +477,12 @@ def run_benchmark(
     *,
     step: str,
     task: str,
-    rows: Callable[[int, int], list[dict]],
+    rows: Callable[[int, int, Path], list[dict]],
     run_instruct: Callable,
     run_trl: Callable,
     report: Callable,
 ) -> None:
-    """The body of bench_sft/bench_rm: model, data folder (`task`, from `rows(n, seed)`), interleaved runs of
+    """The body of bench_sft/bench_rm: model, data folder (`task`, from `rows(n, seed, model)`), interleaved runs of
     both sides (so slow spells of a shared machine hit both), results.json, the report; the work folder is
     removed at the end unless --work or --keep."""
     import tempfile
@@ -434,7 +496,7 @@ def run_benchmark(
     try:
         prewarm_memory(args.prewarm_gib)
         model = default_model(work, args)
-        raw = write_jsonl(work / f"raw-{task}.jsonl", rows(args.rows, args.seed))
+        raw = write_jsonl(work / f"raw-{task}.jsonl", rows(args.rows, args.seed, model))
         data = prepare_data(raw, work / f"data-{task}", task, model, base_env(work))
         runs: dict[str, list[dict]] = {}
         for index in range(args.repeats):
@@ -716,7 +778,8 @@ def summarise(result: dict) -> dict:
         out["median_step_rows_per_s"] = statistics.median(b["rows"] / g for b, g in zip(middle, gaps))
         out["rows_per_s"] = sum(b["rows"] for b in middle) / seconds
         out["tokens_per_s"] = sum(b["tokens"] for b in middle) / seconds
-        out["padding"] = 100 * (1 - sum(b["tokens"] for b in batches) / sum(b["padded"] for b in batches))
+        filled = sum(b.get("filled", b["tokens"]) for b in batches)  # packed rows hold fewer positions than tokens
+        out["padding"] = 100 * (1 - filled / sum(b["padded"] for b in batches))
         out["tokens_per_step"] = sum(b["tokens"] for b in batches) / len(batches)
         out["positions_per_s"] = sum(b["padded"] for b in middle) / seconds
         loop_s = result.get("loop_s")

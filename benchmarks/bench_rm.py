@@ -11,7 +11,13 @@ Each side runs in its own subprocess: `instruct rm ...` through the real CLI, an
 How the two models differ (by design, not by settings): instruct's reward model is the causal LM's decoder
 body + a Linear(hidden, 1) head read at the response's EOS; TRL's is AutoModelForSequenceClassification
 (the same body + a `score` Linear, saved through peft's modules_to_save) read at the last non-pad token.
-Both run chosen and rejected of a batch through ONE forward pass (2 x batch sequences).
+Both run chosen and rejected of a batch through ONE forward pass; TRL as 2 x batch sequences, instruct (by
+default, --shared-prefix) as one packed row per pair: the prompt once, then chosen and rejected, each
+attending to the prompt and itself (`--no-shared-prefix` here passes that flag to measure the plain layout).
+
+Data (`--data-shape`): `words` (default) is short random-word rows; `real` has realistic shapes -- prompts
+of 100-400 tokens, a third of them multi-turn, responses of 30-200 (random words, deterministic, no
+network); it raises --max-length to 1024 so that no row is cut (instruct) or dropped (TRL's filter).
 
 Printed for each side:
   * pairs/s: preference pairs of steps 2..N-1 divided by the time from the end of step 1 to the end of
@@ -53,15 +59,18 @@ def instruct_batches(model: Path, data: Path, args) -> list[dict]:
     tokenizer = models.load_tokenizer(str(model))
     rows = common.read_jsonl(data / "prefs.train.jsonl")
     groups, _ = preferences.encode_rows(tokenizer, rows, args.max_length, "prefs.train.jsonl")
+    shared = not args.no_shared_prefix  # the CLI packs on the (Llama, sdpa) models of this benchmark
+    lengths = preferences.group_lengths(groups, shared)
     batches = []
-    for step in common.step_batches([g.longest for g in groups], args.batch_size, args.seed, args.max_steps):
+    for step in common.step_batches(lengths, args.batch_size, args.seed, args.max_steps):
         chosen = [groups[i] for i in step]
         sequences = [len(ids) for g in chosen for ids in g.responses]
         batches.append(
             {
                 "rows": sum(len(g.pairs) for g in chosen),
-                "tokens": sum(sequences),
-                "padded": len(sequences) * max(sequences),
+                "tokens": sum(sequences),  # as TRL counts them: chosen + rejected, prompt included in both
+                "padded": len(step) * max(lengths[i] for i in step) if shared else len(sequences) * max(sequences),
+                "filled": sum(lengths[i] for i in step) if shared else sum(sequences),  # non-pad positions
             }
         )
     return batches
@@ -69,7 +78,17 @@ def instruct_batches(model: Path, data: Path, args) -> list[dict]:
 
 def run_instruct(model: Path, data: Path, work: Path, args, index: int) -> dict:
     """`instruct rm` through the real CLI (see common.run_instruct)."""
-    return common.run_instruct("rm", model, data, work, args, index, lambda: instruct_batches(model, data, args))
+    extra = ("--no-shared-prefix",) if args.no_shared_prefix else ()
+    return common.run_instruct(
+        "rm", model, data, work, args, index, lambda: instruct_batches(model, data, args), extra=extra
+    )
+
+
+def rows_for(args):
+    """The synthetic rows of --data-shape: (n, seed, model) -> preference rows."""
+    if args.data_shape == "real":
+        return common.real_preference_rows
+    return common.preference_rows
 
 
 # --------------------------------------------------------------------------------------------------- TRL
@@ -188,6 +207,14 @@ def report(runs: dict[str, list[dict]], args) -> None:
         rows,
     )
     trl_run = best.get("TRL", {})
+    print(
+        f"data: {args.data_shape} shapes; instruct layout: "
+        + (
+            "one padded sequence per response (--no-shared-prefix)"
+            if args.no_shared_prefix
+            else "one packed row per pair (prompt once; padding % and positions/s count packed positions)"
+        )
+    )
     if trl_run.get("train_rows") is not None:
         print(
             f"(TRL kept {trl_run['train_rows']} training pairs after its max-length filter; its own num_tokens "
@@ -219,15 +246,29 @@ def main() -> None:
     )
     common.add_model_flags(parser)
     parser.add_argument("--trl-worker", metavar="SPEC", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--data-shape",
+        choices=("words", "real"),
+        default="words",
+        help="words: short random-word pairs; real: prompts of 100-400 tokens (a third multi-turn), responses "
+        "of 30-200 (raises --max-length to 1024)",
+    )
+    parser.add_argument(
+        "--no-shared-prefix",
+        action="store_true",
+        help="Run instruct with --no-shared-prefix (one padded sequence per response, as before packing)",
+    )
     args = parser.parse_args()
     if args.trl_worker:
         trl_worker(args.trl_worker)
         return
+    if args.data_shape == "real":  # no row cut (instruct) or dropped (TRL's filter); applied with --smoke too
+        args.max_length_floor = 1024
     common.run_benchmark(
         args,
         step="rm",
         task="prefs",
-        rows=common.preference_rows,
+        rows=rows_for(args),
         run_instruct=run_instruct,
         run_trl=run_trl,
         report=report,

@@ -407,7 +407,7 @@ def test_bad_input_gives_a_one_paragraph_error(pipeline, report, tmp_path):
     common = ["eval", "--quantization", "none", "--out", str(tmp_path / "x")]
     assert "--reward" in fails(*common, "--models", sft, "--data", data)
     assert "--models" in fails(*common, "--reward", rm, "--data", data)
-    assert "needs the output of `instruct sft or ppo`" in fails(
+    assert "needs the output of `instruct sft, ppo or dpo`" in fails(
         *common, "--models", f"{sft},{ppo}", "--baseline", rm, "--reward", rm, "--data", data
     )
     assert "needs the output of `instruct rm`" in fails(*common, "--models", sft, "--reward", sft, "--data", data)

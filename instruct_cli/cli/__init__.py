@@ -5,12 +5,12 @@ A flag left out is None here, so a recipe's value (via --recipe) or the dataclas
 
     app.py       the typer app, option helpers, the UserError / Ctrl-C handler
     recipe.py    prepare-data, run, plan
-    train.py     sft, rm, rm score, ppo
-    use.py       generate, label, export, eval
+    train.py     sft, rm, rm score, dpo, ppo
+    use.py       generate, chat, label, export, eval
 """
 
 from instruct_cli.cli import recipe, train, use  # noqa: F401 - importing them registers their commands
-from instruct_cli.cli.app import app
+from instruct_cli.cli.app import app, end_process
 from instruct_cli.cli.recipe import recipe_steps
 from instruct_cli.core.console import quiet_warnings
 
@@ -20,11 +20,15 @@ __all__ = ["app", "main", "recipe_steps"]
 def main() -> None:
     """Entry point of the `instruct` console script."""
     quiet_warnings()
-    app()
+    try:
+        app()
+    except SystemExit as stop:
+        end_process(stop.code)
+        raise
 
 
 # --help lists the commands in the order of the recipe, then the tools around it
-HELP_ORDER = ["prepare-data", "sft", "rm", "ppo", "eval", "generate", "label", "export", "run", "plan"]
+HELP_ORDER = ["prepare-data", "sft", "rm", "ppo", "dpo", "eval", "generate", "chat", "label", "export", "run", "plan"]
 app.registered_commands.sort(
     key=lambda command: (
         HELP_ORDER.index(command.name or command.callback.__name__)

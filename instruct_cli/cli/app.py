@@ -4,9 +4,12 @@ into a one-paragraph message (exit 2) and Ctrl-C into exit 130. May use: core (c
 
 from __future__ import annotations
 
+import atexit
 import errno
 import functools
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -77,6 +80,31 @@ def handles_user_errors(command: Callable) -> Callable:
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+_TEARDOWN = {"skip": False}
+
+
+def skip_teardown() -> None:
+    """Let `end_process` end this process without the interpreter's teardown once the command is done: for the
+    commands a person runs many times in a row (generate, chat), where tearing down the thousands of modules
+    torch and transformers load takes a second after the answer is out."""
+    _TEARDOWN["skip"] = True
+
+
+def end_process(code: object) -> None:
+    """End the process with exit `code` at once when the command asked for it (skip_teardown) and no other
+    thread is running: the atexit handlers run and the streams are flushed, only the module teardown is
+    skipped. Returns without doing anything otherwise (the caller then exits as usual)."""
+    if not _TEARDOWN["skip"] or threading.active_count() > 1 or not (code is None or isinstance(code, int)):
+        return
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head -1`) or stream
+            pass
+    os._exit(code or 0)
 
 
 def _sigterm_as_interrupt():

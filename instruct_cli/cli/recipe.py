@@ -137,6 +137,7 @@ def recipe_steps():
             "sft": step("sft"),
             "rm": step("rm"),
             "ppo": step("ppo"),
+            "dpo": step("dpo"),
             "eval": step("evaluate"),
         },
         show_report=show_report,

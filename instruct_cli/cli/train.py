@@ -1,4 +1,4 @@
-"""The training commands: `instruct sft`, `instruct rm` (and `rm score`) and `instruct ppo`.
+"""The training commands: `instruct sft`, `instruct rm` (and `rm score`), `instruct dpo` and `instruct ppo`.
 
 Each builds its step's config from the recipe section and the flags given, then calls the step's `run`.
 """
@@ -52,6 +52,7 @@ def sft(
     keep: Annotated[Optional[str], _opt(S, "keep")] = None,
     precision: Annotated[Optional[str], _opt(S, "precision")] = None,
     seed: Annotated[Optional[int], _opt(S, "seed")] = None,
+    report_to: Annotated[Optional[str], _opt(S, "report_to")] = None,
     resume: Annotated[Optional[bool], _opt(S, "resume")] = None,
     force: ForceOption = None,
     recipe: RecipeOption = None,
@@ -65,6 +66,8 @@ def sft(
       instruct sft --model Qwen/Qwen2.5-0.5B-Instruct --data data/sft --out runs/sft --epochs 2 --lr 1e-4
 
       instruct sft --recipe recipes/quickstart.yaml --out runs/sft --resume
+
+      instruct sft --data data/sft --out runs/sft --report-to tensorboard   # then: tensorboard --logdir runs
     """
     from instruct_cli.steps import sft as sft_step
 
@@ -97,6 +100,7 @@ def sft(
             keep=keep,
             precision=precision,
             seed=seed,
+            report_to=report_to,
             resume=resume,
             force=force,
         ),
@@ -131,6 +135,10 @@ def rm(
     lora_dropout: Annotated[Optional[float], _opt(R, "lora_dropout")] = None,
     lora_targets: Annotated[Optional[str], _opt(R, "lora_targets")] = None,
     margin: Annotated[Optional[float], _opt(R, "margin")] = None,
+    shared_prefix: Annotated[
+        Optional[bool],
+        typer.Option("--shared-prefix/--no-shared-prefix", help=cfg.doc(R, "shared_prefix"), show_default=False),
+    ] = None,
     epochs: Annotated[Optional[int], _opt(R, "epochs")] = None,
     max_steps: Annotated[Optional[int], _opt(R, "max_steps")] = None,
     batch_size: Annotated[Optional[int], _opt(R, "batch_size")] = None,
@@ -153,6 +161,7 @@ def rm(
     keep: Annotated[Optional[str], _opt(R, "keep")] = None,
     precision: Annotated[Optional[str], _opt(R, "precision")] = None,
     seed: Annotated[Optional[int], _opt(R, "seed")] = None,
+    report_to: Annotated[Optional[str], _opt(R, "report_to")] = None,
     resume: Annotated[Optional[bool], _opt(R, "resume")] = None,
     force: ForceOption = None,
     recipe: RecipeOption = None,
@@ -186,6 +195,7 @@ def rm(
             lora_dropout=lora_dropout,
             lora_targets=lora_targets,
             margin=margin,
+            shared_prefix=shared_prefix,
             epochs=epochs,
             max_steps=max_steps,
             batch_size=batch_size,
@@ -201,6 +211,7 @@ def rm(
             keep=keep,
             precision=precision,
             seed=seed,
+            report_to=report_to,
             resume=resume,
             force=force,
         ),
@@ -246,6 +257,108 @@ def rm_score(
     rm_step.score(config)
 
 
+# --------------------------------------------------------------------------------------------------- dpo
+D = cfg.DPOConfig
+
+
+@app.command()
+@handles_user_errors
+def dpo(
+    model: Annotated[Optional[str], _opt(D, "model", "--model", "-m")] = None,
+    data: Annotated[Optional[Path], _opt(D, "data", "--data", "-d")] = None,
+    out: Annotated[Optional[Path], _opt(D, "out", "--out", "-o")] = None,
+    beta: Annotated[Optional[float], _opt(D, "beta")] = None,
+    loss: Annotated[Optional[str], _opt(D, "loss")] = None,
+    label_smoothing: Annotated[Optional[float], _opt(D, "label_smoothing")] = None,
+    quantization: Annotated[Optional[str], _opt(D, "quantization")] = None,
+    device: Annotated[Optional[str], _opt(D, "device")] = None,
+    lora_r: Annotated[Optional[int], _opt(D, "lora_r")] = None,
+    lora_alpha: Annotated[Optional[int], _opt(D, "lora_alpha")] = None,
+    lora_dropout: Annotated[Optional[float], _opt(D, "lora_dropout")] = None,
+    lora_targets: Annotated[Optional[str], _opt(D, "lora_targets")] = None,
+    epochs: Annotated[Optional[int], _opt(D, "epochs")] = None,
+    max_steps: Annotated[Optional[int], _opt(D, "max_steps")] = None,
+    batch_size: Annotated[Optional[int], _opt(D, "batch_size")] = None,
+    grad_accum: Annotated[Optional[int], _opt(D, "grad_accum")] = None,
+    lr: Annotated[Optional[float], _opt(D, "lr")] = None,
+    warmup_ratio: Annotated[Optional[float], _opt(D, "warmup_ratio")] = None,
+    weight_decay: Annotated[Optional[float], _opt(D, "weight_decay")] = None,
+    max_grad_norm: Annotated[Optional[float], _opt(D, "max_grad_norm")] = None,
+    max_length: Annotated[Optional[int], _opt(D, "max_length")] = None,
+    gradient_checkpointing: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help=cfg.doc(D, "gradient_checkpointing"),
+            show_default=False,
+        ),
+    ] = None,
+    eval_every: Annotated[Optional[int], _opt(D, "eval_every")] = None,
+    save_every: Annotated[Optional[int], _opt(D, "save_every")] = None,
+    keep: Annotated[Optional[str], _opt(D, "keep")] = None,
+    precision: Annotated[Optional[str], _opt(D, "precision")] = None,
+    seed: Annotated[Optional[int], _opt(D, "seed")] = None,
+    report_to: Annotated[Optional[str], _opt(D, "report_to")] = None,
+    resume: Annotated[Optional[bool], _opt(D, "resume")] = None,
+    force: ForceOption = None,
+    recipe: RecipeOption = None,
+) -> None:
+    """Direct preference optimisation: train the policy on preference pairs or rankings, with no reward model.
+
+    The reference is the model it starts from (the SFT run's adapter), scored once on the same base.
+
+    [bold]Examples[/bold]
+
+      instruct dpo --model runs/sft --data data/prefs --out runs/dpo
+
+      instruct dpo --model runs/sft --data data/prefs --out runs/ipo --loss ipo --beta 0.5
+
+      instruct dpo --model runs/sft --data data/prefs --out runs/cdpo --label-smoothing 0.1 --epochs 2
+
+      instruct dpo --model runs/sft --data data/prefs --out runs/dpo --resume
+    """
+    from instruct_cli.steps import dpo as dpo_step
+
+    config = recipes.build_config(
+        D,
+        "dpo",
+        recipe,
+        dict(
+            model=model,
+            data=data,
+            out=out,
+            beta=beta,
+            loss=loss,
+            label_smoothing=label_smoothing,
+            quantization=quantization,
+            device=device,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_targets=lora_targets,
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            warmup_ratio=warmup_ratio,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            max_length=max_length,
+            gradient_checkpointing=gradient_checkpointing,
+            eval_every=eval_every,
+            save_every=save_every,
+            keep=keep,
+            precision=precision,
+            seed=seed,
+            report_to=report_to,
+            resume=resume,
+            force=force,
+        ),
+    )
+    dpo_step.run(config)
+
+
 # --------------------------------------------------------------------------------------------------- ppo
 PP = cfg.PPOConfig
 
@@ -272,6 +385,11 @@ def ppo(
     kl_horizon: Annotated[Optional[int], _opt(PP, "kl_horizon")] = None,
     gamma: Annotated[Optional[float], _opt(PP, "gamma")] = None,
     lam: Annotated[Optional[float], _opt(PP, "lam")] = None,
+    advantage: Annotated[Optional[str], _opt(PP, "advantage")] = None,
+    samples_per_prompt: Annotated[Optional[int], _opt(PP, "samples_per_prompt")] = None,
+    kl_penalty: Annotated[Optional[str], _opt(PP, "kl_penalty")] = None,
+    reward_fn: Annotated[Optional[str], _opt(PP, "reward_fn")] = None,
+    reward_fn_weight: Annotated[Optional[float], _opt(PP, "reward_fn_weight")] = None,
     clip_range: Annotated[Optional[float], _opt(PP, "clip_range")] = None,
     value_clip_range: Annotated[Optional[float], _opt(PP, "value_clip_range")] = None,
     vf_coef: Annotated[Optional[float], _opt(PP, "vf_coef")] = None,
@@ -292,17 +410,25 @@ def ppo(
     save_every: Annotated[Optional[int], _opt(PP, "save_every")] = None,
     precision: Annotated[Optional[str], _opt(PP, "precision")] = None,
     seed: Annotated[Optional[int], _opt(PP, "seed")] = None,
+    report_to: Annotated[Optional[str], _opt(PP, "report_to")] = None,
     resume: Annotated[Optional[bool], _opt(PP, "resume")] = None,
     force: ForceOption = None,
     recipe: RecipeOption = None,
 ) -> None:
     """RLHF with PPO: optimise the SFT policy against the reward model, on one shared base model.
 
+    --advantage rloo or grpo trains without a value function (K samples per prompt); --reward-fn uses a Python
+    function as the reward, instead of the reward model or added to it.
+
     [bold]Examples[/bold]
 
       instruct ppo --sft runs/sft --reward runs/rm --data data/prompts --out runs/ppo
 
       instruct ppo --sft runs/sft --reward runs/rm --data data/prompts --out runs/ppo --target-kl 6 --iterations 200
+
+      instruct ppo --sft runs/sft --reward runs/rm --data data/prompts --out runs/rloo --advantage rloo
+
+      instruct ppo --sft runs/sft --reward-fn examples/rewards.py:brevity --data data/prompts --out runs/grpo --advantage grpo --kl-penalty loss
 
       instruct ppo --recipe recipes/quickstart.yaml --resume
     """
@@ -332,6 +458,11 @@ def ppo(
             kl_horizon=kl_horizon,
             gamma=gamma,
             lam=lam,
+            advantage=advantage,
+            samples_per_prompt=samples_per_prompt,
+            kl_penalty=kl_penalty,
+            reward_fn=reward_fn,
+            reward_fn_weight=reward_fn_weight,
             clip_range=clip_range,
             value_clip_range=value_clip_range,
             vf_coef=vf_coef,
@@ -345,6 +476,7 @@ def ppo(
             save_every=save_every,
             precision=precision,
             seed=seed,
+            report_to=report_to,
             resume=resume,
             force=force,
         ),

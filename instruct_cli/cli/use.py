@@ -1,4 +1,4 @@
-"""The commands that use trained models: `instruct generate`, `label`, `export` and `eval`.
+"""The commands that use trained models: `instruct generate`, `chat`, `label`, `export` and `eval`.
 
 Each builds its step's config from the recipe section and the flags given, then calls the step's `run`.
 """
@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from instruct_cli.cli.app import ForceOption, RecipeOption, _opt, app, handles_user_errors
+from instruct_cli.cli.app import ForceOption, RecipeOption, _opt, app, handles_user_errors, skip_teardown
 from instruct_cli.core import config as cfg
 from instruct_cli.core import recipes
 
@@ -51,6 +51,7 @@ def generate(
     """
     from instruct_cli.steps import generate as generate_step
 
+    skip_teardown()
     config = recipes.build_config(
         G,
         "generate",
@@ -73,6 +74,68 @@ def generate(
         ),
     )
     generate_step.run(config)
+
+
+# -------------------------------------------------------------------------------------------------- chat
+C = cfg.ChatConfig
+
+
+@app.command()
+@handles_user_errors
+def chat(
+    model: Annotated[Optional[str], _opt(C, "model", "--model", "-m")] = None,
+    system: Annotated[Optional[str], _opt(C, "system")] = None,
+    max_new_tokens: Annotated[Optional[int], _opt(C, "max_new_tokens")] = None,
+    temperature: Annotated[Optional[float], _opt(C, "temperature")] = None,
+    top_p: Annotated[Optional[float], _opt(C, "top_p")] = None,
+    top_k: Annotated[Optional[int], _opt(C, "top_k")] = None,
+    greedy: Annotated[Optional[bool], _opt(C, "greedy")] = None,
+    seed: Annotated[Optional[int], _opt(C, "seed")] = None,
+    max_context: Annotated[Optional[int], _opt(C, "max_context")] = None,
+    quantization: Annotated[Optional[str], _opt(C, "quantization")] = None,
+    device: Annotated[Optional[str], _opt(C, "device")] = None,
+    recipe: RecipeOption = None,
+) -> None:
+    """Chat with a base model or any sft/ppo run in the terminal: every answer sees the whole conversation.
+
+    Commands: [bold]/reset[/bold], [bold]/system TEXT[/bold], [bold]/save FILE.jsonl[/bold], [bold]/help[/bold], [bold]/exit[/bold] (or Ctrl-D); Ctrl-C stops an answer.
+
+    /save appends the conversation as one {"messages": [...]} line, which `instruct prepare-data` reads as SFT data.
+
+    When stdin is not a terminal, each input line is one message and only the answers go to stdout.
+
+    [bold]Examples[/bold]
+
+      instruct chat
+
+      instruct chat --model runs/ppo --system "You are a concise assistant."
+
+      instruct chat --model runs/sft --greedy --max-new-tokens 128
+
+      printf 'My name is Ada.\\nWhat is my name?\\n/save chats.jsonl\\n' | instruct chat --model runs/sft
+    """
+    from instruct_cli.steps import chat as chat_step
+
+    skip_teardown()
+    config = recipes.build_config(
+        C,
+        "chat",
+        recipe,
+        dict(
+            model=model,
+            system=system,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            greedy=greedy,
+            seed=seed,
+            max_context=max_context,
+            quantization=quantization,
+            device=device,
+        ),
+    )
+    chat_step.run(config)
 
 
 # ------------------------------------------------------------------------------------------------- label
@@ -153,24 +216,43 @@ def label(
 @app.command()
 @handles_user_errors
 def export(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="An sft or ppo run folder.")],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="An sft, ppo or dpo run folder.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the merged model.")] = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="transformers: a plain transformers folder; gguf: one .gguf file + an Ollama Modelfile."
+        ),
+    ] = "transformers",
+    gguf_type: Annotated[
+        Optional[str],
+        typer.Option("--gguf-type", help="GGUF tensor type: f16 (default), bf16, q8_0 or f32.", show_default=False),
+    ] = None,
     dtype: Annotated[
-        str, typer.Option(help="Weight dtype of the merged model: bfloat16, float16, float32.")
-    ] = "bfloat16",
+        Optional[str],
+        typer.Option(
+            help="Weight dtype of a transformers export (bfloat16 default, float16, float32); for --format gguf "
+            "the dtype the adapter is merged in (float32 default; bfloat16 halves the memory of big models).",
+            show_default=False,
+        ),
+    ] = None,
     force: ForceOption = None,
 ) -> None:
-    """Merge a run's LoRA adapter into a 16-bit copy of its base: a plain transformers folder.
+    """Merge a run's LoRA adapter into its base: a plain transformers folder, or a GGUF file for llama.cpp/Ollama.
 
     [bold]Examples[/bold]
 
       instruct export runs/ppo --out models/my-assistant
 
       instruct export runs/sft --out models/sft-fp32 --dtype float32
+
+      instruct export runs/ppo --format gguf --out models/my-assistant-gguf
+
+      instruct export runs/ppo --format gguf --gguf-type q8_0 --out models/my-assistant-q8
     """
     from instruct_cli.steps import export as export_step
 
-    export_step.run(run_dir, out, dtype=dtype, force=bool(force))
+    export_step.run(run_dir, out, dtype=dtype, force=bool(force), format=format, gguf_type=gguf_type)
 
 
 # ------------------------------------------------------------------------------------------------- eval

@@ -5,14 +5,20 @@ console       progress bars, tables, info/warn/error lines
 config        one dataclass per step; each field's docstring is its flag's help; range checks
 recipes       recipe files and flags -> validated configs; the recipe's steps in order
 artifacts     run folders: manifest, atomic writes, metrics.jsonl, content hashes
+trackers      --report-to: metrics.jsonl rows also sent to TensorBoard, wandb, mlflow (accelerate's trackers)
 data_folders  reading a data folder written by prepare-data
 models        resolving a model reference, GGUF conversion, quantised loading, LoRA settings
 chat          chat templates: prompts and conversations as token ids, assistant-token labels
 sampling      left padding, prompt + response sequences, generate() arguments
 heads         the scalar head of reward and value models; hidden states; scores at the last token
-lm            the next-token loss on labelled tokens (sft, ppo-ptx, eval perplexity)
+packing       shared-prefix packing: one prompt, its K responses in one row with a 4-D attention mask
+lm            the next-token loss on labelled tokens (sft, ppo-ptx, eval perplexity); log-probs per sequence
 preferences   preference rows as reward-model batches; pairwise loss; loading an RM run
-training      the training loop of sft and rm: batching, accumulation, checkpoints, resume
-rl            the maths of PPO on tensors: GAE, whitening, clipped losses, KL control
+dpo_loss      the maths of DPO, IPO and cDPO on sequence log-probs: pair losses, implicit rewards
+training      the training loop of sft, rm and dpo: batching, accumulation, checkpoints, resume
+checkpoints   stop signals (Ctrl-C, SIGTERM), checkpoint writing and restoring, per-process RNG
+distributed   sums and gathers over the processes of a data-parallel run
+rl            the maths of PPO on tensors: GAE, whitening, clipped losses, KL control; RLOO/GRPO, k3 KL
+reward_functions  --reward-fn: loading a user's Python reward function and calling it safely
 tiny          tiny random chat models for tests
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import functools
 import inspect
 import textwrap
@@ -23,6 +24,8 @@ BUILTIN_MODEL = "smollm2-135m"
 QUANTIZATIONS = ("nf4", "int8", "none")
 # keys of a recipe's `model` section that are spelled differently in the step sections
 MODEL_SECTION_ALIASES = {"base": "model"}
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+"""The experiment trackers accelerate integrates, for --report-to (trackers.py starts them)."""
 
 
 # ------------------------------------------------------------------------------------- shared field sets
@@ -34,6 +37,20 @@ class ModelOptions:
     """Model: `smollm2-135m` (built in), a hub id, a local transformers folder, a .gguf file, or a run folder."""
     quantization: Literal["nf4", "int8", "none"] = "nf4"
     """How the frozen base weights are stored: nf4 (4-bit, default), int8, or none (16/32-bit)."""
+    device: str = "auto"
+    """Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+
+
+@dataclass
+class InferenceOptions:
+    """Which model to sample from and how (generate, chat, label): unlike training, the weights' format is
+    chosen for speed when none is asked for."""
+
+    model: str = BUILTIN_MODEL
+    """Model: `smollm2-135m` (built in), a hub id, a local transformers folder, a .gguf file, or a run folder."""
+    quantization: Literal["auto", "nf4", "int8", "none"] = "auto"
+    """How the base weights are stored: auto (default: the fastest for the device and the model's size, said in
+    one line; unquantised when it fits in memory), nf4 (4-bit), int8, or none (16/32-bit)."""
     device: str = "auto"
     """Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
 
@@ -63,7 +80,17 @@ class OutputOptions:
 
 
 @dataclass
-class TrainOptions:
+class TrackingOptions:
+    """Where a training step sends its metrics besides metrics.jsonl."""
+
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every metric of metrics.jsonl, comma-separated: tensorboard (writes
+    OUT/tensorboard/), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio (default: none). Each needs
+    its package: tensorboard, wandb and mlflow come with instruct-cli's extra of the same name."""
+
+
+@dataclass
+class TrainOptions(TrackingOptions):
     """The optimisation settings shared by sft and rm."""
 
     data: Optional[Path] = None
@@ -115,10 +142,32 @@ class RMConfig(TrainOptions, LoraOptions, ModelOptions, OutputOptions):
 
     margin: float = 0.0
     """Optional margin in the pairwise loss: -log sigmoid(r_chosen - r_rejected - margin)."""
+    shared_prefix: bool = True
+    """Run each prompt through the model once for all its responses (one packed row per prompt, each response
+    attending to the prompt and itself); the same scores and loss as one sequence per response, faster when
+    prompts are long. Off: one padded sequence per response."""
 
 
 @dataclass
-class PPOConfig(OutputOptions):
+class DPOConfig(TrainOptions, LoraOptions, ModelOptions, OutputOptions):
+    """`instruct dpo`: direct preference optimisation of a LoRA policy on preference pairs or K-wise rankings;
+    the starting model (an SFT run's adapter, or the bare base) is the frozen reference, on the same base."""
+
+    beta: float = 0.1
+    """How strongly the policy is held to the reference (DPO's beta, IPO's tau): smaller lets it drift further."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid (DPO: -log sigmoid(beta x)) or ipo ((x - 1/(2 beta))^2 on mean per-token log-probs), where x is the
+    policy's chosen-minus-rejected log-ratio minus the reference's."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the assumed probability that a pair's preference is flipped (0 = plain DPO; below 0.5;
+    sigmoid loss only)."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW), reached after warmup, then cosine decay to 0 (lower than sft's: DPO overfits
+    preferences quickly)."""
+
+
+@dataclass
+class PPOConfig(TrackingOptions, OutputOptions):
     """`instruct ppo`: optimise the SFT policy against the reward model with PPO, on one shared base model.
 
     Defaults follow InstructGPT (Ouyang et al. 2022) and "The N Implementation Details of RLHF with PPO"
@@ -128,7 +177,8 @@ class PPOConfig(OutputOptions):
     sft: Optional[Path] = None
     """SFT run folder: the policy and the KL reference start from its adapter."""
     reward: Optional[Path] = None
-    """Reward-model run folder: the reward (frozen) and the value function (trained) start from it."""
+    """Reward-model run folder: the reward (frozen) and the value function (trained) start from it. Optional
+    with --reward-fn."""
     data: Optional[Path] = None
     """Data folder with prompts (prompts.train/eval; an sft folder works too: its conversations minus the answer)."""
     quantization: Literal["nf4", "int8", "none"] = "nf4"
@@ -162,6 +212,21 @@ class PPOConfig(OutputOptions):
     """Discount factor of GAE."""
     lam: float = 0.95
     """GAE lambda."""
+    advantage: Literal["gae", "rloo", "grpo"] = "gae"
+    """How advantages are estimated: gae (PPO with a value function, the default), rloo (leave-one-out
+    baseline over K samples per prompt) or grpo (group-normalised over K samples). rloo and grpo need no value
+    function: the value adapter and head are not loaded at all."""
+    samples_per_prompt: Optional[int] = None
+    """K: responses sampled per prompt in an iteration (rollout_batch_size counts responses and must be a
+    multiple of K); default 1 for gae, 4 for rloo and grpo."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference goes: reward (a per-token penalty in the reward, as InstructGPT) or loss
+    (the k3 estimator times beta added to the policy loss, as GRPO)."""
+    reward_fn: Optional[str] = None
+    """A reward function FILE.py:NAME, called as NAME(prompts, responses) -> list of floats once per rollout
+    batch (prompts as message lists, responses as strings): instead of --reward, or added to it."""
+    reward_fn_weight: float = 1.0
+    """Weight of --reward-fn's rewards in the score (added to the reward model's normalised score, if any)."""
     clip_range: float = 0.2
     """PPO clipping of the policy ratio."""
     value_clip_range: float = 0.2
@@ -234,17 +299,9 @@ class PrepareDataConfig(OutputOptions):
 
 
 @dataclass
-class GenerateConfig(ModelOptions):
-    """`instruct generate`: answer a prompt (streamed) or a file of prompts (batched) with any model or run."""
+class SamplingOptions:
+    """How answers are sampled: the flags `instruct generate` and `instruct chat` share."""
 
-    prompt: Optional[str] = None
-    """The prompt; `-` reads it from standard input."""
-    input: Optional[Path] = None
-    """A JSONL file of prompts (`{"prompt": ...}` as text or messages) to answer in batches; `-` reads stdin."""
-    output: Optional[Path] = None
-    """Where the batch answers go (JSONL); standard output when not given."""
-    system: Optional[str] = None
-    """System prompt."""
     max_new_tokens: int = 256
     """Most tokens to generate per answer."""
     temperature: float = 0.7
@@ -257,8 +314,33 @@ class GenerateConfig(ModelOptions):
     """Always take the most likely token (ignores temperature, top_p, top_k)."""
     seed: int = 0
     """Random seed for sampling."""
+
+
+@dataclass
+class GenerateConfig(SamplingOptions, InferenceOptions):
+    """`instruct generate`: answer a prompt (streamed) or a file of prompts (batched) with any model or run."""
+
+    prompt: Optional[str] = None
+    """The prompt; `-` reads it from standard input."""
+    input: Optional[Path] = None
+    """A JSONL file of prompts (`{"prompt": ...}` as text or messages) to answer in batches; `-` reads stdin."""
+    output: Optional[Path] = None
+    """Where the batch answers go (JSONL); standard output when not given."""
+    system: Optional[str] = None
+    """System prompt."""
     batch_size: int = 8
     """Prompts per batch with --input."""
+
+
+@dataclass
+class ChatConfig(SamplingOptions, InferenceOptions):
+    """`instruct chat`: a multi-turn conversation in the terminal with any model or run, answers streamed."""
+
+    system: Optional[str] = None
+    """System prompt at the start of the conversation (change it during the chat with /system TEXT)."""
+    max_context: Optional[int] = None
+    """Most tokens of conversation the model sees, its answer included (default and upper limit: the model's
+    context length); when the history outgrows it, the oldest exchanges are left out."""
 
 
 @dataclass
@@ -281,8 +363,9 @@ class EvalConfig(OutputOptions):
     generations: Optional[Path] = None
     """Score these responses instead of generating: JSONL from `instruct generate --output` (a `model` field per
     row) or a report's samples.jsonl."""
-    quantization: Literal["nf4", "int8", "none"] = "nf4"
-    """How the frozen base weights are stored: nf4 (4-bit, default), int8, or none."""
+    quantization: Literal["auto", "nf4", "int8", "none"] = "auto"
+    """How the base weights of the models that answer are stored: auto (default: the fastest for the device and
+    the model's size), nf4, int8, or none. The reward model keeps the quantisation it was trained with."""
     device: str = "auto"
     """Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
     max_new_tokens: int = 128
@@ -343,6 +426,7 @@ def validate(config: Any, source: str) -> None:
         "lora_r",
         "lora_alpha",
         "max_new_tokens",
+        "max_context",
         "batch_size",
         "max_tokens",
         "epochs",
@@ -359,6 +443,7 @@ def validate(config: Any, source: str) -> None:
         "eval_prompts",
         "kl_horizon",
         "target_kl",
+        "beta",
     )
     for name in positive:
         value = getattr(config, name, None)
@@ -375,6 +460,20 @@ def validate(config: Any, source: str) -> None:
                 where=source,
                 fix=f"Set `{name}` to a fraction such as 0.1",
             )
+    smoothing = getattr(config, "label_smoothing", None)
+    if smoothing is not None and not 0.0 <= smoothing < 0.5:
+        raise UserError(
+            f"`label_smoothing` must be at least 0 and below 0.5, not {smoothing}",
+            where=source,
+            fix="Set it to the fraction of preferences you expect to be wrong, e.g. 0.1 (0 = plain DPO)",
+        )
+    if smoothing and getattr(config, "loss", None) == "ipo":
+        raise UserError(
+            "`label_smoothing` applies to the sigmoid (DPO) loss only, not to ipo",
+            where=source,
+            fix="Drop label_smoothing, or use loss: sigmoid",
+        )
+    check_trackers(getattr(config, "report_to", None) or [], source)
     for name in ("temperature", "lr", "learning_rate"):
         value = getattr(config, name, None)
         if value is not None and value <= 0:
@@ -390,6 +489,25 @@ def validate(config: Any, source: str) -> None:
             )
 
 
+def check_trackers(names: list[str], source: str) -> None:
+    """--report-to names trackers accelerate knows, or is `none` alone."""
+    for name in names:
+        if name not in TRACKERS and name != "none":
+            close = difflib.get_close_matches(name, TRACKERS, n=1)
+            raise UserError(
+                f"Unknown experiment tracker `{name}` in report_to",
+                where=source,
+                fix=(f"Did you mean `{close[0]}`? " if close else "")
+                + f"Use one or more of {', '.join(TRACKERS)} (comma-separated), or none",
+            )
+    if "none" in names and len(names) > 1:
+        raise UserError(
+            f"report_to lists `none` together with trackers ({', '.join(names)})",
+            where=source,
+            fix="Use none alone to report to no tracker, or list only the trackers",
+        )
+
+
 # ------------------------------------------------------------------------------------------------ recipes
 
 
@@ -397,8 +515,10 @@ def to_recipe_dict(config: Any) -> dict[str, Any]:
     """A config as plain YAML-able values (what a run writes to its recipe.yaml)."""
     out = {}
     for f in dataclasses.fields(config):
-        if f.name in ("force", "resume"):
-            continue  # how to treat an existing output is not part of what the step computes
+        if f.name in ("force", "resume", "report_to"):
+            # how to treat an existing output, and where else its metrics go, are not part of what the step
+            # computes: changing them never makes `instruct run` redo a step
+            continue
         value = getattr(config, f.name)
         if isinstance(value, Path):
             value = str(value)
@@ -409,7 +529,7 @@ def to_recipe_dict(config: Any) -> dict[str, Any]:
 
 
 @dataclass
-class LabelConfig(ModelOptions):
+class LabelConfig(InferenceOptions):
     """`instruct label`: sample K responses per prompt and collect a person's ranking of them in the terminal."""
 
     prompts: Optional[Path] = None

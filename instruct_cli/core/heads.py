@@ -8,6 +8,7 @@ decoder's last hidden states. PPO can then keep one base in memory and switch ro
   taken from the attention mask, so left- and right-padded batches give the same states.
 * `sequence_scores` reads one scalar per sequence at its LAST REAL token (by attention mask, whatever the
   padding side) — never at "the first pad token", which is wrong for left padding and for pad == EOS.
+  `packed_sequence_scores` reads them from shared-prefix packed rows (packing.py) at each sequence's end.
 * The head is saved INSIDE the adapter folder (`score_head.safetensors` + `score_head.json`), so a run's
   `adapter/` holds everything the role needs, and it round-trips exactly.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from instruct_cli.core import packing
 from instruct_cli.core.errors import UserError
 
 HEAD_WEIGHTS = "score_head.safetensors"
@@ -121,13 +123,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def last_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The final (normed) hidden states of the decoder body, (B, T, hidden), without computing vocab logits."""
+def last_hidden_states(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The final (normed) hidden states of the decoder body, (B, T, hidden), without computing vocab logits.
+
+    `attention_mask` is a (B, T) padding mask (positions then come from it), or a ready 4-D mask with its
+    `position_ids` (packed rows, see packing.py), which transformers passes to the attention unchanged.
+    """
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
     output = decoder_body(model)(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )
     return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
@@ -143,6 +150,28 @@ def sequence_scores(model, head: nn.Module, input_ids: torch.Tensor, attention_m
     hidden = last_hidden_states(model, input_ids, attention_mask)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return head(hidden[rows, last_token_index(attention_mask).to(hidden.device)]).squeeze(-1)
+
+
+def packed_sequence_scores(
+    model, head: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, segments: torch.Tensor, ends
+) -> torch.Tensor:
+    """One scalar per packed sequence (packing.pack's rows): the head at each sequence's last token (`ends`,
+    flat indices into rows x width). (sequences,) in the head's dtype; equal to `sequence_scores` of the
+    sequences one by one up to float rounding."""
+    hidden = packed_hidden_states(model, input_ids, position_ids, segments)
+    return head(hidden[ends.to(hidden.device)]).squeeze(-1)
+
+
+def packed_hidden_states(
+    model, input_ids: torch.Tensor, position_ids: torch.Tensor, segments: torch.Tensor
+) -> torch.Tensor:
+    """`last_hidden_states` of packed rows (packing.pack), flattened to (rows * width, hidden): each token's
+    state as in its own sequence alone, indexed by packing's flat indices."""
+    body = decoder_body(model)
+    dtype = body.get_input_embeddings().weight.dtype
+    mask = packing.attention_mask(segments, body.config._attn_implementation, dtype)
+    hidden = last_hidden_states(model, input_ids, mask, position_ids)
+    return hidden.reshape(-1, hidden.shape[-1])
 
 
 # ------------------------------------------------------------------------------------- reward model
@@ -163,8 +192,24 @@ class RewardModel(nn.Module):
         """The base model's config."""
         return self.body.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        ends: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores of padded sequences (`attention_mask`), or of packed rows (`position_ids`, `segments` and
+        `ends` from packing.pack); through forward either way, so DDP's gradient hooks see both."""
+        if segments is not None:
+            return packed_sequence_scores(self.body, self.head, input_ids, position_ids, segments, ends)
         return sequence_scores(self.body, self.head, input_ids, attention_mask)
+
+    @property
+    def packs(self) -> bool:
+        """True when the body takes packed rows exactly (packing.supports)."""
+        return packing.supports(self.body)
 
 
 def save_adapter(model: RewardModel, folder: Path) -> None:

@@ -2,8 +2,10 @@
 perplexity measures.
 
 Owns: collating encoded conversations (`collate`), the next-token NLL projected only at labelled positions
-(`next_token_nll`, `NextTokenLoss`), the mean loss (`sft_loss`) and its evaluation (`evaluate`). May use:
-chat (IGNORE), heads (hidden states), training (Batch, right_pad).
+(`next_token_nll`, `NextTokenLoss`), the same log-probabilities summed per sequence (`sequence_logprobs`,
+`SequenceLogProbs`: what dpo compares; `packed_sequence_logprobs` on shared-prefix packed rows, and
+`batch_logprobs` for either batch), the mean loss (`sft_loss`) and its evaluation (`evaluate`). May use:
+chat (IGNORE), heads (hidden states), packing (the 4-D mask's rows), training (Batch, right_pad).
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ def next_token_nll(
     forward are the largest tensor of a step (8 x 272 tokens x 49k vocab = 0.4 GB in fp32, several times over
     with softmax and gradients), while only the assistant tokens, often a third of them, are needed.
     """
+    logits, targets, labelled = labelled_logits(lm, input_ids, attention_mask, labels)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), labelled.sum()
+
+
+def labelled_logits(
+    lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits predicting each labelled token (N, vocab), those tokens (N,), the (B, T - 1) mask of where they
+    are), with the vocabulary projection run only there (see `next_token_nll`)."""
     targets = labels[:, 1:]
     labelled = targets != IGNORE
     if plain_output_layer(lm):
@@ -42,7 +53,54 @@ def next_token_nll(
         logits = lm.get_output_embeddings()(hidden[labelled])
     else:  # a model whose forward does more than lm_head(hidden) (logit scaling or soft-capping)
         logits = lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][labelled]
-    return F.cross_entropy(logits.float(), targets[labelled], reduction="sum"), labelled.sum()
+    return logits, targets[labelled], labelled
+
+
+def sequence_logprobs(
+    lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence, the summed log-probability of its labelled tokens (B,), and how many there are (B,).
+
+    Token log-probs are fp32; their sums are fp64: a sum of a few hundred tokens is in the hundreds, where
+    fp32 resolves only ~1e-5, and DPO subtracts such sums from each other."""
+    logits, targets, labelled = labelled_logits(lm, input_ids, attention_mask, labels)
+    token_logprobs = -F.cross_entropy(logits.float(), targets, reduction="none")
+    rows = labelled.nonzero()[:, 0]  # boolean indexing is row-major: the row of each labelled token, in order
+    sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=token_logprobs.device)
+    return sums.index_add(0, rows, token_logprobs.double()), labelled.sum(-1)
+
+
+def packed_sequence_logprobs(
+    lm,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    segments: torch.Tensor,
+    sources: torch.Tensor,
+    targets: torch.Tensor,
+    owners: torch.Tensor,
+    sequences: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logprobs` of shared-prefix packed rows (packing.pack): token `targets[i]` is predicted from
+    the hidden state at flat position `sources[i]` and belongs to sequence `owners[i]`; returns the sums
+    (sequences,) in fp64 and the counts (sequences,). Needs `plain_output_layer(lm)`."""
+    hidden = heads.packed_hidden_states(lm, input_ids, position_ids, segments)
+    logits = lm.get_output_embeddings()(hidden[sources])
+    token_logprobs = -F.cross_entropy(logits.float(), targets, reduction="none")
+    sums = torch.zeros(sequences, dtype=torch.float64, device=token_logprobs.device)
+    counts = torch.zeros(sequences, dtype=torch.long, device=token_logprobs.device)
+    return sums.index_add(0, owners, token_logprobs.double()), counts.index_add(0, owners, torch.ones_like(owners))
+
+
+PACKED_KEYS = ("position_ids", "segments", "sources", "targets", "owners", "ends")
+"""What a packed log-prob batch holds besides input_ids (see packed_sequence_logprobs; `ends` gives the count)."""
+
+
+def batch_logprobs(model, batch: training.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed label log-probs and counts of a padded (`labels`) or packed batch, through the
+    forward of a SequenceLogProbs (possibly DDP-wrapped)."""
+    if "segments" in batch:
+        return model(batch["input_ids"], **{key: batch[key] for key in PACKED_KEYS})
+    return model(batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 def plain_output_layer(lm) -> bool:
@@ -71,6 +129,34 @@ class NextTokenLoss(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
         return next_token_nll(self.lm, input_ids, attention_mask, labels)
+
+
+class SequenceLogProbs(nn.Module):
+    """A causal LM whose forward is `sequence_logprobs`: what dpo trains (called, and DDP-wrapped, as
+    `NextTokenLoss` is); `lm` is the peft model inside, what gets saved."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        sources: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        owners: torch.Tensor | None = None,
+        ends: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sequence_logprobs` of a padded batch, or `packed_sequence_logprobs` of a packed one (`segments`)."""
+        if segments is not None:
+            return packed_sequence_logprobs(
+                self.lm, input_ids, position_ids, segments, sources, targets, owners, ends.numel()
+            )
+        return sequence_logprobs(self.lm, input_ids, attention_mask, labels)
 
 
 def token_nll(model, batch: training.Batch) -> tuple[torch.Tensor, int]:

@@ -5,7 +5,7 @@
     to a safetensors folder in the cache (`INSTRUCT_CACHE`, default ~/.cache/instruct);
   * a `.gguf` file, converted the same way;
   * a local transformers folder (config.json + weights);
-  * a run folder written by `instruct sft|rm|ppo` (the base model comes from its manifest, the adapter from
+  * a run folder written by `instruct sft|rm|ppo|dpo` (the base model comes from its manifest, the adapter from
     its `adapter/` folder);
   * a hub id, loaded by transformers (offline when HF_HUB_OFFLINE=1; local files are never fetched).
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,7 @@ def resolve_model(spec: str, flag: str = "--model") -> ModelSource:
 
 
 def _resolve_run_folder(path: Path, flag: str) -> ModelSource:
-    manifest = artifacts.require_complete(path, ("sft", "rm", "ppo"), flag=flag)
+    manifest = artifacts.require_complete(path, ("sft", "rm", "ppo", "dpo"), flag=flag)
     base = resolve_model(manifest["base_model"]["id"], flag=f"base model of {path}")
     adapter = path / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
@@ -264,13 +265,19 @@ def load_tokenizer(source: ModelSource | str):
     return tokenizer
 
 
-def load_base_model(source: ModelSource, quantization: str = "nf4", device: str | torch.device = "auto"):
-    """Load the frozen base model of `source` onto `device`, quantised as asked, in inference mode."""
+def load_base_model(
+    source: ModelSource,
+    quantization: str = "nf4",
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
+):
+    """Load the frozen base model of `source` onto `device`, quantised as asked, in inference mode; `dtype`
+    (unquantised weights and compute) defaults to the device's compute_dtype."""
     quiet_libraries()
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device) if isinstance(device, str) else device
-    dtype = compute_dtype(device)
+    dtype = dtype or compute_dtype(device)
     bnb = quantization_config(quantization, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if bnb is not None:
@@ -313,10 +320,10 @@ def disable_bnb_cpu_repack(model) -> int:
     eval) when the CPU has AVX512-BF16. After that, training forwards silently give no gradient through the
     frozen 4-bit layers to the LoRA layers before them. Turning the repack off keeps gradients correct.
     """
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+    if "bitsandbytes" not in sys.modules:  # no 4-bit layer can exist, and importing it costs a second
         return 0
+    from bitsandbytes.nn import Linear4bit
+
     touched = 0
     for module in model.modules():
         if isinstance(module, Linear4bit):
@@ -366,7 +373,7 @@ def load_for_inference(spec: str, quantization: str = "nf4", device: str = "auto
         raise UserError(
             f"{spec} is a reward model; it scores text but does not generate it",
             where="--model",
-            fix="Use `instruct rm score` to score responses, or pass an sft or ppo run",
+            fix="Use `instruct rm score` to score responses, or pass an sft, ppo or dpo run",
         )
     tokenizer = load_tokenizer(source)
     model = load_base_model(source, quantization, device)

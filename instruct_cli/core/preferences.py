@@ -2,10 +2,11 @@
 ppo, eval and `rm score` score with.
 
 Owns: parsing a pair or ranked row (`preference_group`, `ranking_pairs`), encoding prompt + response so the
-score is read at the EOS (`encode_response`), groups and their batches (`Group`, `encode_rows`, `collate`),
-the pairwise loss and its evaluation (`pairwise_loss`, `pair_scores`, `evaluate`), scoring sequences
-(`score_sequences`), reward normalisation (`normalization`, `normalize`) and loading a finished RM run
-(`load_reward_model`). May use: chat, heads, models, training, artifacts.
+score is read at the EOS (`encode_response`), groups and their batches (`Group`, `encode_rows`, `collate`,
+and `collate_shared`: each group's prompt once, its responses packed after it, see packing.py), the
+pairwise loss and its evaluation (`pairwise_loss`, `pair_scores`, `evaluate`), scoring sequences
+(`score_sequences`, `score_grouped`), reward normalisation (`normalization`, `normalize`) and loading a
+finished RM run (`load_reward_model`). May use: chat, heads, models, packing, training, artifacts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from instruct_cli.core import artifacts, heads, models, training
+from instruct_cli.core import artifacts, heads, models, packing, training
 from instruct_cli.core.chat import template_ids
 from instruct_cli.core.console import warn
 from instruct_cli.core.errors import UserError
@@ -133,6 +134,27 @@ class Group:
         batched by this (by the sum of lengths, 27% of a benchmark's positions were padding)."""
         return max(len(ids) for ids in self.responses)
 
+    @property
+    def packed(self) -> int:
+        """Positions of its packed row (`collate_shared`): the prompt once plus every response's own tokens."""
+        return packing.packed_length(self.responses)
+
+
+def group_lengths(groups: list[Group], shared_prefix: bool) -> list[int]:
+    """What batches of the groups are padded to: packed rows (`collate_shared`) or their longest response."""
+    return [group.packed if shared_prefix else group.longest for group in groups]
+
+
+def cut_group(sequences: list[list[int]], max_length: int) -> list[list[int]]:
+    """A group's prompt + response sequences cut to `max_length` from the left, the prompt cut ONCE for the
+    group: as many prompt tokens as the longest response needs go from every response, so all responses are
+    judged on the same prompt tokens and still share them (`collate_shared`). A response too long even
+    without its prompt keeps its own last `max_length` tokens."""
+    shared = packing.shared_prefix_length(sequences)
+    needed = [len(ids) - max_length for ids in sequences]
+    cut = max([0] + [n for n in needed if n <= shared])
+    return [ids[-max_length:] if n > shared else ids[cut:] for ids, n in zip(sequences, needed)]
+
 
 def encode_rows(tokenizer, rows: list[dict], max_length: int, where: str) -> tuple[list[Group], int]:
     """Encode preference rows into groups; returns (groups, how many sequences were cut to max_length)."""
@@ -146,8 +168,8 @@ def encode_rows(tokenizer, rows: list[dict], max_length: int, where: str) -> tup
     for number, row in enumerate(rows, start=1):
         prompt, responses, ranking, ties = preference_group(row, f"{where}, row {number}")
         full = [untruncated_response(tokenizer, prompt, r) for r in responses]
-        cut += sum(len(ids) > max_length for ids in full)
-        encoded = [ids[-max_length:] for ids in full]
+        encoded = cut_group(full, max_length)
+        cut += sum(len(ids) < len(whole) for ids, whole in zip(encoded, full))
         pairs = ranking_pairs(ranking, ties)
         if pairs:  # a row whose responses are all tied teaches nothing
             groups.append(Group(encoded, pairs))
@@ -160,21 +182,57 @@ def collate(groups: list[Group], pad_id: int, device) -> training.Batch:
     `pair_weight` is 1 / (pairs of the pair's group), so sum(w * loss) / sum(w) is the mean over groups of
     each group's mean pair loss (InstructGPT's per-prompt weighting).
     """
-    sequences, better, worse, weight = [], [], [], []
+    sequences = [ids for group in groups for ids in group.responses]
+    return {
+        "input_ids": training.right_pad(sequences, pad_id).to(device),
+        "attention_mask": training.right_pad([[1] * len(s) for s in sequences], 0).to(device),
+        **pair_indices(groups, device),
+    }
+
+
+def collate_shared(groups: list[Group], pad_id: int, device) -> training.Batch:
+    """`collate`'s batch with each group as ONE packed row: its prompt once, then every response, each
+    attending to the prompt and itself (packing.pack). The scores, loss and gradients are `collate`'s up to
+    float rounding; the prompt's tokens are computed once instead of K times. `tokens` counts the tokens
+    of the responses as `collate`'s batch holds them (its non-pad tokens), for throughput metrics."""
+    return {
+        **packing.pack([group.responses for group in groups], pad_id, device),
+        **pair_indices(groups, device),
+        "tokens": torch.tensor(float(sum(len(ids) for group in groups for ids in group.responses))),
+    }
+
+
+def pair_indices(groups: list[Group], device) -> dict[str, torch.Tensor]:
+    """The pairs of the groups as indices into all their responses in order, with per-prompt weights."""
+    better, worse, weight, offset = [], [], [], 0
     for group in groups:
-        offset = len(sequences)
-        sequences.extend(group.responses)
         for b, w in group.pairs:
             better.append(offset + b)
             worse.append(offset + w)
             weight.append(1.0 / len(group.pairs))
+        offset += len(group.responses)
     return {
-        "input_ids": training.right_pad(sequences, pad_id).to(device),
-        "attention_mask": training.right_pad([[1] * len(s) for s in sequences], 0).to(device),
         "better": torch.tensor(better, dtype=torch.long, device=device),
         "worse": torch.tensor(worse, dtype=torch.long, device=device),
         "pair_weight": torch.tensor(weight, dtype=torch.float32, device=device),
     }
+
+
+def batch_tokens(batch: training.Batch) -> float:
+    """The non-pad tokens of the responses of a `collate` or `collate_shared` batch (the same for both)."""
+    return float(batch["tokens"]) if "tokens" in batch else float(batch["attention_mask"].sum())
+
+
+def response_scores(model, batch: training.Batch) -> torch.Tensor:
+    """The score of every response of a `collate` or `collate_shared` batch, in order, as float32."""
+    if "segments" in batch:
+        return model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            segments=batch["segments"],
+            ends=batch["ends"],
+        ).float()
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).float()
 
 
 def pairwise_loss(
@@ -189,8 +247,8 @@ def pairwise_loss(
 
 def pair_scores(model, batch: training.Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_better, r_worse) of every pair of the batch, from ONE forward pass over all its responses."""
-    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).float()
-    return scores[batch["better"]], scores[batch["worse"]]
+    values = response_scores(model, batch)
+    return values[batch["better"]], values[batch["worse"]]
 
 
 @torch.no_grad()
@@ -233,6 +291,38 @@ def score_sequences(
     return scores
 
 
+@torch.no_grad()
+def score_grouped(
+    model: RewardModel, sequences: list[list[int]], keys: list, pad_id: int, device, batch_size: int, bar=None
+) -> list[float]:
+    """`score_sequences` with the sequences of equal `keys` (one prompt's responses) packed into one row
+    each (packing.pack), so a prompt is computed once for all its responses; `batch_size` sequences a batch
+    (whole groups). Falls back to `score_sequences` for a model that cannot take packed rows."""
+    if not packing.supports(model.body):
+        return score_sequences(model, sequences, pad_id, device, batch_size, bar)
+    model.eval()
+    members: dict = {}
+    for index, key in enumerate(keys):
+        members.setdefault(key, []).append(index)
+    groups = sorted(members.values(), key=lambda group: packing.packed_length([sequences[i] for i in group]))
+    scores_out = [0.0] * len(sequences)
+    start = 0
+    while start < len(groups):
+        end, count = start, 0
+        while end < len(groups) and (count == 0 or count + len(groups[end]) <= batch_size):
+            count += len(groups[end])
+            end += 1
+        chunk = groups[start:end]
+        batch = packing.pack([[sequences[i] for i in group] for group in chunk], pad_id, device)
+        values = model(**batch).float().tolist()
+        for index, value in zip((i for group in chunk for i in group), values):
+            scores_out[index] = value
+        if bar is not None:
+            bar.advance(count)
+        start = end
+    return scores_out
+
+
 def normalization(scores: list[float]) -> dict[str, float]:
     """Gain and bias such that gain * r + bias has mean 0 and std 1 over `scores` (plus their mean and std)."""
     values = torch.tensor(scores, dtype=torch.float64)
@@ -256,6 +346,8 @@ def load_reward_model(run_dir: Path, quantization: str = "nf4", device: str | to
     manifest = artifacts.require_complete(Path(run_dir), "rm", flag="--model")
     source = models.resolve_model(str(run_dir))
     trained = manifest.get("quantization")
+    if quantization == "auto":  # eval's default: score as the reward model was trained
+        quantization = trained or "nf4"
     if trained and trained != quantization:
         warn(
             f"The reward model was trained on a {trained} base and is loaded on a {quantization} one; scores "

@@ -230,10 +230,10 @@ def _relative_to(base: Path, value: Any, annotation: Any, name: str, outputs: se
     return value
 
 
-STEP_NAMES = ("prepare-data", "sft", "rm", "ppo", "eval")
+STEP_NAMES = ("prepare-data", "sft", "rm", "ppo", "dpo", "eval")
 
 
-RESUMABLE = ("sft", "rm", "ppo")
+RESUMABLE = ("sft", "rm", "ppo", "dpo")
 
 
 OTHER_SECTIONS = ("label", "generate")  # sections for commands that `run` does not run (they read them with --recipe)
@@ -244,6 +244,7 @@ INPUT_FIELDS = {
     "sft": ("model", "data"),
     "rm": ("model", "data"),
     "ppo": ("sft", "reward", "data"),
+    "dpo": ("model", "data"),
     "eval": ("models", "reward", "data"),
 }
 
@@ -308,6 +309,7 @@ def step_config_class(step: str) -> type:
         "sft": cfg.SFTConfig,
         "rm": cfg.RMConfig,
         "ppo": cfg.PPOConfig,
+        "dpo": cfg.DPOConfig,
         "eval": getattr(cfg, "EvalConfig", None),
     }[step]
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from instruct_cli.core import artifacts, distributed, models
+from instruct_cli.core import artifacts, distributed, models, trackers
 from instruct_cli.core.artifacts import RunFolder
 from instruct_cli.core.checkpoints import Checkpointer, StopSignals
 from instruct_cli.core.console import info, progress
@@ -148,9 +148,11 @@ def nothing_to_resume(config, kind: str) -> bool:
 
 
 def open_run(config, kind: str, accelerator, source, parents: dict | None = None) -> RunFolder:
-    """Open the step's run folder on the main process; the other processes follow once it exists."""
+    """Open the step's run folder on the main process, with the experiment trackers of --report-to; the other
+    processes follow once it exists."""
     from instruct_cli.core.config import to_recipe_dict
 
+    trackers.require_installed(config.report_to)  # before the folder exists: a bad input leaves nothing behind
     if accelerator.is_main_process:
         inputs = {"data": artifacts.parent_record(config.data), **(parents or {})}
         if source.adapter is not None:
@@ -164,6 +166,7 @@ def open_run(config, kind: str, accelerator, source, parents: dict | None = None
             parents=inputs,
             extra={"base_model": source.record(), "quantization": config.quantization},
         )
+        trackers.attach(run, config.report_to)
     accelerator.wait_for_everyone()
     return run if accelerator.is_main_process else RunFolder.follow(config.out)
 

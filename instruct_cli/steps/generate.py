@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from instruct_cli.core import artifacts, chat, models, sampling
+from instruct_cli.core import artifacts, chat, inference, sampling
 from instruct_cli.core.config import GenerateConfig
 from instruct_cli.core.console import progress, summary_table
 from instruct_cli.core.data_folders import json_lines
@@ -39,7 +39,7 @@ def run(config: GenerateConfig) -> None:
             )
         prompts = [chat.to_messages(text.strip(), config.system)]
 
-    model, tokenizer, _ = models.load_for_inference(config.model, config.quantization, config.device)
+    model, tokenizer, _ = inference.load_for_inference(config.model, config.quantization, config.device)
     torch.manual_seed(config.seed)
     if config.input is None:
         stream_answer(model, tokenizer, prompts[0], config)

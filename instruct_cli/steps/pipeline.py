@@ -1,6 +1,6 @@
 """`instruct run recipe.yaml`: every step of a recipe in order, skipping what is already up to date.
 
-A recipe has a section per step (`prepare-data`, `sft`, `rm`, `ppo`, `eval`), each mapping 1:1 to that
+A recipe has a section per step (`prepare-data`, `sft`, `rm`, `ppo`, `dpo`, `eval`), each mapping 1:1 to that
 command's flags (`prepare-data` may list several data sets). For each step the runner decides, from the
 step's output folder alone:
 
@@ -182,6 +182,7 @@ def headline(task: recipes.Task) -> str:
         "sft": ("eval/loss", "loss/train"),
         "rm": ("eval/accuracy", "train/accuracy"),
         "ppo": ("eval/reward", "objective/score"),
+        "dpo": ("eval/accuracy", "train/accuracy"),
         "eval": (),
     }[task.step]
     for key in wanted:

@@ -9,7 +9,11 @@ Each row is a prompt with K >= 2 responses and a ranking (a preference pair is K
 element: its K responses are each encoded and scored once, and the loss of the row is the mean over its
 C(K, 2) pairs of -log sigmoid(r_better - r_worse - margin); the batch loss is the mean over rows. All
 responses of a batch go through the model in ONE forward pass. The score is read at the EOS that ends the
-response (the chat template's trailing newline is trimmed), which is how PPO scores its rollouts.
+response (the chat template's trailing newline is trimmed), which is how PPO scores its rollouts. By default
+(--shared-prefix) a row is ONE packed sequence, its prompt once and then its K responses, each attending to
+the prompt and itself (core/packing.py): the scores, loss and gradients of one sequence per response, with
+the prompt computed once instead of K times. Too long a row loses prompt tokens, the same ones for all its
+responses.
 
 After training, every response of the training split is scored with the kept adapter, and a gain and bias
 are stored in the manifest (`reward_normalization`) so that gain * r + bias has mean 0 and std 1 there;
@@ -45,7 +49,7 @@ def rm_loss(model, batch: training.Batch, margin: float = 0.0) -> tuple[torch.Te
     with torch.no_grad():
         gap = better - worse
         metrics = {
-            "tokens": float(batch["attention_mask"].sum()),
+            "tokens": preferences.batch_tokens(batch),
             "accuracy": float((gap > 0).float().mean()),
             "margin": float(gap.mean()),
         }
@@ -90,19 +94,21 @@ def run(config: RMConfig) -> Path:
     with run_folder.recording():
         # 2. model: base + LoRA (from the SFT adapter if given) + a fresh scalar head
         model, _ = load_trainable_reward_model(config, source, device, tokenizer)
+        shared = config.shared_prefix and model.packs
+        if config.shared_prefix and not shared:
+            info("rm: this model's attention takes no custom mask; one sequence per response (--no-shared-prefix)")
+        collate = partial(
+            preferences.collate_shared if shared else preferences.collate, pad_id=tokenizer.pad_token_id, device=device
+        )
+        train_lengths = preferences.group_lengths(train_set, shared)
 
         def batches_for_epoch(epoch: int) -> list[training.Batch]:
-            mine = training.my_batches(accelerator, [g.longest for g in train_set], config, epoch)
-            return [
-                preferences.collate([train_set[i] for i in group], tokenizer.pad_token_id, device) for group in mine
-            ]
+            mine = training.my_batches(accelerator, train_lengths, config, epoch)
+            return [collate([train_set[i] for i in group]) for group in mine]
 
         total_steps = training.total_steps(config, accelerator, len(train_set))
         eval_batches = training.eval_batches(
-            eval_set,
-            [g.longest for g in eval_set],
-            config.batch_size,
-            partial(preferences.collate, pad_id=tokenizer.pad_token_id, device=device),
+            eval_set, preferences.group_lengths(eval_set, shared), config.batch_size, collate
         )
         trainable = training.make_trainable(
             model, accelerator, config.lr, config.weight_decay, config.warmup_ratio, total_steps
@@ -141,10 +147,16 @@ def run(config: RMConfig) -> Path:
             if result.kept == "best":  # fit leaves the model at the last step; score with what was kept
                 heads.load_adapter_weights(scorer, Path(config.out) / models.ADAPTER_DIR)
             sequences = [ids for group in train_set for ids in group.responses]
+            prompts = [number for number, group in enumerate(train_set) for _ in group.responses]
             with progress("rm: normalising", total=len(sequences)) as bar:
-                raw = preferences.score_sequences(
-                    scorer, sequences, tokenizer.pad_token_id, device, 2 * config.batch_size, bar
-                )
+                if shared:  # each prompt once for all its responses
+                    raw = preferences.score_grouped(
+                        scorer, sequences, prompts, tokenizer.pad_token_id, device, 2 * config.batch_size, bar
+                    )
+                else:
+                    raw = preferences.score_sequences(
+                        scorer, sequences, tokenizer.pad_token_id, device, 2 * config.batch_size, bar
+                    )
             norm = preferences.normalization(raw)
         run_folder.complete(result.metrics, steps=result.steps, kept_adapter=result.kept, reward_normalization=norm)
     if accelerator.is_main_process:
@@ -218,17 +230,19 @@ def score(config: RMScoreConfig) -> list[dict]:
     rows, name = read_scoring_rows(config.input)
     model, tokenizer, norm = preferences.load_reward_model(Path(config.model), config.quantization, config.device)
     device = next(model.head.parameters()).device
+    prompts = [preferences.as_messages(row["prompt"], "user", name, "prompt") for row in rows]
     sequences = [
         preferences.encode_response(
             tokenizer,
-            preferences.as_messages(row["prompt"], "user", name, "prompt"),
+            prompt,
             preferences.as_messages(row["response"], "assistant", name, "response"),
             config.max_length,
         )
-        for row in rows
+        for prompt, row in zip(prompts, rows)
     ]
+    keys = [json.dumps(prompt, sort_keys=True) for prompt in prompts]  # rows of one prompt share it in one row
     with progress("rm score", total=len(rows)) as bar:
-        raw = preferences.score_sequences(model, sequences, tokenizer.pad_token_id, device, config.batch_size, bar)
+        raw = preferences.score_grouped(model, sequences, keys, tokenizer.pad_token_id, device, config.batch_size, bar)
     scored = [{**row, "reward": preferences.normalize(value, norm)} for row, value in zip(rows, raw)]
     if config.output is None:
         for row in scored:

@@ -46,7 +46,7 @@ class Entry:
     spec: str
     """What `models.load_for_inference` loads."""
     kind: str
-    """sft, ppo, base or model."""
+    """sft, ppo, dpo, base or model."""
     path: Path | None = None
     """Its run folder, when it is one."""
     reference: Path | None = None
@@ -118,7 +118,7 @@ def resolve_entries(config: EvalConfig) -> tuple[list[Entry], Entry]:
         specs.append(baseline_spec)
     runs = {spec: run_entry(spec) for spec in specs if spec != BASE and is_run_folder(spec)}
     sft_run = next((e.path for e in runs.values() if e.kind == "sft"), None) or next(
-        (e.reference for e in runs.values() if e.kind == "ppo" and e.reference is not None), None
+        (e.reference for e in runs.values() if e.kind in ("ppo", "dpo") and e.reference is not None), None
     )
     entries = [runs.get(spec) or other_entry(spec, sft_run, list(runs.values())) for spec in specs]
     baseline = next(entry for entry in entries if same_model(entry.name, baseline_spec))
@@ -131,19 +131,24 @@ def is_run_folder(spec: str) -> bool:
 
 
 def run_entry(spec: str) -> Entry:
-    """An sft or ppo run folder; a ppo run's KL reference is its parent SFT run."""
+    """An sft, ppo or dpo run folder; a ppo or dpo run's KL reference is the SFT run it started from."""
     path = Path(spec)
-    manifest = artifacts.require_complete(path, ("sft", "ppo"), flag="--models")
+    manifest = artifacts.require_complete(path, ("sft", "ppo", "dpo"), flag="--models")
     name = display_path(spec)
     if manifest["kind"] == "sft":
         return Entry(name, spec, "sft", path, reference=path)
-    return Entry(name, spec, "ppo", path, reference=sft_parent(spec, manifest))
+    return Entry(name, spec, manifest["kind"], path, reference=sft_parent(spec, manifest))
 
 
 def sft_parent(name: str, manifest: dict) -> Path | None:
-    """The SFT run a ppo run started from, if it is still there and complete (otherwise its KL is skipped)."""
-    record = (manifest.get("parents") or {}).get("sft")
-    parent = Path(record["path"]) if record else None
+    """The SFT run a ppo run (`--sft`) or a dpo run (`--model`) started from, if it is still there and complete
+    (otherwise its KL is skipped)."""
+    parents = manifest.get("parents") or {}
+    record = parents.get("sft") or (parents.get("model") if manifest.get("kind") == "dpo" else None)
+    if record is None:  # a dpo run trained from a bare base: its reference is that base, not an SFT run
+        warn(f"The KL of {name} is not measured: it was not trained from an SFT run")
+        return None
+    parent = Path(record["path"])
     parent_manifest = artifacts.read_manifest(parent) if parent is not None and parent.is_dir() else None
     if parent_manifest is None or parent_manifest.get("status") != artifacts.STATUS_COMPLETE:
         warn(f"The KL of {name} is not measured: its SFT run {parent} is missing or incomplete")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from instruct_cli.core import chat, lm, models, preferences, rl, sampling, training
+from instruct_cli.core import chat, inference, lm, models, preferences, rl, sampling, training
 from instruct_cli.core.config import EvalConfig
 from instruct_cli.core.console import progress, warn
 from instruct_cli.steps.evaluate.entries import Entry, Samples, same_path
@@ -175,7 +175,8 @@ def answer_and_measure(
     """Load one model: its samples (generated, seed reset first, or from --generations), the log-probs of its
     own samples (when a KL is to be measured), its perplexity on the SFT eval split, and, when it is the KL
     reference of models already answered, their KL. Then free it."""
-    model, tokenizer, source = models.load_for_inference(entry.spec, config.quantization, config.device)
+    # exact: the KL and perplexity need fp32 log-probs on a CPU, not the faster bf16 of plain sampling
+    model, tokenizer, source = inference.load_for_inference(entry.spec, config.quantization, config.device, exact=True)
     entry.fingerprint = source.fingerprint
     if answers is None:
         torch.manual_seed(config.seed)
@@ -252,7 +253,9 @@ def measure_remaining_kl(entries: list[Entry], config: EvalConfig) -> None:
         ):
             references.append(entry.reference)
     for reference in references:
-        model, tokenizer, source = models.load_for_inference(str(reference), config.quantization, config.device)
+        model, tokenizer, source = inference.load_for_inference(
+            str(reference), config.quantization, config.device, exact=True
+        )
         kl_against(model, tokenizer, source, reference, entries, config)
         del model
         release_memory()

@@ -98,7 +98,7 @@ def plot_win_rates(results: list[dict], baseline: str, path: Path) -> dict:
 
     `results` are the per-model entries of report.json."""
     compared = [m for m in results if m["win_rate"] is not None]
-    figure = new_figure(8, 1.2 + 0.6 * len(compared))
+    figure = new_figure(8, 1.5 + 0.6 * len(compared))
     axes = figure.add_subplot()
     names = [m["name"] for m in compared]
     rates = np.array([100 * m["win_rate"]["rate"] for m in compared])
@@ -122,7 +122,8 @@ def plot_win_rates(results: list[dict], baseline: str, path: Path) -> dict:
         axes.text(min(100 * win["high"] + 2, 80), y, win_text(win), va="center")
     axes.set_xlim(0, 100)
     axes.invert_yaxis()
-    axes.set_title(f"Win-rate against {baseline}, judged by the reward model (95% CI; dashed: 50% = no difference)")
+    # two lines: one line of this title is wider than the axes, and the figure would clip it
+    axes.set_title(f"Win-rate against {baseline}, judged by the reward model\n95% CI; dashed line: 50% = no difference")
     axes.set_xlabel("% of prompts won (ties count half)")
     return save_figure(figure, path)
 
@@ -134,6 +135,10 @@ CURVES: dict[str, list[tuple[str, list[str]]]] = {
         ("score", ["objective/score", "eval/reward"]),
         ("KL (nats)", ["objective/kl", "eval/kl"]),
         ("beta", ["objective/beta"]),
+    ],
+    "dpo": [
+        ("loss", ["loss/train", "eval/loss"]),
+        ("implicit reward", ["eval/chosen_reward", "eval/rejected_reward", "eval/margin"]),
     ],
 }
 """The panels of the training curves per kind of run: (panel, metric names read from metrics.jsonl)."""
@@ -178,13 +183,13 @@ def plot_training_curves(runs: list[tuple[str, str, Path]], path: Path) -> dict 
 
 def runs_with_curves(entries: list[Entry], reward: Path) -> list[tuple[str, str, Path]]:
     """The runs whose training curves the report shows: SFT runs (those evaluated and the references), the
-    reward model, then ppo runs; each once."""
+    reward model, then ppo and dpo runs; each once."""
     runs: list[tuple[str, str, Path]] = []
     for entry in entries:
         if entry.reference is not None:
             runs.append((display_path(entry.reference), "sft", entry.reference))
     runs.append((str(reward), "rm", Path(reward)))
-    runs += [(entry.name, "ppo", entry.path) for entry in entries if entry.kind == "ppo"]
+    runs += [(entry.name, entry.kind, entry.path) for entry in entries if entry.kind in ("ppo", "dpo")]
     named = {str(entry.path.resolve()): entry.name for entry in entries if entry.path is not None}
     unique, seen = [], set()
     for name, kind, folder in runs:

@@ -120,11 +120,12 @@ class Sampler:
     def _loop(self) -> None:
         import torch
 
-        from instruct_cli.core import models
+        from instruct_cli.core import inference
 
         try:
-            model, tokenizer, _ = models.load_for_inference(
-                self.config.model, self.config.quantization, self.config.device
+            # no line about the choice: the labelling screen is up by now
+            model, tokenizer, _ = inference.load_for_inference(
+                self.config.model, self.config.quantization, self.config.device, announce=False
             )
             self.loaded = True
             while not self._stop.is_set():

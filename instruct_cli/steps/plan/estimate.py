@@ -1,5 +1,5 @@
 """The estimate of one step: its peak (`Breakdown`, the largest of the `Moment`s it goes through), the
-estimators of sft, rm, ppo and eval (`estimate_sft` ... `estimate_step`), a step of a recipe with its
+estimators of sft, rm, ppo, dpo and eval (`estimate_sft` ... `estimate_step`), a step of a recipe with its
 estimate (`StepPlan`) and the fit verdict against a card (`Verdict`, `usable_memory`, `judge`).
 
 Uses `gpus` (units), `shapes` and `memory` (the byte models), and the core's step configs.
@@ -176,6 +176,29 @@ def estimate_rm(shape: ModelShape, config: cfg.RMConfig, device: str = "cuda") -
     )
 
 
+def estimate_dpo(shape: ModelShape, config: cfg.DPOConfig, device: str = "cuda") -> Breakdown:
+    """`instruct dpo`: 2 x batch_size sequences (chosen and rejected; K per row for rankings) of max_length
+    through one LoRA'd base, with vocabulary logits at the response tokens. The reference is the same base and
+    adapter, scored once before training: no second model, and its log-probs are a float per response."""
+    prec = precision(device, config.quantization, training=True)
+    lora = lora_for(shape, config)
+    out = _static("dpo", shape, config.quantization, prec, [lora], [lora])
+    out.notes.append("2 sequences per row (pairs); a ranked row of K responses costs K")
+    return _peak(
+        out,
+        _training_moments(
+            shape,
+            prec,
+            lora,
+            2 * config.batch_size,
+            config.max_length,
+            config.gradient_checkpointing,
+            logits=True,
+            out=out,
+        ),
+    )
+
+
 def _training_moments(
     shape: ModelShape,
     prec: Precision,
@@ -198,20 +221,26 @@ def _training_moments(
 def estimate_ppo(
     shape: ModelShape, config: cfg.PPOConfig, policy: Lora, value: Lora, device: str = "cuda"
 ) -> Breakdown:
-    """`instruct ppo`: one base, four adapters; the largest of rollout, scoring, log-probs and the update."""
+    """`instruct ppo`: one base and an adapter per role (policy, reference, and the value and reward roles
+    when the run has them); the largest of rollout, scoring, log-probs and the update. `value` is the reward
+    model's LoRA (the value role starts from it, or from the SFT adapter when there is no reward model)."""
     prec = precision(device, config.quantization, training=True)
     plain = replace(prec, autocast=False)  # steps 1-4 run outside autocast
     policy, value = replace(policy, dropout=0.0), replace(value, dropout=0.0)  # PPO turns dropout off
+    has_value, has_reward = config.advantage == "gae", config.reward is not None or config.reward_fn is None
+    value_lora = value if has_reward else policy
     out = _static(
         "ppo",
         shape,
         config.quantization,
         prec,
-        [policy, policy, value, value],
-        [policy, value],
-        heads=2,
-        trainable_heads=1,
+        [policy, policy] + [value_lora] * has_value + [value] * has_reward,
+        [policy] + [value_lora] * has_value,
+        heads=has_value + has_reward,
+        trainable_heads=int(has_value),
     )
+    if not has_value:
+        out.notes.append(f"--advantage {config.advantage}: no value adapter, head, gradients or optimizer state")
     rollouts, prompt, new = config.rollout_batch_size, config.max_prompt_length, config.max_new_tokens
     full = prompt + new
     kv_bytes = max(_linear_out(plain.stream, plain, True), plain.stream)  # k after RoPE: stream dtype or wider
@@ -269,8 +298,10 @@ def estimate_ppo(
 def estimate_eval(shape: ModelShape, config: cfg.EvalConfig, lora: Lora, device: str = "cuda") -> Breakdown:
     """`instruct eval`: one model at a time (policy or reward model), no gradients: the largest of generation,
     response log-probs, perplexity and reward scoring."""
-    prec = precision(device, config.quantization, training=False)
-    out = _static("eval", shape, config.quantization, prec, [lora], [], heads=1)
+    # auto (the default) samples unquantised only where the weights fit in half the memory: planned as nf4
+    quantization = "nf4" if config.quantization == "auto" else config.quantization
+    prec = precision(device, quantization, training=False)
+    out = _static("eval", shape, quantization, prec, [lora], [], heads=1)
     batch, prompt, new = config.batch_size, config.max_length, config.max_new_tokens
     full = prompt + new
     kv = _linear_out(prec.stream, prec, True)
@@ -341,12 +372,14 @@ class StepPlan:
 def estimate_step(
     step: str, config: Any, shape: ModelShape, loras: tuple[Lora, ...] = (), device: str = "cuda"
 ) -> Breakdown:
-    """Dispatch to the step's estimator. sft and rm read their LoRA from `config`; ppo needs `loras` =
+    """Dispatch to the step's estimator. sft, rm and dpo read their LoRA from `config`; ppo needs `loras` =
     (policy lora, value lora) and eval (lora,), the adapters of the runs they load."""
     if step == "sft":
         return estimate_sft(shape, config, device)
     if step == "rm":
         return estimate_rm(shape, config, device)
+    if step == "dpo":
+        return estimate_dpo(shape, config, device)
     if step == "ppo":
         policy, value = loras
         return estimate_ppo(shape, config, policy, value, device)

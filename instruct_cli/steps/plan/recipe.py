@@ -33,13 +33,14 @@ def _model_of(task: Any, tasks: list[Any], seen: int = 0) -> str:
     reference = {
         "sft": lambda: config.model,
         "rm": lambda: config.model,
+        "dpo": lambda: config.model,
         "ppo": lambda: config.sft,
         "eval": lambda: config.reward or (config.models[0] if config.models else None),
     }[task.step]()
     if reference is None:
         return cfg.BUILTIN_MODEL
     for other in tasks:
-        if other is not task and other.step in ("sft", "rm", "ppo") and _same_path(other.config.out, reference):
+        if other is not task and other.step in ("sft", "rm", "ppo", "dpo") and _same_path(other.config.out, reference):
             return _model_of(other, tasks, seen + 1) if seen < 8 else cfg.BUILTIN_MODEL
     manifest = Path(str(reference)) / "manifest.json"
     if manifest.is_file():
@@ -99,7 +100,7 @@ def plan_recipe(
             plans.append(StepPlan(task.step, task.config, None, breakdown=estimate_step(task.step, task.config, None)))
             continue
         shape = shape_of(task)
-        if task.step in ("sft", "rm"):
+        if task.step in ("sft", "rm", "dpo"):
             loras = ()  # their own config says
         elif task.step == "ppo":  # policy/reference from the SFT run, value/reward from the RM run
             loras = (_lora_of("sft", tasks, shape), _lora_of("rm", tasks, shape))

@@ -31,7 +31,7 @@ def step_settings(plan: StepPlan) -> str:
     ckpt = f"ckpt {'on' if getattr(c, 'gradient_checkpointing', False) else 'off'}"
     if plan.step == "sft":
         return f"{c.quantization}, {c.batch_size} x {c.max_length} tok, r {c.lora_r}, {ckpt}"
-    if plan.step == "rm":
+    if plan.step in ("rm", "dpo"):
         pairs = "pair" if c.batch_size == 1 else "pairs"
         return f"{c.quantization}, {c.batch_size} {pairs} x {c.max_length} tok, r {c.lora_r}, {ckpt}"
     if plan.step == "ppo":

@@ -30,7 +30,7 @@ def candidate_changes(step: str, config: Any) -> list[tuple[str, Callable[[Any],
         changes.append(("gradient_checkpointing: true", lambda c: replace(c, gradient_checkpointing=True)))
     if config.quantization != "nf4":
         changes.append(("quantization: nf4", lambda c: replace(c, quantization="nf4")))
-    if step in ("sft", "rm"):
+    if step in ("sft", "rm", "dpo"):
         for size in _halvings(config.batch_size):
             accum = config.grad_accum * config.batch_size // size
             changes.append(
@@ -44,7 +44,10 @@ def candidate_changes(step: str, config: Any) -> list[tuple[str, Callable[[Any],
     elif step == "ppo":
         for size in _halvings(config.minibatch_size):
             changes.append((f"minibatch_size: {size}", lambda c, n=size: replace(c, minibatch_size=n)))
-        for size in _halvings(config.rollout_batch_size, max(config.minibatch_size, 1)):
+        group = config.samples_per_prompt or (1 if config.advantage == "gae" else 4)  # K responses per prompt
+        for size in _halvings(config.rollout_batch_size, max(config.minibatch_size, group, 1)):
+            if size % group:
+                continue
             changes.append((f"rollout_batch_size: {size}", lambda c, n=size: replace(c, rollout_batch_size=n)))
         for length in _halvings(config.max_prompt_length, 64):
             changes.append((f"max_prompt_length: {length}", lambda c, n=length: replace(c, max_prompt_length=n)))
