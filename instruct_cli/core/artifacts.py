@@ -220,7 +220,7 @@ def require_complete(folder: Path, kinds: tuple[str, ...] | str, flag: str = "in
 
 
 def either(names) -> str:
-    """"a", "a or b", "a, b or c"."""
+    """The names as a list in words: `a`, `a or b`, `a, b or c`."""
     names = list(names)
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
