@@ -119,7 +119,8 @@ def plot_win_rates(results: list[dict], baseline: str, path: Path) -> dict:
     axes.axvline(50, color="grey", linestyle="--", linewidth=1, label="_no difference")
     for y, model in enumerate(compared):
         win = model["win_rate"]
-        axes.text(min(100 * win["high"] + 2, 80), y, win_text(win), va="center")
+        # at the left end of the bar, on a white box: right of it the error bar and the 50% line run through
+        axes.text(1, y, win_text(win), va="center", bbox={"facecolor": "white", "alpha": 0.85, "linewidth": 0})
     axes.set_xlim(0, 100)
     axes.invert_yaxis()
     # two lines: one line of this title is wider than the axes, and the figure would clip it
