@@ -8,6 +8,7 @@ artifacts     run folders: manifest, atomic writes, metrics.jsonl, content hashe
 trackers      --report-to: metrics.jsonl rows also sent to TensorBoard, wandb, mlflow (accelerate's trackers)
 data_folders  reading a data folder written by prepare-data
 models        resolving a model reference, GGUF conversion, quantised loading, LoRA settings
+inference     loading to sample: `auto` quantisation and dtype, adapters merged once and cached
 chat          chat templates: prompts and conversations as token ids, assistant-token labels
 sampling      left padding, prompt + response sequences, generate() arguments
 heads         the scalar head of reward and value models; hidden states; scores at the last token

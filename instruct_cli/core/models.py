@@ -364,7 +364,9 @@ def lora_config(options, task_type: str = "CAUSAL_LM"):
 
 
 def load_for_inference(spec: str, quantization: str = "nf4", device: str = "auto"):
-    """Load `spec` (any model reference) ready to generate: base, plus the run's adapter if it is a run folder.
+    """Load `spec` (any model reference) ready to generate: base, plus the run's adapter if it is a run folder
+    (applied by peft, unmerged: what training computed). The commands that sample use
+    inference.load_for_inference, which merges and picks the fastest format.
 
     Returns (model, tokenizer, source).
     """
