@@ -13,7 +13,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["bench_sft.py", "bench_rm.py", "bench_plan.py", "bench_ppo.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_sft.py", "bench_rm.py", "bench_plan.py", "bench_ppo.py", "bench_generate.py"]
+)
 def test_benchmark_smoke_run(script):
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--smoke"],
@@ -27,3 +29,6 @@ def test_benchmark_smoke_run(script):
     assert "FAILED" not in output, output[-4000:]
     if script in ("bench_sft.py", "bench_rm.py") and "SKIPPED the TRL side" not in output:
         assert "instruct / TRL" in output  # both sides measured, side by side
+    if script == "bench_generate.py":  # every path and the real command measured, side by side
+        for row in ("nf4 ", "fp32 ", "bf16 ", "merged (", "unmerged (", "base model ", "run "):
+            assert f"\n{row}" in output, row
