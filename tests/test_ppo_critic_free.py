@@ -14,10 +14,11 @@ import torch
 from typer.testing import CliRunner
 
 from instruct_cli.cli import app
-from instruct_cli.core import artifacts, recipes, reward_functions
+from instruct_cli.core import artifacts, reward_functions
 from instruct_cli.core import config as cfg
 from instruct_cli.core.errors import UserError
 from instruct_cli.steps import ppo
+from tests.test_ppo import ppo_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "rewards.py"
 runner = CliRunner()
@@ -29,28 +30,12 @@ def pipeline(tiny_sft_rm):
     return {**tiny_sft_rm, "prompts": tiny_sft_rm["data-prompts"]}
 
 
+LEARNING = dict(iterations=20, rollout_batch_size=16, minibatch_size=8, max_new_tokens=24, kl_coef=0.02, eval_prompts=4)
+"""test_ppo's learning-test settings, over test_ppo's ppo_config defaults."""
+
+
 def config_for(pipeline, out, **overrides):
-    values = dict(
-        sft=pipeline["sft"],
-        reward=pipeline["rm"],
-        data=pipeline["prompts"],
-        out=out,
-        quantization="none",
-        gradient_checkpointing=False,
-        iterations=20,
-        rollout_batch_size=16,
-        minibatch_size=8,
-        ppo_epochs=2,
-        max_new_tokens=24,
-        eval_every=100,
-        save_every=100,
-        eval_prompts=4,
-        lr=1e-3,
-        kl_coef=0.02,
-        seed=0,
-    )
-    values.update(overrides)
-    return recipes.build_config(cfg.PPOConfig, "ppo", None, values)
+    return ppo_config(pipeline, out, **{**LEARNING, **overrides})
 
 
 def metrics_of(out: Path) -> list[dict]:

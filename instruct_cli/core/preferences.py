@@ -145,6 +145,20 @@ def group_lengths(groups: list[Group], shared_prefix: bool) -> list[int]:
     return [group.packed if shared_prefix else group.longest for group in groups]
 
 
+def group_batches(config, accelerator, train_set: list[Group], eval_set: list[Group], shared_prefix: bool, collate):
+    """What `training.fit` needs of preference groups (rm, dpo): (batches_for_epoch, eval_batches, total_steps).
+    Training batches are this process's length-grouped share of each epoch; `collate` turns a list of groups
+    into a batch, packed (`shared_prefix`) or padded."""
+    train_lengths = group_lengths(train_set, shared_prefix)
+
+    def batches_for_epoch(epoch: int) -> list[training.Batch]:
+        mine = training.my_batches(accelerator, train_lengths, config, epoch)
+        return [collate([train_set[i] for i in group]) for group in mine]
+
+    eval_batches = training.eval_batches(eval_set, group_lengths(eval_set, shared_prefix), config.batch_size, collate)
+    return batches_for_epoch, eval_batches, training.total_steps(config, accelerator, len(train_set))
+
+
 def cut_group(sequences: list[list[int]], max_length: int) -> list[list[int]]:
     """A group's prompt + response sequences cut to `max_length` from the left, the prompt cut ONCE for the
     group: as many prompt tokens as the longest response needs go from every response, so all responses are

@@ -262,15 +262,8 @@ def run(config: DPOConfig) -> Path:
 
         shared = packs(policy)  # each prompt once per row (the reference above is scored one by one)
         batch_of = partial(collate_shared if shared else collate, pad_id=tokenizer.pad_token_id, device=device)
-        train_lengths = preferences.group_lengths(train_set, shared)
-
-        def batches_for_epoch(epoch: int) -> list[training.Batch]:
-            mine = training.my_batches(accelerator, train_lengths, config, epoch)
-            return [batch_of([train_set[i] for i in group]) for group in mine]
-
-        total_steps = training.total_steps(config, accelerator, len(train_set))
-        eval_batches = training.eval_batches(
-            eval_set, preferences.group_lengths(eval_set, shared), config.batch_size, batch_of
+        batches_for_epoch, eval_batches, total_steps = preferences.group_batches(
+            config, accelerator, train_set, eval_set, shared, batch_of
         )
         trainable = training.make_trainable(
             lm.SequenceLogProbs(policy), accelerator, config.lr, config.weight_decay, config.warmup_ratio, total_steps

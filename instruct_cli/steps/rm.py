@@ -100,15 +100,8 @@ def run(config: RMConfig) -> Path:
         collate = partial(
             preferences.collate_shared if shared else preferences.collate, pad_id=tokenizer.pad_token_id, device=device
         )
-        train_lengths = preferences.group_lengths(train_set, shared)
-
-        def batches_for_epoch(epoch: int) -> list[training.Batch]:
-            mine = training.my_batches(accelerator, train_lengths, config, epoch)
-            return [collate([train_set[i] for i in group]) for group in mine]
-
-        total_steps = training.total_steps(config, accelerator, len(train_set))
-        eval_batches = training.eval_batches(
-            eval_set, preferences.group_lengths(eval_set, shared), config.batch_size, collate
+        batches_for_epoch, eval_batches, total_steps = preferences.group_batches(
+            config, accelerator, train_set, eval_set, shared, collate
         )
         trainable = training.make_trainable(
             model, accelerator, config.lr, config.weight_decay, config.warmup_ratio, total_steps
