@@ -137,14 +137,16 @@ def perplexity(model, tokenizer, conversations: list[list[dict]], max_length: in
 
 
 def reward_model_accuracy(model, tokenizer, rows: list[dict], max_length: int, batch_size: int, where: str) -> dict:
-    """The reward model's pair accuracy, loss and mean margin on preference rows (as `instruct rm` evaluates)."""
+    """The reward model's pair accuracy, loss and mean margin on preference rows (as `instruct rm` evaluates):
+    each row's prompt computed once for all its responses (packed rows) where the model takes them."""
     device = next(model.head.parameters()).device
     groups, _ = preferences.encode_rows(tokenizer, rows, max_length, where)
+    collate = preferences.collate_shared if model.packs else preferences.collate
     batches = training.eval_batches(
         groups,
-        [g.longest for g in groups],
+        preferences.group_lengths(groups, model.packs),
         batch_size,
-        partial(preferences.collate, pad_id=tokenizer.pad_token_id, device=device),
+        partial(collate, pad_id=tokenizer.pad_token_id, device=device),
     )
     metrics = preferences.evaluate(model, batches)
     return {
@@ -281,19 +283,26 @@ def score_with_reward_model(
 
     A response is scored as PPO scores a rollout: the sampled token ids after the prompt's ids, read at the
     last real token, minus `missing_eos_penalty` when it has no EOS. Only when the reward model's tokenizer
-    renders the prompts differently (another base) is the response's text re-rendered with its template."""
+    renders the prompts differently (another base) is the response's text re-rendered with its template.
+    Every model's answers to a prompt are scored together, the prompt computed once (`prompt_keys`)."""
     model, tokenizer, norm = preferences.load_reward_model(config.reward, config.quantization, config.device)
     device = next(model.head.parameters()).device
-    total = len(prompts) * len(entries)
-    scored_on = {}
-    with progress("reward model", total=total) as bar:
-        for entry in entries:
-            sequences, scored_on[entry.name] = reward_inputs(tokenizer, prompts, entry.samples, config.max_length)
-            raw = preferences.score_sequences(model, sequences, tokenizer.pad_token_id, device, config.batch_size, bar)
-            entry.rewards = [
-                preferences.normalize(value, norm) - (config.missing_eos_penalty if ended is False else 0.0)
-                for value, ended in zip(raw, entry.samples.ended)
-            ]
+    queries = [chat.encode_prompt(tokenizer, prompt)[-config.max_length :] for prompt in prompts]
+    sequences, keys, counts, scored_on = [], [], [], {}
+    for entry in entries:
+        inputs, scored_on[entry.name] = reward_inputs(tokenizer, prompts, entry.samples, config.max_length)
+        sequences += inputs
+        keys += prompt_keys(queries, inputs)
+        counts.append(len(inputs))
+    with progress("reward model", total=len(sequences)) as bar:
+        raw = preferences.score_grouped(model, sequences, keys, tokenizer.pad_token_id, device, config.batch_size, bar)
+    start = 0
+    for entry, count in zip(entries, counts):
+        mine, start = raw[start : start + count], start + count
+        entry.rewards = [
+            preferences.normalize(value, norm) - (config.missing_eos_penalty if ended is False else 0.0)
+            for value, ended in zip(mine, entry.samples.ended)
+        ]
     accuracy = None
     if pref_rows:
         accuracy = reward_model_accuracy(model, tokenizer, pref_rows, config.max_length, config.batch_size, prefs_where)
@@ -306,6 +315,15 @@ def score_with_reward_model(
         "scored_on": scored_on,
         **(accuracy or {}),
     }
+
+
+def prompt_keys(queries: list[list[int]], sequences: list[list[int]]) -> list[tuple]:
+    """For each of one model's reward-model inputs (one per prompt, in prompt order), the key of the packed row
+    it is scored in: its prompt's number and the ids it begins with, as many as the reward model's rendering
+    of that prompt has. Answers of several models to a prompt share a key when their inputs begin with the
+    same prompt ids; an input cut from the left or re-rendered otherwise is grouped only with inputs that
+    begin alike (packing is exact whatever it groups; a group without a shared prefix only saves nothing)."""
+    return [(number, tuple(ids[: len(query)])) for number, (query, ids) in enumerate(zip(queries, sequences))]
 
 
 def reward_inputs(tokenizer, prompts: list[list[dict]], samples, max_length: int) -> tuple[list[list[int]], str]:
