@@ -16,6 +16,9 @@ every second for its peak PSS (proportional set size):
                (optimizer state, backward passes), a final evaluation. samples/s is the run's own
                `train/samples_per_s` (last row of metrics.jsonl: all rollouts / time since the first
                iteration began, before the final evaluation); "steady" leaves out the first iteration.
+               With --rollouts merged unmerged it runs twice, with the policy adapter merged into the
+               weights while sampling (the default) and unmerged, and prints their per-phase medians
+               (time/rollout, rollout/tokens_per_s, ...) side by side.
   shared-1     ONE PPO trajectory with the shared design: `ppo.load_roles` + `ppo.make_trajectory`
                (generate B x T tokens with the policy, reward score, policy + reference log-probs, values).
   separate-1   the SAME trajectory with four separate models: for each role `models.load_base_model`
@@ -46,6 +49,8 @@ Usage:
   .venv/bin/python benchmarks/bench_ppo.py                               # nf4 (the default)
   .venv/bin/python benchmarks/bench_ppo.py --quantization nf4 none      # also the fp32 base
   .venv/bin/python benchmarks/bench_ppo.py --work /tmp/bench-ppo --profile  # + cProfile of one CLI run
+  .venv/bin/python benchmarks/bench_ppo.py --quantization none --skip shared separate \
+      --rollouts merged unmerged --iterations 6 --max-new-tokens 48 --ppo-epochs 2  # quickstart-shaped
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -293,8 +299,9 @@ def side_baseline(work: Path, what: str = "baseline") -> dict:
     return measure([PYTHON, __file__, "--child", what, "--work", str(work)], work / "logs" / f"{what}.log", what)
 
 
-def ppo_cli_args(paths: dict, out: Path, quantization: str, args) -> list[str]:
-    """`ppo` and its flags, the same for the measured and the profiled CLI run."""
+def ppo_cli_args(paths: dict, out: Path, quantization: str, args, rollouts: str = "merged") -> list[str]:
+    """`ppo` and its flags, the same for the measured and the profiled CLI run; `rollouts` (merged or
+    unmerged) is --merged-rollouts or --no-merged-rollouts."""
     return [
         "ppo",
         "--sft",
@@ -324,14 +331,17 @@ def ppo_cli_args(paths: dict, out: Path, quantization: str, args) -> list[str]:
         "1000",
         "--seed",
         str(args.seed),
+        "--merged-rollouts" if rollouts == "merged" else "--no-merged-rollouts",
+        *shlex.split(args.ppo_args),
     ]
 
 
-def side_cli(paths: dict, work: Path, quantization: str, args) -> dict:
-    """The real `instruct ppo` command; samples/s from its metrics.jsonl."""
-    out = work / f"ppo-{quantization}"
-    cmd = [INSTRUCT, *ppo_cli_args(paths, out, quantization, args)]
-    result = measure(cmd, work / "logs" / f"cli-{quantization}.log", "instruct ppo")
+def side_cli(paths: dict, work: Path, quantization: str, args, rollouts: str = "merged") -> dict:
+    """The real `instruct ppo` command (rollouts `merged` or `unmerged`); samples/s from its metrics.jsonl."""
+    suffix = "" if rollouts == "merged" else f"-{rollouts}"
+    out = work / f"ppo-{quantization}{suffix}"
+    cmd = [INSTRUCT, *ppo_cli_args(paths, out, quantization, args, rollouts)]
+    result = measure(cmd, work / "logs" / f"cli-{quantization}{suffix}.log", f"instruct ppo ({rollouts} rollouts)")
     if result["rc"] == 0 and (out / "metrics.jsonl").is_file():
         rows = read_jsonl(out / "metrics.jsonl")
         result["samples_per_s"] = rows[-1].get("train/samples_per_s")
@@ -642,6 +652,32 @@ def report(quantization: str, baseline: dict, sides: dict[str, dict], args) -> d
     return ratios
 
 
+def report_rollouts(quantization: str, runs: dict[str, dict]) -> None:
+    """The CLI runs with merged and unmerged rollouts side by side: per-phase medians over the iterations."""
+    header = ["phase (median over iterations)", *(f"{mode} rollouts" for mode in runs)]
+    if len(runs) == 2:
+        header.append("unmerged / merged")
+    rows = []
+    for name in PHASES:
+        values = [run.get("phases", {}).get(name) for run in runs.values()]
+        if all(value is None for value in values):
+            continue
+        row = [name, *(fmt(value, 2) for value in values)]
+        if len(runs) == 2:
+            merged, unmerged = runs.get("merged", {}).get("phases", {}), runs.get("unmerged", {}).get("phases", {})
+            row.append(f"x{fmt(ratio(unmerged.get(name), merged.get(name)), 2)}")
+        rows.append(row)
+    rows.append(["steady samples/s (CLI)", *(fmt(run.get("steady_samples_per_s"), 3) for run in runs.values())])
+    if len(runs) == 2:
+        rows[-1].append("")
+    print_table(
+        f"instruct ppo, quantization {quantization}: rollouts sampled with the policy merged into the weights "
+        "(--merged-rollouts, the default) and unmerged (--no-merged-rollouts); seconds, tokens/s",
+        header,
+        rows,
+    )
+
+
 def print_warnings(work: Path) -> None:
     """Lines of the measured logs that look like warnings or errors (deduplicated), for the reader."""
     pattern = re.compile(r"warn|error|deprecat|traceback|exception", re.IGNORECASE)
@@ -677,11 +713,24 @@ def main() -> None:
         help="Base storage(s) to measure, one table each",
     )
     parser.add_argument("--iterations", type=int, default=3, help="PPO iterations of the CLI run")
+    parser.add_argument(
+        "--rollouts",
+        nargs="+",
+        choices=("merged", "unmerged"),
+        default=["merged"],
+        help="How the CLI run samples rollouts: with the policy merged into the weights (the default) and/or "
+        "unmerged (--no-merged-rollouts); both: two CLI runs and a side-by-side per-phase table",
+    )
     parser.add_argument("--rollout-batch-size", type=int, default=8, help="Prompts per rollout")
     parser.add_argument("--minibatch-size", type=int, default=4, help="Rollouts per gradient step (CLI)")
     parser.add_argument("--ppo-epochs", type=int, default=1, help="Passes over each rollout batch (CLI)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Longest sampled response")
     parser.add_argument("--prompts", type=int, default=64, help="Synthetic prompts / preference pairs")
+    parser.add_argument(
+        "--ppo-args",
+        default="",
+        help="More flags for the CLI run, e.g. '--no-gradient-checkpointing --lr 2e-4' (the quickstart's)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data, sampling and the CLI run")
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=("cli", "shared", "separate"), help="Sides to leave out"
@@ -738,7 +787,7 @@ def main() -> None:
         MODEL = str(build_tiny_model(work / "tiny-model"))
         os.environ["BENCH_PPO_MODEL"] = MODEL  # the one-step children load their separate models from it
         args.quantization, args.prompts, args.iterations, args.rollout_batch_size = ["none"], 8, 2, 4
-        args.minibatch_size, args.max_new_tokens = 2, 8
+        args.minibatch_size, args.max_new_tokens, args.rollouts = 2, 8, ["merged", "unmerged"]
     failed = []
     started = time.time()
     try:
@@ -761,15 +810,23 @@ def main() -> None:
         )
         all_ratios = {}
         for quantization in args.quantization:
-            sides = {}
+            sides, cli_runs = {}, {}
             if "cli" not in args.skip:
-                sides["cli"] = side_cli(paths, work, quantization, args)
+                cli_runs = {mode: side_cli(paths, work, quantization, args, mode) for mode in args.rollouts}
+                sides["cli"] = cli_runs[args.rollouts[0]]
             for design in ("shared", "separate"):
                 if design not in args.skip:
                     sides[design] = side_one_step(paths, work, quantization, design, args)
             all_ratios[quantization] = report(quantization, baseline, sides, args)
+            if len(cli_runs) > 1:
+                report_rollouts(quantization, cli_runs)
             failed += [
                 f"{quantization} {name} (exit {side.get('rc')})" for name, side in sides.items() if side.get("rc")
+            ]
+            failed += [
+                f"{quantization} cli, {mode} rollouts (exit {run.get('rc')})"
+                for mode, run in list(cli_runs.items())[1:]
+                if run.get("rc")
             ]
             if "cli" in sides and sides["cli"].get("rc") == 0 and not sides["cli"].get("phases"):
                 failed.append(f"{quantization} cli (no per-phase timing in its metrics)")
@@ -780,6 +837,7 @@ def main() -> None:
                         "baseline": baseline,
                         "libraries": libraries,
                         "sides": sides,
+                        "cli_rollouts": cli_runs,
                         "ratios": all_ratios[quantization],
                     },
                     indent=2,

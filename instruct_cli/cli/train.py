@@ -405,6 +405,10 @@ def ppo(
             show_default=False,
         ),
     ] = None,
+    merged_rollouts: Annotated[
+        Optional[bool],
+        typer.Option("--merged-rollouts/--no-merged-rollouts", help=cfg.doc(PP, "merged_rollouts"), show_default=False),
+    ] = None,
     eval_every: Annotated[Optional[int], _opt(PP, "eval_every")] = None,
     eval_prompts: Annotated[Optional[int], _opt(PP, "eval_prompts")] = None,
     save_every: Annotated[Optional[int], _opt(PP, "save_every")] = None,
@@ -471,6 +475,7 @@ def ppo(
             ptx_data=ptx_data,
             max_grad_norm=max_grad_norm,
             gradient_checkpointing=gradient_checkpointing,
+            merged_rollouts=merged_rollouts,
             eval_every=eval_every,
             eval_prompts=eval_prompts,
             save_every=save_every,

@@ -11,6 +11,7 @@ models        resolving a model reference, GGUF conversion, quantised loading, L
 inference     loading to sample: `auto` quantisation and dtype, adapters merged once and cached
 chat          chat templates: prompts and conversations as token ids, assistant-token labels
 sampling      left padding, prompt + response sequences, generate() arguments
+lora_merge    a LoRA adapter folded into the base weights while sampling, the base bit-identical afterwards
 heads         the scalar head of reward and value models; hidden states; scores at the last token
 packing       shared-prefix packing: one prompt, its K responses in one row with a 4-D attention mask
 lm            the next-token loss on labelled tokens (sft, ppo-ptx, eval perplexity); log-probs per sequence

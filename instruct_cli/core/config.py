@@ -243,6 +243,9 @@ class PPOConfig(TrackingOptions, OutputOptions):
     """Gradients are clipped to this global norm."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (less memory, slower)."""
+    merged_rollouts: bool = True
+    """Sample rollouts with the policy adapter folded into the base weights (faster decoding; the original
+    weights are put back bit for bit afterwards). Ignored on a quantised base, which cannot be merged."""
     eval_every: int = 10
     """Evaluate on held-out prompts every this many iterations (and at the end)."""
     eval_prompts: int = 16

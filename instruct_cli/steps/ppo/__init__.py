@@ -63,6 +63,7 @@ from instruct_cli.steps.ppo.trajectory import (
     Trajectory,
     group_size,
     make_trajectory,
+    merged_rollouts_blocker,
     response_logits,
     rollout,
     score,
@@ -130,6 +131,9 @@ def run(config: PPOConfig) -> Path:
             f"precision {accelerator.mixed_precision}; {adapters} adapters on one base"
             f"{f'; reward function {config.reward_fn}' if config.reward_fn else ''})"
         )
+        blocker = merged_rollouts_blocker(roles, config)
+        if config.merged_rollouts and blocker:
+            info(f"Rollouts sample with the policy adapter unmerged (slower): {blocker}")
         prompts = Prompts(train_prompts, encoded, eval_prompts, function_reward)
         metrics = train(run_folder, roles, tokenizer, prompts, config, controller, trainable, checkpoint, start, ptx)
         if accelerator.is_main_process:

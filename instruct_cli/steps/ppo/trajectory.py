@@ -8,21 +8,25 @@
     4. advantages  gae: GAE with the value role, whitened. rloo / grpo (no value role): one reward per
                    response, compared with the other responses to the same prompt (K consecutive rows)
 
-Every forward here runs under the same autocast as the update's (`accelerator.autocast()`): the update's
-first importance ratio is then exactly 1 on a bf16 GPU too, not only in fp32. Sampling is exactly
-softmax(logits / T) (core/sampling.py sets the model's generation_config aside). In a data-parallel run each
-process holds its share of the rollouts; whitening and the logged statistics cover every process's share.
-May use: core (heads, rl, sampling, distributed), roles.
+When K > 1 responses share a prompt, the reward pass scores each prompt's responses as one packed row
+(core/packing.py: the prompt once), and so do the policy and reference passes when minibatches hold whole
+groups (`packs_groups`; the update then runs them alike). Every forward here runs under the same autocast
+as the update's (`accelerator.autocast()`): the update's first importance ratio is then exactly 1 on a bf16
+GPU too, not only in fp32. Sampling is exactly softmax(logits / T) (core/sampling.py sets the model's
+generation_config aside). In a data-parallel run each process holds its share of the rollouts; whitening and
+the logged statistics cover every process's share.
+May use: core (heads, lora_merge, packing, rl, sampling, distributed), roles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import NamedTuple
 
 import torch
 
-from instruct_cli.core import distributed, heads, rl, sampling
+from instruct_cli.core import distributed, heads, lora_merge, packing, rl, sampling
 from instruct_cli.core.config import PPOConfig
 from instruct_cli.core.reward_functions import RewardFunction
 from instruct_cli.steps.ppo.roles import POLICY, REFERENCE, REWARD, VALUE, Roles
@@ -66,14 +70,15 @@ class Trajectory(NamedTuple):
 # -------------------------------------------------------------------------------------- 1. rollout
 @torch.no_grad()
 def rollout(roles: Roles, tokenizer, prompts: list[list[int]], config: PPOConfig, accelerator) -> Rollout:
-    """Sample one response per prompt with the policy, from exactly softmax(logits / T)."""
+    """Sample one response per prompt with the policy, from exactly softmax(logits / T); with
+    --merged-rollouts (and an unquantised base) the policy adapter is folded into the weights meanwhile."""
     roles.use(POLICY)
     roles.model.eval()
     device = roles.device
     query, query_mask = sampling.left_pad(
         [p[-config.max_prompt_length :] for p in prompts], tokenizer.pad_token_id, device
     )
-    with accelerator.autocast():
+    with sampling_weights(roles, config), accelerator.autocast():
         output = sampling.sample(
             roles.model,
             tokenizer,
@@ -91,6 +96,22 @@ def rollout(roles: Roles, tokenizer, prompts: list[list[int]], config: PPOConfig
     response = torch.where(response_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     roles.model.train()
     return Rollout(query, query_mask, response, response_mask, ended)
+
+
+def sampling_weights(roles: Roles, config: PPOConfig):
+    """The weights rollouts sample with: the active (policy) adapter folded into the base
+    (core/lora_merge.py: bit-identical base afterwards), or as they are with --no-merged-rollouts or a base
+    that cannot be merged (see `merged_rollouts_blocker`)."""
+    if merged_rollouts_blocker(roles, config) is not None:
+        return contextlib.nullcontext()
+    return lora_merge.merged_adapter(roles.model, roles.model.active_adapter)
+
+
+def merged_rollouts_blocker(roles: Roles, config: PPOConfig) -> str | None:
+    """Why rollouts sample with the adapter unmerged (a few words), or None when they sample merged."""
+    if not config.merged_rollouts:
+        return "--no-merged-rollouts"
+    return lora_merge.merge_blocker(roles.model)
 
 
 # ---------------------------------------------------------------------------------------- 2. score
@@ -125,20 +146,47 @@ def score(
     scores = torch.zeros(len(rollout.response), device=rollout.response.device)
     if roles.has_reward_model:
         roles.use(REWARD)
-        input_ids, attention_mask, _ = sampling.sequences(
-            rollout.query, rollout.query_mask, rollout.response, rollout.response_mask
-        )
-        raw = heads.sequence_scores(roles.model, roles.reward_head, input_ids, attention_mask).float()
+        raw = reward_model_scores(roles, rollout)
         scores = scores + roles.reward_gain * raw + roles.reward_bias
     if function_reward is not None:
         scores = scores + function_reward(prompts, rollout)
     return scores - penalty * (~rollout.ended).float()
 
 
+def reward_model_scores(roles: Roles, rollout: Rollout) -> torch.Tensor:
+    """Raw score of the reward role (active) on each prompt + response, (B,) float32. When prompts repeat
+    (K samples per prompt) and the model takes packed rows, the responses to one prompt are scored as one
+    packed row (core/packing.py), the prompt computed once; the scores are the unpacked ones up to float
+    rounding."""
+    input_ids, attention_mask, _ = sampling.sequences(
+        rollout.query, rollout.query_mask, rollout.response, rollout.response_mask
+    )
+    prompts = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(rollout.query, rollout.query_mask)]
+    if len(set(prompts)) == len(prompts) or not packing.supports(roles.model):
+        return heads.sequence_scores(roles.model, roles.reward_head, input_ids, attention_mask).float()
+    rows_of: dict[tuple, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        rows_of.setdefault(prompt, []).append(row)
+    groups = list(rows_of.values())
+    sequences = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    # the pad id is never read: padding is masked out of every sequence's attention
+    packed = packing.pack([[sequences[row] for row in group] for group in groups], 0, input_ids.device)
+    values = heads.packed_sequence_scores(
+        roles.model, roles.reward_head, packed["input_ids"], packed["position_ids"], packed["segments"], packed["ends"]
+    ).float()
+    order = torch.tensor([row for group in groups for row in group], device=values.device)
+    return torch.empty_like(values).index_copy_(0, order, values)
+
+
 # ------------------------------------------------------------------------------- 3. log-probs and KL
-def response_logits(roles: Roles, role: str, query, query_mask, response, response_mask) -> torch.Tensor:
+def response_logits(
+    roles: Roles, role: str, query, query_mask, response, response_mask, group: int = 1
+) -> torch.Tensor:
     """Logits that predict each response token under `role`: (B, T, V). Only the last T+1 positions are
-    projected to the vocabulary."""
+    projected to the vocabulary. `group` > 1: the rows are whole groups of `group` consecutive responses to
+    one prompt, each group run as one packed row (`packed_response_logits`)."""
+    if group > 1:
+        return packed_response_logits(roles, role, query, query_mask, response, response_mask, group)
     roles.use(role)
     input_ids, attention_mask, position_ids = sampling.sequences(query, query_mask, response, response_mask)
     steps = response.shape[1]
@@ -150,6 +198,55 @@ def response_logits(roles: Roles, role: str, query, query_mask, response, respon
         use_cache=False,
     )
     return output.logits[:, :-1]
+
+
+def packs_groups(roles: Roles, config: PPOConfig) -> bool:
+    """Whether the policy and reference passes run each prompt's K responses as one packed row, the prompt
+    computed once: K > 1, minibatches of whole groups, and a model that takes packed rows. The trajectory and
+    the update decide alike, so that the update's first importance ratio is exactly 1."""
+    k = group_size(config)
+    return k > 1 and config.minibatch_size % k == 0 and packing.supports(roles.model)
+
+
+def packed_response_logits(
+    roles: Roles, role: str, query, query_mask, response, response_mask, group: int
+) -> torch.Tensor:
+    """`response_logits` of whole groups (`group` consecutive rows each, one prompt's responses): each group
+    is ONE packed row (core/packing.py: the prompt once, each response attending to it and to itself) in a
+    forward of its own, so a group's logits do not depend on which other groups share the batch: the update's
+    minibatches (whole groups, in another order) reproduce the trajectory's log-probs exactly. Positions past
+    a response's end hold zeros (they are masked everywhere)."""
+    roles.use(role)
+    body = heads.decoder_body(roles.model)
+    implementation, dtype = body.config._attn_implementation, body.get_input_embeddings().weight.dtype
+    lengths = response_mask.sum(1).long().tolist()
+    pieces, rows, steps = [], [], []
+    for first in range(0, len(query), group):
+        members = range(first, min(first + group, len(query)))
+        prompts = [query[row][query_mask[row].bool()].tolist() for row in members]
+        sequences = [p + response[row, : lengths[row]].tolist() for p, row in zip(prompts, members)]
+        packed = packing.pack([sequences], 0, query.device)
+        # the logits that predict response token j of sequence k sit at its position len(prompt) + j - 1
+        wanted = [
+            columns[len(prompt) - 1 : len(sequence) - 1]
+            for prompt, sequence, columns in zip(prompts, sequences, packing.flat_columns([sequences]))
+        ]
+        keep = sorted({column for columns in wanted for column in columns})
+        where = {column: number for number, column in enumerate(keep)}
+        logits = roles.model(
+            input_ids=packed["input_ids"],
+            attention_mask=packing.attention_mask(packed["segments"], implementation, dtype),
+            position_ids=packed["position_ids"],
+            logits_to_keep=torch.tensor(keep, device=query.device),
+            use_cache=False,
+        ).logits[0]
+        for row, columns in zip(members, wanted):
+            pieces.append(logits[torch.tensor([where[c] for c in columns], dtype=torch.long, device=logits.device)])
+            rows.append(row)
+            steps.append(len(columns))
+    output = pieces[0].new_zeros((len(query), response.shape[1], pieces[0].shape[-1]))
+    flat = torch.cat([row * response.shape[1] + torch.arange(n) for row, n in zip(rows, steps)]).to(output.device)
+    return output.view(-1, output.shape[-1]).index_copy(0, flat, torch.cat(pieces)).view(output.shape)
 
 
 # -------------------------------------------------------------------------------------- 4. values
@@ -188,13 +285,14 @@ def make_trajectory(
         # log-probs, entropy and values in chunks of a minibatch: full-vocabulary logits for the whole rollout
         # batch at once would be the largest tensor of the run (B x T x vocab floats)
         logprobs, ref_logprobs, values, entropies = [], [], [], []
+        group = group_size(config) if packs_groups(roles, config) else 1  # chunks are then whole groups
         for rows in torch.arange(len(query), device=query.device).split(config.minibatch_size):
             chunk = (query[rows], query_mask[rows], response[rows], mask[rows])
-            policy_logits = response_logits(roles, POLICY, *chunk)
+            policy_logits = response_logits(roles, POLICY, *chunk, group=group)
             logprobs.append(rl.token_logprobs(policy_logits, response[rows], config.temperature) * mask[rows])
             entropies.append(rl.entropy_from_logits(policy_logits, config.temperature))
             del policy_logits
-            reference_logits = response_logits(roles, REFERENCE, *chunk)
+            reference_logits = response_logits(roles, REFERENCE, *chunk, group=group)
             ref_logprobs.append(rl.token_logprobs(reference_logits, response[rows], config.temperature) * mask[rows])
             del reference_logits
             if roles.has_value:

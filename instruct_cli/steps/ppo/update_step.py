@@ -5,9 +5,11 @@ gains beta x the mean k3 KL to the reference (GRPO's form) instead of the KL sit
 
 Minibatch k is the same set of rollouts whatever the number of processes: the shuffle of each epoch is drawn
 over the global batch (every process's rollouts, process 0's first) from a generator seeded by (seed,
-iteration), identical on every process. Each process computes the part of the minibatch it holds, with
-losses divided by the minibatch's real tokens on all processes; gradients and statistics are then summed
-over processes. N processes with B rollouts each therefore take exactly the steps of one process with
+iteration), identical on every process. With K samples per prompt run packed (trajectory.packs_groups) the
+shuffle moves whole groups of K rows, so a minibatch holds whole groups, computed exactly as the trajectory
+computed them (each group one packed row): the first importance ratio is exactly 1 there too. Each process
+computes the part of the minibatch it holds, with losses divided by the minibatch's real tokens on all
+processes; gradients and statistics are then summed over processes. N processes with B rollouts each therefore take exactly the steps of one process with
 N x B rollouts and N x the minibatch size.
 
 A trap worth knowing: with (non-reentrant) gradient checkpointing, the forward is recomputed during the
@@ -24,7 +26,7 @@ import torch
 
 from instruct_cli.core import distributed, lm, rl
 from instruct_cli.core.config import PPOConfig
-from instruct_cli.steps.ppo import trajectory as steps
+from instruct_cli.steps.ppo import trajectory as trajectory_steps
 from instruct_cli.steps.ppo.roles import POLICY, Roles
 from instruct_cli.steps.ppo.trajectory import Trajectory
 
@@ -54,15 +56,20 @@ def update(
     minibatch = config.minibatch_size * world
     parameters = roles.trainable_parameters()
     total = distributed.summer(accelerator)
+    # packed groups: minibatches of whole groups of K rows, shuffled as groups (K = 1: rows, as always)
+    group = trajectory_steps.group_size(config) if trajectory_steps.packs_groups(roles, config) else 1
+    offsets = torch.arange(group)
     steps: list[dict[str, float]] = []
     for _ in range(config.ppo_epochs):
-        order = torch.randperm(local * world, generator=generator)
-        for start in range(0, local * world, minibatch):
-            chosen = order[start : start + minibatch]
+        order = torch.randperm(local * world // group, generator=generator)
+        for start in range(0, local * world // group, minibatch // group):
+            chosen = (order[start : start + minibatch // group, None] * group + offsets).flatten()
             mine = (chosen[chosen // local == rank] - rank * local).to(trajectory.response.device)
             token_count = total(trajectory.response_mask[mine].sum())
             ptx_batch = ptx_batches(len(steps)) if ptx_batches is not None else None
-            stats = update_minibatch(roles, trajectory.rows(mine), config, accelerator, token_count, ptx_batch, beta)
+            stats = update_minibatch(
+                roles, trajectory.rows(mine), config, accelerator, token_count, ptx_batch, beta, group
+            )
             stats = distributed.sum_stats(accelerator, stats)
             distributed.sum_gradients(accelerator, parameters)
             stats["policy/grad_norm"] = float(accelerator.clip_grad_norm_(parameters, config.max_grad_norm))
@@ -85,9 +92,11 @@ def update_minibatch(
     token_count: torch.Tensor | None = None,
     ptx_batch: dict | None = None,
     beta: float = 0.0,
+    group: int = 1,
 ) -> dict[str, float]:
     """Backpropagate the policy loss (with its adapter active), then the value loss (with its own), if there
-    is a value role. `beta` weighs the k3 KL term of --kl-penalty loss.
+    is a value role. `beta` weighs the k3 KL term of --kl-penalty loss; `group` > 1: the batch is whole
+    groups of that many responses to one prompt, run packed as the trajectory ran them.
 
     `token_count` is the minibatch's real tokens on all processes (None: this batch's own): the losses are
     this process's shares of the minibatch's means. A process may hold no rollout of a minibatch; it then
@@ -102,8 +111,8 @@ def update_minibatch(
     share = 1.0 / accelerator.num_processes  # of the ptx loss, a mean over processes
     if len(batch.response) > 0:
         with accelerator.autocast():
-            logits = steps.response_logits(
-                roles, POLICY, batch.query, batch.query_mask, batch.response, batch.response_mask
+            logits = trajectory_steps.response_logits(
+                roles, POLICY, batch.query, batch.query_mask, batch.response, batch.response_mask, group
             )
             new_logprobs = rl.token_logprobs(logits, batch.response, config.temperature)
             pg_loss, pg_stats = rl.policy_loss(
@@ -119,7 +128,7 @@ def update_minibatch(
         stats.update({"loss/policy": pg_loss.item(), **pg_stats})
         if roles.has_value:
             with accelerator.autocast():
-                new_values = steps.response_values(
+                new_values = trajectory_steps.response_values(
                     roles, batch.query, batch.query_mask, batch.response, batch.response_mask
                 )
                 vf_loss, vf_stats = rl.value_loss(
