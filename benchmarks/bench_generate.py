@@ -8,6 +8,11 @@ Paths, each loaded by the project's own loaders (instruct_cli.core.models and co
   merged     a run's LoRA adapter merged into the base, in the dtype `auto` picks here, read from the cache
              (as every call after the first)
   unmerged   the same adapter applied by peft on the same base (how generate ran a run before)
+  llama.cpp  `--engine llama.cpp` (when llama-cpp-python is installed): the base's own GGUF file (the built-in
+             model's Q4_1) and the run merged into a q8_0 GGUF, each timed twice: through instruct's engine
+             (core/llama_engine: our tokenizer renders the prompt, text streamed) and through the binding alone
+             on the same file (`Llama.generate`), which is llama.cpp's own rate. Batch 1 only (the engine
+             answers one prompt at a time).
 
 Each is timed at batch 1 (one streamed answer) and batch 8 (left-padded prompts, as `--input` does), greedy,
 with transformers' `generate` and the model's own generation_config (as `instruct generate`), after one warm-up
@@ -56,7 +61,7 @@ PROMPTS = [
     "Describe a busy market in the morning.",
     "Why is the sky blue?",
 ]
-PATHS = ("nf4", "fp32", "bf16", "merged", "unmerged")
+PATHS = ("nf4", "fp32", "bf16", "merged", "unmerged", "llama.cpp")
 
 
 def make_run(work: Path, model: str) -> Path:
@@ -146,6 +151,44 @@ def timed_generate(model, tokenizer, prompts: list[str], new_tokens: int) -> tup
     return steps[0] - start, decode, output[0, input_ids.shape[1] :].tolist()
 
 
+def measure_llama_cpp(args, spec: str, label: str) -> list[list]:
+    """Two rows for the model `spec` in llama.cpp: through instruct's engine, and the binding alone on the same
+    file. Greedy, batch 1; the engine's answer stops at EOS, so its prompt asks for a long story."""
+    from instruct_cli.core import chat, llama_engine
+
+    started = time.perf_counter()
+    engine, _ = llama_engine.load(spec, context=1024)
+    load_s = time.perf_counter() - started
+    flags = dict(greedy=True, temperature=1.0, top_p=1.0, top_k=0, seed=0)
+    engine.answer(chat.to_messages(PROMPTS[1]), 4, **flags)  # warm-up
+    best = (float("inf"), 0.0)
+    for _ in range(args.repeats):
+        times: list[float] = []
+        start = time.perf_counter()
+        engine.answer(
+            chat.to_messages(PROMPTS[0]),
+            args.new_tokens,
+            **flags,
+            on_text=lambda _, times=times: times.append(time.perf_counter()),
+        )
+        decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+        best = (min(best[0], times[0] - start), max(best[1], decode))
+    rows = [[f"llama.cpp via instruct ({label}, {engine.path.name})", load_s, best[0] * 1000, best[1], "", "", ""]]
+    ids = chat.encode_prompt(engine.tokenizer, chat.to_messages(PROMPTS[0]))
+    own = (float("inf"), 0.0)
+    for _ in range(args.repeats):
+        times = []
+        start = time.perf_counter()
+        for _token in engine.llama.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+            times.append(time.perf_counter())
+            if len(times) == args.new_tokens:
+                break
+        own = (min(own[0], times[0] - start), max(own[1], (len(times) - 1) / (times[-1] - times[0])))
+    rows.append([f"llama.cpp alone, same file ({label})", "", own[0] * 1000, own[1], "", "", ""])
+    engine.close()
+    return rows
+
+
 def measure_paths(args, run: Path) -> tuple[list[list], list[str]]:
     """One table row per path; the names of the paths that failed."""
     import torch
@@ -155,6 +198,15 @@ def measure_paths(args, run: Path) -> tuple[list[list], list[str]]:
     rows, failed, tokens = [], [], {}
     compare = {"nf4": "fp32", "bf16": "fp32", "merged": "unmerged"}
     for path in args.paths:
+        if path == "llama.cpp":
+            for spec, label in ((args.model, "base"), (str(run), "run")):
+                try:
+                    rows.extend(measure_llama_cpp(args, spec, label))
+                    print(f"[bench] {path} {label}: {rows[-2:]}", flush=True)
+                except Exception:
+                    traceback.print_exc()
+                    failed.append(f"{path} {label}")
+            continue
         try:
             if path == "merged":  # the first call merges and caches; every later call reads the cache
                 inference.ready_model(models.resolve_model(str(run)), path_dtype(path), torch.device("cpu"))
@@ -176,16 +228,16 @@ def measure_paths(args, run: Path) -> tuple[list[list], list[str]]:
         except Exception:  # a path that fails is reported, and the others still run
             traceback.print_exc()
             failed.append(path)
-    for row, path in zip(rows, [p for p in args.paths if p not in failed]):
+    for row, path in zip(rows, [p for p in args.paths if p not in failed and p != "llama.cpp"]):
         other = compare.get(path)
         if other in tokens:  # greedy batch-1 tokens, the same as those of the path it stands in for?
             row[-1] = f"{other}: {'yes' if tokens[path] == tokens[other] else 'no'}"
     return rows, failed
 
 
-def measure_cli(args, spec: str, label: str) -> list:
+def measure_cli(args, spec: str, label: str, engine: str = "transformers") -> list:
     """The real command in a fresh process: seconds to the first byte on stdout, and to the end."""
-    command = [sys.executable, "-m", "instruct_cli", "generate", "--model", spec, "--greedy"]
+    command = [sys.executable, "-m", "instruct_cli", "generate", "--model", spec, "--greedy", "--engine", engine]
     command += ["--max-new-tokens", str(args.new_tokens), "What is 2+2?"]
     best = None
     for _ in range(args.repeats):
@@ -202,6 +254,7 @@ def measure_cli(args, spec: str, label: str) -> list:
         said = " ".join(errors.split())  # the line about auto's choice, unwrapped, without the model's name
         said = said[: said.find(" (auto:")] if " (auto:" in said else ""
         choice = said[said.find("+ adapter") :] if "+ adapter" in said else said.split(": ")[-1]
+        choice = choice if engine == "transformers" else "llama.cpp"
         if best is None or first_s < best[1]:
             best = [label, first_s, total_s, words, choice]
     return best
@@ -213,7 +266,9 @@ def main() -> int:
     parser.add_argument("--run", type=Path, help="A run folder on --model (default: one with a random adapter)")
     parser.add_argument("--new-tokens", type=int, default=64, help="Tokens generated per answer")
     parser.add_argument("--repeats", type=int, default=2, help="Timed calls per setting; the best is shown")
-    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="Which paths to time")
+    parser.add_argument(
+        "--paths", nargs="+", choices=PATHS, help="Which paths to time (default: all; llama.cpp where installed)"
+    )
     parser.add_argument("--threads", type=int, help="torch threads for the in-process paths (default: torch's)")
     parser.add_argument("--no-cli", action="store_true", help="Skip timing the real command")
     parser.add_argument("--smoke", action="store_true", help="The tiny test model, 4 tokens, one call each (CI)")
@@ -227,8 +282,10 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from instruct_cli.core import inference, models
+    from instruct_cli.core import inference, llama_engine, models
 
+    if args.paths is None:
+        args.paths = [p for p in PATHS if p != "llama.cpp" or llama_engine.available()]
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
@@ -252,12 +309,15 @@ def main() -> int:
         print_table(f"generate on {args.model} (greedy, {args.new_tokens} new tokens)", header, rows)
         if not args.no_cli:
             cli_rows = []
-            for spec, label in ((args.model, "base model"), (str(run), "run")):
-                try:
-                    cli_rows.append(measure_cli(args, spec, label))
-                except Exception:
-                    traceback.print_exc()
-                    failed.append(f"cli {label}")
+            engines = ["transformers"] + (["llama.cpp"] if "llama.cpp" in args.paths else [])
+            for engine in engines:
+                for spec, label in ((args.model, "base model"), (str(run), "run")):
+                    label += "" if engine == "transformers" else ", --engine llama.cpp"
+                    try:
+                        cli_rows.append(measure_cli(args, spec, label, engine))
+                    except Exception:
+                        traceback.print_exc()
+                        failed.append(f"cli {label}")
             header = ["instruct generate", "first byte s", "total s", "words", "what auto chose"]
             print_table("the real command, fresh process, warm cache (from process start)", header, cli_rows)
     finally:
@@ -265,6 +325,7 @@ def main() -> int:
             shutil.rmtree(
                 inference.ready_folder(models.resolve_model(str(run)), path_dtype("merged")), ignore_errors=True
             )
+            llama_engine.cached_path(models.resolve_model(str(run))).unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     if failed:
         print(f"[bench] FAILED: {', '.join(failed)}", flush=True)

@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from instruct_cli.cli import app
-from instruct_cli.core import models
+from instruct_cli.core import gguf_file, models
 from instruct_cli.core.errors import UserError
-from instruct_cli.steps.export import gguf_file, ollama
+from instruct_cli.steps.export import ollama
 
 runner = CliRunner()
 
@@ -232,7 +232,7 @@ def write_and_reload(tmp_path, model, tokenizer):
 def test_qwen2_with_biases_and_untied_head_round_trips(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from instruct_cli.steps.export.gguf_file import QWEN2_SPLIT
+    from instruct_cli.core.gguf_file import QWEN2_SPLIT
 
     tokenizer = byte_level_tokenizer(QWEN2_SPLIT)
     torch.manual_seed(0)

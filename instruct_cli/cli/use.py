@@ -33,6 +33,7 @@ def generate(
     greedy: Annotated[Optional[bool], _opt(G, "greedy")] = None,
     seed: Annotated[Optional[int], _opt(G, "seed")] = None,
     batch_size: Annotated[Optional[int], _opt(G, "batch_size")] = None,
+    engine: Annotated[Optional[str], _opt(G, "engine")] = None,
     quantization: Annotated[Optional[str], _opt(G, "quantization")] = None,
     device: Annotated[Optional[str], _opt(G, "device")] = None,
     recipe: RecipeOption = None,
@@ -48,6 +49,8 @@ def generate(
       echo "Tell me a joke" | instruct generate -
 
       instruct generate --model runs/sft --input prompts.jsonl --output answers.jsonl
+
+      instruct generate --engine llama.cpp "What is 2+2?"     (needs llama-cpp-python)
     """
     from instruct_cli.steps import generate as generate_step
 
@@ -69,6 +72,7 @@ def generate(
             greedy=greedy,
             seed=seed,
             batch_size=batch_size,
+            engine=engine,
             quantization=quantization,
             device=device,
         ),

@@ -333,6 +333,9 @@ class GenerateConfig(SamplingOptions, InferenceOptions):
     """System prompt."""
     batch_size: int = 8
     """Prompts per batch with --input."""
+    engine: Literal["transformers", "llama.cpp"] = "transformers"
+    """What samples the answers: transformers (default), or llama.cpp through llama-cpp-python (an optional
+    install; runs the model as a GGUF file on the CPU: the base's own file, or one written once into the cache)."""
 
 
 @dataclass

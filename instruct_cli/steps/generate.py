@@ -1,7 +1,8 @@
 """`instruct generate`: answer one prompt (streamed to stdout) or a JSONL file of prompts (batched).
 
 Works with any model reference (models.resolve_model): the built-in model, a hub id, a local folder, a
-.gguf file, or an sft/ppo run folder, whose adapter is applied on its base.
+.gguf file, or an sft/ppo run folder, whose adapter is applied on its base. The answers come from transformers
+(core/inference loads the model) or, with --engine llama.cpp, from llama.cpp (core/llama_engine).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
-from instruct_cli.core import artifacts, chat, inference, sampling
+from instruct_cli.core import artifacts, chat, inference, llama_engine, sampling
 from instruct_cli.core.config import GenerateConfig
-from instruct_cli.core.console import progress, summary_table
+from instruct_cli.core.console import info, progress, summary_table
 from instruct_cli.core.data_folders import json_lines
 from instruct_cli.core.errors import UserError
 
@@ -39,6 +41,9 @@ def run(config: GenerateConfig) -> None:
             )
         prompts = [chat.to_messages(text.strip(), config.system)]
 
+    if config.engine == "llama.cpp":
+        generate_with_llama_cpp(prompts, config)
+        return
     model, tokenizer, _ = inference.load_for_inference(config.model, config.quantization, config.device)
     torch.manual_seed(config.seed)
     if config.input is None:
@@ -46,6 +51,46 @@ def run(config: GenerateConfig) -> None:
         return
     answers = generate_batch(model, tokenizer, prompts, config)
     rows = [{"prompt": prompt, "response": answer, "model": config.model} for prompt, answer in zip(prompts, answers)]
+    write_rows(rows, config)
+
+
+def generate_with_llama_cpp(prompts: list[list[dict]], config: GenerateConfig) -> None:
+    """`--engine llama.cpp`: the answer streamed, or every answer of --input written, one prompt at a time."""
+    if config.quantization != inference.AUTO:
+        raise UserError(
+            f"--quantization {config.quantization} does not apply to the llama.cpp engine",
+            where="--quantization",
+            fix="Drop --quantization: llama.cpp runs the GGUF file's own types (q8_0 for a file it writes)",
+        )
+    engine, written = llama_engine.load(config.model, config.device)
+    if written:
+        info(escape(f"{config.model}: written as {engine.path} for llama.cpp (once; cached for the next call)"))
+    sampling_flags = dict(
+        max_new_tokens=config.max_new_tokens,
+        greedy=config.greedy,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        seed=config.seed,
+    )
+    try:
+        if config.input is None:
+            engine.answer(prompts[0], **sampling_flags, on_text=lambda text: print(text, end="", flush=True))
+            print(flush=True)
+            return
+        rows = []
+        with progress("generate", total=len(prompts)) as bar:
+            for prompt in prompts:
+                answer = engine.answer(prompt, **sampling_flags).strip()
+                rows.append({"prompt": prompt, "response": answer, "model": config.model})
+                bar.advance(1)
+    finally:
+        engine.close()
+    write_rows(rows, config)
+
+
+def write_rows(rows: list[dict], config: GenerateConfig) -> None:
+    """The batch answers as JSONL: to --output (atomically, with a summary) or to stdout."""
     if config.output is None:
         for row in rows:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from instruct_cli.core import artifacts, models
+from instruct_cli.core import artifacts, gguf_file, models
 from instruct_cli.core.console import summary_table
 from instruct_cli.core.errors import UserError
-from instruct_cli.steps.export import gguf_file, ollama
+from instruct_cli.steps.export import ollama
 
 FORMATS = ("transformers", "gguf")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

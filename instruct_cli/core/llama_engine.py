@@ -1,0 +1,203 @@
+"""llama.cpp as the engine that samples answers (`instruct generate --engine llama.cpp`).
+
+Owns: the GGUF file llama.cpp runs for a model reference (`gguf_for`): the base's own file when the model came
+as one (the built-in model, a .gguf path), else the weights (a run's adapter merged in, in fp32) written once
+as a GGUF into the cache, keyed like core/inference's ready weights by the base's fingerprint and the
+adapter's content hash; loading it with llama-cpp-python, an optional extra that builds llama.cpp from source
+(`load`); and streaming one answer (`LlamaEngine.answer`) with exactly the sampling asked for: llama.cpp's own
+defaults (min-p 0.05, top-k 40) are set aside as core/sampling sets the model's generation_config aside.
+Prompts are rendered by the model's own tokenizer (core/chat.encode_prompt) and handed over as token ids, so
+the chat template and the stop token are the ones every other command uses. May use: artifacts, chat,
+errors, gguf_file, inference, models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from instruct_cli.core import chat, models
+from instruct_cli.core.errors import UserError
+
+ENGINES = ("transformers", "llama.cpp")
+GGUF_DIR = "gguf"
+CACHED_TYPE = "q8_0"
+"""The tensor type of GGUF files made for the engine: 8-bit, ~2x faster to decode than f16 on a CPU and, unlike
+4-bit, without a visible loss (llama.cpp's own reference for q8_0: +0.0004 perplexity on a 7B model)."""
+INSTALL_HINT = (
+    "Install it with `.venv/bin/pip install 'llama-cpp-python>=0.3.16'`: it compiles llama.cpp from source "
+    "(needs cmake and a C++ compiler; 6 CPU-minutes on this project's 2-core machine), or drop --engine llama.cpp"
+)
+
+
+def available() -> bool:
+    """Whether llama-cpp-python is installed."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+# -------------------------------------------------------------------------------------------- the GGUF file
+def cached_path(source: models.ModelSource, gguf_type: str = CACHED_TYPE) -> Path:
+    """Where the engine's GGUF of `source` (adapter merged in) is kept."""
+    from instruct_cli.core import inference
+
+    parts = [source.fingerprint] + ([inference.adapter_digest(source.adapter)] if source.adapter is not None else [])
+    key = hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+    kind = "-merged" if source.adapter is not None else ""
+    return models.cache_dir() / GGUF_DIR / f"{Path(source.load_path).name}{kind}-{key}-{gguf_type}.gguf"
+
+
+def own_gguf(source: models.ModelSource) -> Path | None:
+    """The GGUF file the base came as (the built-in model, a .gguf path), if it did."""
+    if source.reference == models.BUILTIN_NAME:
+        return models.builtin_gguf_path()
+    if source.reference.endswith(".gguf") and Path(source.reference).is_file():
+        return Path(source.reference)
+    return None
+
+
+def gguf_for(source: models.ModelSource, tokenizer, gguf_type: str = CACHED_TYPE) -> tuple[Path, bool]:
+    """The GGUF file llama.cpp runs for `source`, and whether it was written now. A bare base that came as a
+    GGUF file runs from that file; anything else is written once into the cache (merged in fp32, then
+    `gguf_type`), atomically, so that an interrupted first call leaves no half-written file behind."""
+    import torch
+    from transformers import AutoConfig
+
+    from instruct_cli.core import gguf_file, inference
+
+    base_file = own_gguf(source)
+    if base_file is not None and source.adapter is None:
+        return base_file, False
+    path = cached_path(source, gguf_type)
+    if path.is_file():
+        os.utime(path)
+        return path, False
+    config = AutoConfig.from_pretrained(source.load_path)
+    pre_tokenizer = gguf_file.check_exportable(config, tokenizer, where=f"--model {source.reference}")
+    if base_file is not None:  # the base's own file knows its pre-tokenizer best (SmolLM2 splits digits)
+        pre_tokenizer = gguf_file.gguf_pre_tokenizer(base_file) or pre_tokenizer
+    cpu = torch.device("cpu")
+    if source.adapter is not None:
+        model = inference.merge_adapter(source, torch.float32, cpu)
+    else:
+        model = models.load_base_model(source, "none", cpu, torch.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        gguf_file.write(model, tokenizer, partial, gguf_type, name=path.stem, pre_tokenizer=pre_tokenizer)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path, True
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+@dataclass
+class LlamaEngine:
+    """A GGUF model loaded in llama.cpp, with the transformers tokenizer that renders its prompts."""
+
+    llama: object
+    tokenizer: object
+    path: Path
+
+    def answer(
+        self,
+        messages: list[dict],
+        max_new_tokens: int,
+        greedy: bool,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """One answer to `messages`, streamed piece by piece to `on_text` when given; returns the whole text.
+        Stops at the tokenizer's EOS or after `max_new_tokens`, as the transformers engine does."""
+        ids = chat.encode_prompt(self.tokenizer, messages)
+        context = self.llama.n_ctx()
+        if len(ids) >= context:
+            raise UserError(
+                f"The prompt is {len(ids)} tokens; the model's context holds {context}",
+                where="the prompt",
+                fix="Shorten the prompt",
+            )
+        self.llama.set_seed(seed)
+        budget = min(max_new_tokens, context - len(ids))
+        produced: list[int] = []
+        shown = ""
+        for token in self._tokens(ids, greedy, temperature, top_p, top_k):
+            if token == self.tokenizer.eos_token_id:
+                break
+            produced.append(token)
+            text = self.tokenizer.decode(produced, skip_special_tokens=True)
+            if on_text is not None and not text.endswith("\ufffd"):  # a character cut between two tokens waits
+                on_text(text[len(shown) :])
+                shown = text
+            if len(produced) >= budget:
+                break
+        text = self.tokenizer.decode(produced, skip_special_tokens=True)
+        if on_text is not None and text != shown:
+            on_text(text[len(shown) :])
+        return text
+
+    def close(self) -> None:
+        """Free llama.cpp's model and context now (its own finaliser fails when run at interpreter exit)."""
+        self.llama.close()
+
+    def _tokens(self, ids: list[int], greedy: bool, temperature: float, top_p: float, top_k: int) -> Iterator[int]:
+        """llama.cpp's sampled tokens after `ids`, from softmax(logits / T) with only the top-k / top-p asked
+        for (min-p, typical-p, repetition and presence penalties off)."""
+        if greedy:
+            return self.llama.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+        return self.llama.generate(
+            ids,
+            temp=temperature,
+            top_k=top_k,  # 0 is off in llama.cpp too
+            top_p=top_p,
+            min_p=0.0,
+            typical_p=1.0,
+            repeat_penalty=1.0,
+            frequency_penalty=0.0,
+            presence_penalty=0.0,
+        )
+
+
+def load(
+    spec: str, device: str = "auto", context: int = 4096, gguf_type: str = CACHED_TYPE
+) -> tuple[LlamaEngine, bool]:
+    """`spec` (any model reference) loaded in llama.cpp with a context of `context` tokens (prompt and answer).
+    Returns (engine, whether the GGUF file was written now)."""
+    if not available():
+        raise UserError("--engine llama.cpp needs llama-cpp-python, which is not installed", fix=INSTALL_HINT)
+    source = models.resolve_model(spec)
+    if source.run_manifest is not None and source.run_manifest.get("kind") == "rm":
+        raise UserError(
+            f"{spec} is a reward model; it scores text but does not generate it",
+            where="--model",
+            fix="Use `instruct rm score` to score responses, or pass an sft, ppo or dpo run",
+        )
+    if device not in ("auto", "cpu"):
+        raise UserError(
+            f"--engine llama.cpp runs on the CPU here; --device {device} is not supported with it",
+            where="--device",
+            fix="Drop --device (or use --device cpu), or use the transformers engine on the GPU",
+        )
+    tokenizer = models.load_tokenizer(source)
+    path, written = gguf_for(source, tokenizer, gguf_type)
+    from llama_cpp import Llama
+    from transformers import AutoConfig
+
+    # past the length it was trained for, llama.cpp's rope gives a model garbage even on short prompts
+    trained = getattr(AutoConfig.from_pretrained(source.load_path), "max_position_embeddings", None) or context
+    llama = Llama(
+        model_path=str(path),
+        n_ctx=min(context, trained),
+        n_threads=os.cpu_count() or 1,
+        n_threads_batch=os.cpu_count() or 1,
+        n_gpu_layers=0,
+        verbose=False,
+    )
+    return LlamaEngine(llama, tokenizer, path), written
