@@ -9,7 +9,7 @@ Paths, each loaded by the project's own loaders (instruct_cli.core.models and co
              (as every call after the first)
   unmerged   the same adapter applied by peft on the same base (how generate ran a run before)
   llama.cpp  `--engine llama.cpp` (when llama-cpp-python is installed): the base's own GGUF file (the built-in
-             model's Q4_1) and the run merged into a q8_0 GGUF, each timed twice: through instruct's engine
+             model's Q4_1) and the run merged into a f16 GGUF, each timed twice: through instruct's engine
              (core/llama_engine: our tokenizer renders the prompt, text streamed) and through the binding alone
              on the same file (`Llama.generate`), which is llama.cpp's own rate. Batch 1 only (the engine
              answers one prompt at a time).

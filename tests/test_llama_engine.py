@@ -74,14 +74,14 @@ def test_seeded_sampling_repeats_and_streams_what_it_returns(tmp_path, monkeypat
 
 @needs_llama_cpp
 def test_cli_streams_one_answer_and_writes_a_batch(tmp_path, monkeypatch, tiny_run):  # noqa: F811
-    """The command's answers are the engine's (a q8_0 GGUF written by the first call, reused by the next)."""
+    """The command's answers are the engine's (an f16 GGUF written by the first call, reused by the next)."""
     monkeypatch.setenv("INSTRUCT_CACHE", str(tmp_path / "cache"))
     questions = [q for q, _ in FACTS[:3]]
     result = runner.invoke(
         app, ["generate", "--engine", "llama.cpp", "--model", str(tiny_run), "--greedy", questions[1]]
     )
     assert result.exit_code == 0, result.output
-    assert "written as" in result.output and "q8_0.gguf" in result.output
+    assert "written as" in result.output and "f16.gguf" in result.output
     engine, written = llama_engine.load(str(tiny_run))
     assert not written
     flags = dict(max_new_tokens=256, greedy=True, temperature=1.0, top_p=1.0, top_k=0, seed=0)

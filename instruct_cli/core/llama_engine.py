@@ -2,7 +2,7 @@
 
 Owns: the GGUF file llama.cpp runs for a model reference (`gguf_for`): the base's own file when the model came
 as one (the built-in model, a .gguf path), else the weights (a run's adapter merged in, in fp32) written once
-as a GGUF into the cache, keyed like core/inference's ready weights by the base's fingerprint and the
+as an f16 GGUF into the cache, keyed like core/inference's ready weights by the base's fingerprint and the
 adapter's content hash; loading it with llama-cpp-python, an optional extra that builds llama.cpp from source
 (`load`); and streaming one answer (`LlamaEngine.answer`) with exactly the sampling asked for: llama.cpp's own
 defaults (min-p 0.05, top-k 40) are set aside as core/sampling sets the model's generation_config aside.
@@ -25,9 +25,10 @@ from instruct_cli.core.errors import UserError
 
 ENGINES = ("transformers", "llama.cpp")
 GGUF_DIR = "gguf"
-CACHED_TYPE = "q8_0"
-"""The tensor type of GGUF files made for the engine: 8-bit, ~2x faster to decode than f16 on a CPU and, unlike
-4-bit, without a visible loss (llama.cpp's own reference for q8_0: +0.0004 perplexity on a 7B model)."""
+CACHED_TYPE = "f16"
+"""The tensor type of GGUF files made for the engine. f16 gave the fp32 model's greedy answers on the prompts
+tried (a quickstart PPO run: 3 of 3) at 108-117 tokens/s here; q8_0 decoded at ~147 but changed an answer
+("Two and two is two." where fp32 says "... four.")."""
 INSTALL_HINT = (
     "Install it with `.venv/bin/pip install 'llama-cpp-python>=0.3.16'`: it compiles llama.cpp from source "
     "(needs cmake and a C++ compiler; 6 CPU-minutes on this project's 2-core machine), or drop --engine llama.cpp"

@@ -60,7 +60,7 @@ def generate_with_llama_cpp(prompts: list[list[dict]], config: GenerateConfig) -
         raise UserError(
             f"--quantization {config.quantization} does not apply to the llama.cpp engine",
             where="--quantization",
-            fix="Drop --quantization: llama.cpp runs the GGUF file's own types (q8_0 for a file it writes)",
+            fix="Drop --quantization: llama.cpp runs the GGUF file's own types (f16 for a file it writes)",
         )
     engine, written = llama_engine.load(config.model, config.device)
     if written:
