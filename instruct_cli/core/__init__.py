@@ -9,6 +9,8 @@ trackers      --report-to: metrics.jsonl rows also sent to TensorBoard, wandb, m
 data_folders  reading a data folder written by prepare-data
 models        resolving a model reference, GGUF conversion, quantised loading, LoRA settings
 inference     loading to sample: `auto` quantisation and dtype, adapters merged once and cached
+llama_engine  --engine llama.cpp: the GGUF file a model runs as (written once), exact sampling flags
+gguf_file     writing a merged model as one GGUF file (export --format gguf, the llama.cpp engine)
 chat          chat templates: prompts and conversations as token ids, assistant-token labels
 sampling      left padding, prompt + response sequences, generate() arguments
 lora_merge    a LoRA adapter folded into the base weights while sampling, the base bit-identical afterwards
