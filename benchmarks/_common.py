@@ -299,10 +299,9 @@ def tokens_per_word(model: Path) -> float:
     return len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / 2000
 
 
-def real_preference_rows(n: int, seed: int, model: Path) -> list[dict]:
-    """`n` preference rows with realistic shapes: prompts of 100-400 tokens (of `model`'s tokenizer, before
-    the chat template), responses of 30-200; a third of the prompts are multi-turn (user, assistant, user),
-    a quarter have a system message. Random words, deterministic in `seed`; no network."""
+def _real_shaped(seed: int, model: Path):
+    """(rng, text(tokens) -> random-word text of about that many tokens of `model`'s tokenizer, prompt() -> a
+    realistic prompt as messages): the generator both real-shaped data sets share."""
     rng, words, ratio = random.Random(seed), _words(), tokens_per_word(model)
 
     def text(tokens: int) -> str:
@@ -310,25 +309,49 @@ def real_preference_rows(n: int, seed: int, model: Path) -> list[dict]:
         body = " ".join(rng.choice(words) for _ in range(count))
         return body[0].upper() + body[1:] + "."
 
-    rows = []
-    for _ in range(n):
+    def prompt() -> list[dict]:
         budget = rng.randint(*REAL_SHAPE["prompt"])
-        prompt = []
+        messages = []
         if rng.random() < 1 / 4:
             system = rng.randint(10, 30)
-            prompt.append({"role": "system", "content": text(system)})
+            messages.append({"role": "system", "content": text(system)})
             budget = max(40, budget - system)
         if rng.random() < 1 / 3:
             first, answer = round(budget * 0.4), round(budget * 0.3)
-            prompt += [
+            messages += [
                 {"role": "user", "content": text(first)},
                 {"role": "assistant", "content": text(answer)},
                 {"role": "user", "content": text(budget - first - answer)},
             ]
         else:
-            prompt.append({"role": "user", "content": text(budget)})
+            messages.append({"role": "user", "content": text(budget)})
+        return messages
+
+    return rng, text, prompt
+
+
+def real_preference_rows(n: int, seed: int, model: Path) -> list[dict]:
+    """`n` preference rows with realistic shapes: prompts of 100-400 tokens (of `model`'s tokenizer, before
+    the chat template), responses of 30-200; a third of the prompts are multi-turn (user, assistant, user),
+    a quarter have a system message. Random words, deterministic in `seed`; no network."""
+    rng, text, prompt = _real_shaped(seed, model)
+    rows = []
+    for _ in range(n):
+        messages = prompt()
         chosen, rejected = (text(rng.randint(*REAL_SHAPE["response"])) for _ in range(2))
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        rows.append({"prompt": messages, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def real_sft_rows(n: int, seed: int, model: Path) -> list[dict]:
+    """`n` conversations with the shapes of `real_preference_rows` (the same prompts), each ending in one
+    assistant answer of 30-200 tokens. The multi-turn third has an earlier assistant turn too: instruct
+    learns it as well, TRL (loss on the completion) only the last; tokens/s counts every non-pad token alike."""
+    rng, text, prompt = _real_shaped(seed, model)
+    rows = []
+    for _ in range(n):
+        messages = prompt() + [{"role": "assistant", "content": text(rng.randint(*REAL_SHAPE["response"]))}]
+        rows.append({"messages": messages})
     return rows
 
 

@@ -7,6 +7,12 @@ evaluation during training, no checkpoints, and (by default) an fp32 base with g
 Each side runs in its own subprocess: `instruct sft ...` through the real CLI, and a TRL worker (this file
 with --trl-worker) that imports TRL 1.16 from benchmarks/.trl (installed there on first use).
 
+Data (`--data-shape`): `words` (default) is single-turn random-word rows; `real` has realistic shapes -- the
+prompts of bench_rm's real shape (100-400 tokens, a third multi-turn, a quarter with a system message), each
+followed by one answer of 30-200 tokens (random words, deterministic, no network); it raises --max-length to
+1024 so that no row is cut. `--packing` / `--no-packing` pass that flag to `instruct sft` (padding-free
+batches; by default the CLI's default).
+
 Printed for each side:
   * tokens/s: non-pad (attention-mask) tokens of steps 2..N-1 divided by the time from the end of step 1 to
     the end of step N-1 -- model loading, tokenisation, the first step's warm-up and anything after the last
@@ -32,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 
-from instruct_cli.core import chat
+from instruct_cli.core import chat, packing
 
 
 # ---------------------------------------------------------------------------------------------- instruct
@@ -47,16 +53,33 @@ def instruct_batches(model: Path, data: Path, args) -> list[dict]:
     tokenizer = models.load_tokenizer(str(model))
     rows = common.read_jsonl(data / "sft.train.jsonl")
     lengths = [len(chat.encode_conversation(tokenizer, row["messages"], args.max_length)[0]) for row in rows]
+    packed = instruct_packs(args)  # the CLI packs on the (Llama, sdpa) models of this benchmark
     batches = []
     for step in common.step_batches(lengths, args.batch_size, args.seed, args.max_steps):
         sizes = [lengths[i] for i in step]
-        batches.append({"rows": len(sizes), "tokens": sum(sizes), "padded": len(sizes) * max(sizes)})
+        sequences = len(packing.bins(sizes, max(sizes))) if packed else len(sizes)  # as lm.collate_packed packs
+        batches.append({"rows": len(sizes), "tokens": sum(sizes), "padded": sequences * max(sizes)})
     return batches
+
+
+def instruct_packs(args) -> bool:
+    """Whether `instruct sft` runs with padding-free batches: --packing/--no-packing, else the CLI's default."""
+    from instruct_cli.core.config import SFTConfig
+
+    return SFTConfig.packing if args.packing is None else args.packing
 
 
 def run_instruct(model: Path, data: Path, work: Path, args, index: int) -> dict:
     """`instruct sft` through the real CLI (see common.run_instruct)."""
-    return common.run_instruct("sft", model, data, work, args, index, lambda: instruct_batches(model, data, args))
+    extra = () if args.packing is None else ("--packing" if args.packing else "--no-packing",)
+    return common.run_instruct(
+        "sft", model, data, work, args, index, lambda: instruct_batches(model, data, args), extra=extra
+    )
+
+
+def rows_for(args):
+    """The synthetic rows of --data-shape: (n, seed, model) -> sft rows."""
+    return common.real_sft_rows if args.data_shape == "real" else common.sft_rows
 
 
 # --------------------------------------------------------------------------------------------------- TRL
@@ -166,6 +189,14 @@ def report(runs: dict[str, list[dict]], args) -> None:
         HEADER,
         rows,
     )
+    print(
+        f"data: {args.data_shape} shapes; instruct layout: "
+        + (
+            "padding-free packed batches (padding % and positions/s count packed positions)"
+            if instruct_packs(args)
+            else "padded, length-grouped batches"
+        )
+    )
     trl_run = best.get("TRL", {})
     if trl_run.get("trl_num_tokens") is not None:
         print(
@@ -196,12 +227,27 @@ def main() -> None:
     )
     common.add_model_flags(parser)
     parser.add_argument("--trl-worker", metavar="SPEC", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--data-shape",
+        choices=("words", "real"),
+        default="words",
+        help="words: single-turn random-word rows; real: prompts of 100-400 tokens (a third multi-turn) and "
+        "answers of 30-200 (raises --max-length to 1024)",
+    )
+    parser.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Run instruct sft with --packing / --no-packing (default: the CLI's default)",
+    )
     args = parser.parse_args()
     if args.trl_worker:
         trl_worker(args.trl_worker)
         return
+    if args.data_shape == "real":  # no row cut; applied with --smoke too
+        args.max_length_floor = 1024
     common.run_benchmark(
-        args, step="sft", task="sft", rows=common.sft_rows, run_instruct=run_instruct, run_trl=run_trl, report=report
+        args, step="sft", task="sft", rows=rows_for(args), run_instruct=run_instruct, run_trl=run_trl, report=report
     )
 
 

@@ -39,6 +39,10 @@ def sft(
     weight_decay: Annotated[Optional[float], _opt(S, "weight_decay")] = None,
     max_grad_norm: Annotated[Optional[float], _opt(S, "max_grad_norm")] = None,
     max_length: Annotated[Optional[int], _opt(S, "max_length")] = None,
+    packing: Annotated[
+        Optional[bool],
+        typer.Option("--packing/--no-packing", help=cfg.doc(S, "packing"), show_default=False),
+    ] = None,
     gradient_checkpointing: Annotated[
         Optional[bool],
         typer.Option(
@@ -94,6 +98,7 @@ def sft(
             weight_decay=weight_decay,
             max_grad_norm=max_grad_norm,
             max_length=max_length,
+            packing=packing,
             gradient_checkpointing=gradient_checkpointing,
             eval_every=eval_every,
             save_every=save_every,

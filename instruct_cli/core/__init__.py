@@ -15,7 +15,7 @@ chat          chat templates: prompts and conversations as token ids, assistant-
 sampling      left padding, prompt + response sequences, generate() arguments
 lora_merge    a LoRA adapter folded into the base weights while sampling, the base bit-identical afterwards
 heads         the scalar head of reward and value models; hidden states; scores at the last token
-packing       shared-prefix packing: one prompt, its K responses in one row with a 4-D attention mask
+packing       packed rows, 4-D mask: a prompt and its K responses (rm, dpo, ppo, eval), or rows side by side (sft)
 lm            the next-token loss on labelled tokens (sft, ppo-ptx, eval perplexity); log-probs per sequence
 preferences   preference rows as reward-model batches; pairwise loss; loading an RM run
 dpo_loss      the maths of DPO, IPO and cDPO on sequence log-probs: pair losses, implicit rewards

@@ -1,9 +1,10 @@
 """The language-model loss on labelled tokens: what sft trains, what ppo's ptx term adds, what eval's
 perplexity measures.
 
-Owns: collating encoded conversations (`collate`), the next-token NLL projected only at labelled positions
-(`next_token_nll`, `NextTokenLoss`), the same log-probabilities summed per sequence (`sequence_logprobs`,
-`SequenceLogProbs`: what dpo compares; `packed_sequence_logprobs` on shared-prefix packed rows, and
+Owns: collating encoded conversations (`collate`, padded; `collate_packed`, padding-free: several
+conversations per row, each seeing only itself), the next-token NLL projected only at labelled positions
+(`next_token_nll`, `NextTokenLoss`, on either batch), the same log-probabilities summed per sequence
+(`sequence_logprobs`, `SequenceLogProbs`: what dpo compares; `packed_sequence_logprobs` on shared-prefix packed rows, and
 `batch_logprobs` for either batch), the mean loss (`sft_loss`) and its evaluation (`evaluate`). May use:
 chat (IGNORE), heads (hidden states), packing (the 4-D mask's rows), training (Batch, right_pad).
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instruct_cli.core import heads, training
+from instruct_cli.core import heads, packing, training
 from instruct_cli.core.chat import IGNORE
 
 
@@ -28,27 +29,59 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tra
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
 
 
+def collate_packed(rows: list[tuple[list[int], list[int]]], pad_id: int, device, width: int = 0) -> training.Batch:
+    """Padding-free `collate`: the rows packed side by side into as few rows of at most `width` tokens (0: the
+    longest row's length, so no packed row is longer than a padded one would be) as first-fit decreasing
+    finds (packing.bins), each attending causally to itself only, positions restarting at 0.
+
+    Returns input_ids, position_ids, segments (packing.pack) and labels: each row's own, with its first token
+    unlabelled, so that no token is predicted across a row boundary (position 0 is never predicted in a
+    padded batch either): the same labelled tokens, losses and gradients as `collate`, to float rounding.
+    """
+    width = max(width, max(len(ids) for ids, _ in rows))
+    groups = [[rows[i] for i in members] for members in packing.bins([len(ids) for ids, _ in rows], width)]
+    batch = packing.pack([[ids for ids, _ in group] for group in groups], pad_id, device, shared=False)
+    batch.pop("ends")
+    labels = [[label for _, row_labels in group for label in [IGNORE, *row_labels[1:]]] for group in groups]
+    return {**batch, "labels": training.right_pad(labels, IGNORE).to(device)}
+
+
 def next_token_nll(
-    lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    lm,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token negative log-likelihood of a causal LM over the labelled tokens, and their count.
+    """Summed next-token negative log-likelihood of a causal LM over the labelled tokens, and their count, of
+    a padded batch (`attention_mask`) or a packed one (`position_ids` and `segments`, see `collate_packed`).
 
     The vocabulary projection runs only at labelled positions: the (batch, length, vocab) logits of a full
     forward are the largest tensor of a step (8 x 272 tokens x 49k vocab = 0.4 GB in fp32, several times over
     with softmax and gradients), while only the assistant tokens, often a third of them, are needed.
     """
-    logits, targets, labelled = labelled_logits(lm, input_ids, attention_mask, labels)
+    logits, targets, labelled = labelled_logits(lm, input_ids, attention_mask, labels, position_ids, segments)
     return F.cross_entropy(logits.float(), targets, reduction="sum"), labelled.sum()
 
 
 def labelled_logits(
-    lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    lm,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits predicting each labelled token (N, vocab), those tokens (N,), the (B, T - 1) mask of where they
-    are), with the vocabulary projection run only there (see `next_token_nll`)."""
+    are), with the vocabulary projection run only there (see `next_token_nll`). Packed rows (`segments`)
+    need `plain_output_layer(lm)`."""
     targets = labels[:, 1:]
     labelled = targets != IGNORE
-    if plain_output_layer(lm):
+    if segments is not None:
+        hidden = heads.packed_hidden_states(lm, input_ids, position_ids, segments).view(*input_ids.shape, -1)
+        logits = lm.get_output_embeddings()(hidden[:, :-1][labelled])
+    elif plain_output_layer(lm):
         hidden = heads.last_hidden_states(lm, input_ids, attention_mask)[:, :-1]
         logits = lm.get_output_embeddings()(hidden[labelled])
     else:  # a model whose forward does more than lm_head(hidden) (logit scaling or soft-capping)
@@ -125,10 +158,20 @@ class NextTokenLoss(nn.Module):
         super().__init__()
         self.lm = lm
 
+    @property
+    def packs(self) -> bool:
+        """True when the model takes padding-free packed batches exactly (`collate_packed`)."""
+        return packing.supports(self.lm) and plain_output_layer(self.lm)
+
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
-        return next_token_nll(self.lm, input_ids, attention_mask, labels)
+        return next_token_nll(self.lm, input_ids, attention_mask, labels, position_ids, segments)
 
 
 class SequenceLogProbs(nn.Module):
@@ -160,11 +203,13 @@ class SequenceLogProbs(nn.Module):
 
 
 def token_nll(model, batch: training.Batch) -> tuple[torch.Tensor, int]:
-    """`next_token_nll` of a batch, for a NextTokenLoss (possibly DDP-wrapped) or a plain causal LM."""
+    """`next_token_nll` of a padded or packed batch, for a NextTokenLoss (possibly DDP-wrapped) or a plain
+    causal LM."""
+    packed = {"position_ids": batch["position_ids"], "segments": batch["segments"]} if "segments" in batch else {}
     if isinstance(getattr(model, "module", model), NextTokenLoss):
-        total, count = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total, count = model(batch["input_ids"], batch.get("attention_mask"), batch["labels"], **packed)
     else:
-        total, count = next_token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total, count = next_token_nll(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"], **packed)
     return total, int(count)
 
 
@@ -173,10 +218,15 @@ def labelled_tokens(batch: training.Batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def real_tokens(batch: training.Batch) -> int:
+    """How many positions of a padded or packed batch hold a token (not padding)."""
+    return int((batch["segments"] >= 0).sum() if "segments" in batch else batch["attention_mask"].sum())
+
+
 def sft_loss(model, batch: training.Batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean NLL over the batch's assistant tokens (the training loss)."""
     total, count = token_nll(model, batch)
-    return total / max(count, 1), {"tokens": float(batch["attention_mask"].sum())}
+    return total / max(count, 1), {"tokens": float(real_tokens(batch))}
 
 
 @torch.no_grad()

@@ -11,9 +11,13 @@ reproduced up to float rounding: reading a score at a sequence's last token (`en
 Sharing is exact whatever the sequences are: sequences cut to different lengths from the left share less
 (or nothing) and are packed side by side. Every suffix keeps at least its last token, where its score is read.
 
-Owns: `shared_prefix_length`, `packed_length`, `row_layout`, `pack`, `flat_columns` (where each token of
-each sequence is, for per-token log-probs), `attention_mask` and `supports` (which attention implementations
-take the 4-D mask). May use: nothing else of the core.
+Padding-free packing (sft) is the same layout with no shared prefix (`shared=False`): unrelated sequences side
+by side in one row, segments 1..K, each attending causally to itself only, positions restarting at 0; `bins`
+decides which sequences share a row.
+
+Owns: `shared_prefix_length`, `packed_length`, `row_layout`, `pack`, `bins`, `flat_columns` (where each token
+of each sequence is, for per-token log-probs), `attention_mask` and `supports` (which attention
+implementations take the 4-D mask). May use: nothing else of the core.
 """
 
 from __future__ import annotations
@@ -42,10 +46,13 @@ def packed_length(sequences: list[list[int]]) -> int:
     return prefix + sum(len(s) - prefix for s in sequences)
 
 
-def row_layout(sequences: list[list[int]]) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+def row_layout(
+    sequences: list[list[int]], shared: bool = True
+) -> tuple[list[int], list[int], list[int], list[list[int]]]:
     """One group's packed row: (token ids, position ids, segments, and for each sequence the column of each
-    of its tokens in the row; the shared prefix's columns appear in every sequence's list)."""
-    prefix = shared_prefix_length(sequences)
+    of its tokens in the row; the shared prefix's columns appear in every sequence's list). `shared=False`:
+    no prefix is shared, every sequence is whole in its own segment (padding-free packing)."""
+    prefix = shared_prefix_length(sequences) if shared else 0
     ids, positions, segments = list(sequences[0][:prefix]), list(range(prefix)), [0] * prefix
     columns = []
     for number, sequence in enumerate(sequences, start=1):
@@ -65,14 +72,15 @@ def flat_columns(groups: list[list[list[int]]]) -> list[list[int]]:
     return [[row * width + c for c in columns] for row, layout in enumerate(layouts) for columns in layout[3]]
 
 
-def pack(groups: list[list[list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Each group of sequences as one right-padded packed row.
+def pack(groups: list[list[list[int]]], pad_id: int, device, shared: bool = True) -> dict[str, torch.Tensor]:
+    """Each group of sequences as one right-padded packed row (`shared=False`: no shared prefix, see
+    `row_layout`).
 
     Returns `input_ids`, `position_ids` and `segments` (rows x longest packed row; the mask is built from the
     segments in the forward pass, see `attention_mask`), and `ends`: for every sequence, group by group in
     order, the flat index (row * width + column) of its last token.
     """
-    layouts = [row_layout(sequences) for sequences in groups]
+    layouts = [row_layout(sequences, shared) for sequences in groups]
     width = max(len(ids) for ids, _, _, _ in layouts)
     input_ids = torch.full((len(layouts), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(layouts), width), dtype=torch.long)
@@ -91,10 +99,29 @@ def pack(groups: list[list[list[int]]], pad_id: int, device) -> dict[str, torch.
     }
 
 
+def bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins whose lengths add up to at most `capacity` (first-fit
+    decreasing; an item longer than `capacity` gets a bin of its own). Ties are broken by index, so the same
+    lengths always give the same bins."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        fit = next((b for b, free in enumerate(room) if lengths[index] <= free), None)
+        if fit is None:
+            groups.append([index])
+            room.append(capacity - lengths[index])
+        else:
+            groups[fit].append(index)
+            room[fit] -= lengths[index]
+    return groups
+
+
 def attention_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """The (rows, 1, width, width) mask of packed rows: a token sees earlier tokens of the prefix (segment 0)
     and of its own segment. Boolean (True = attend) for sdpa; additive (0 or the dtype's minimum) for eager.
 
+    Rows packed without a shared prefix (`shared=False`) have no segment 0: each token sees its own segment.
     Padding (segment -1) sees the prefix and earlier padding, so no row of the mask is empty (an empty row
     gives NaN in sdpa, and NaN leaks into the gradients even where the output is unused).
     """

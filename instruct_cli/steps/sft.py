@@ -2,8 +2,9 @@
 
 The loss is the next-token cross-entropy on assistant tokens only — every assistant turn, each with its
 EOS, so the model learns to stop — while system and user tokens are masked out. Rows are batched by
-similar length. The encoding is core/chat.py's, the loss core/lm.py's and the loop itself (accumulation,
-schedule, eval, checkpoints, resume) core/training.py's `fit`.
+similar length, padded, or with --packing packed side by side without padding (each row attending only to
+itself; core/lm.py's `collate_packed`), with the same loss. The encoding is core/chat.py's, the loss
+core/lm.py's and the loop itself (accumulation, schedule, eval, checkpoints, resume) core/training.py's `fit`.
 """
 
 from __future__ import annotations
@@ -51,25 +52,26 @@ def run(config: SFTConfig) -> Path:
     run_folder = training.open_run(config, "sft", accelerator, source)
     with run_folder.recording():
         model, _ = training.load_trainable_policy(config, source, device, tokenizer)
+        loss_model = lm.NextTokenLoss(model)
+        packed = config.packing and loss_model.packs
+        if config.packing and not packed:
+            info("sft: this model's attention takes no custom mask; padded batches (--no-packing)")
+        # the same rows per batch either way (training.my_batches): packing changes only their layout
+        collate = partial(lm.collate_packed if packed else lm.collate, pad_id=tokenizer.pad_token_id, device=device)
 
         def batches_for_epoch(epoch: int) -> list[training.Batch]:
             mine = training.my_batches(accelerator, [len(ids) for ids, _ in train_set], config, epoch)
-            return [lm.collate([train_set[i] for i in group], tokenizer.pad_token_id, device) for group in mine]
+            return [collate([train_set[i] for i in group]) for group in mine]
 
         total_steps = training.total_steps(config, accelerator, len(train_set))
-        eval_batches = training.eval_batches(
-            eval_set,
-            [len(ids) for ids, _ in eval_set],
-            config.batch_size,
-            partial(lm.collate, pad_id=tokenizer.pad_token_id, device=device),
-        )
+        eval_batches = training.eval_batches(eval_set, [len(ids) for ids, _ in eval_set], config.batch_size, collate)
         trainable = training.make_trainable(
-            lm.NextTokenLoss(model), accelerator, config.lr, config.weight_decay, config.warmup_ratio, total_steps
+            loss_model, accelerator, config.lr, config.weight_decay, config.warmup_ratio, total_steps
         )
         info(
             f"sft: {len(train_set)} conversations, {total_steps} steps of "
             f"{config.batch_size * config.grad_accum * accelerator.num_processes} rows on {device} "
-            f"({config.quantization}, LoRA r={config.lora_r})"
+            f"({config.quantization}, LoRA r={config.lora_r}{', packed' if packed else ''})"
         )
         result = training.fit(
             run_folder,

@@ -9,8 +9,8 @@ iteration), identical on every process. With K samples per prompt run packed (tr
 shuffle moves whole groups of K rows, so a minibatch holds whole groups, computed exactly as the trajectory
 computed them (each group one packed row): the first importance ratio is exactly 1 there too. Each process
 computes the part of the minibatch it holds, with losses divided by the minibatch's real tokens on all
-processes; gradients and statistics are then summed over processes. N processes with B rollouts each therefore take exactly the steps of one process with
-N x B rollouts and N x the minibatch size.
+processes; gradients and statistics are then summed over processes. N processes with B rollouts each
+therefore take exactly the steps of one process with N x B rollouts and N x the minibatch size.
 
 A trap worth knowing: with (non-reentrant) gradient checkpointing, the forward is recomputed during the
 backward with whatever adapter is active THEN. So each role's loss is backpropagated right after its own
