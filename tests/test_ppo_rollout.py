@@ -99,7 +99,8 @@ def test_merged_rollouts_sample_what_unmerged_ones_do(roles_and_tokenizer):
             trajectory.response_logits(roles, ppo.REFERENCE, *folded[:4]), folded.response, 0.9
         )
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
-    assert (unmerged - reference * folded.response_mask).abs().max() > 1e-2  # the policy adapter is not trivial
+    # the policy adapter is not trivial: it moves the log-probs by 100x the tolerance above, at least
+    assert (unmerged - reference * folded.response_mask).abs().max() > 1e-3
     assert_base_untouched(roles, before)
     roles.model.train()
 
