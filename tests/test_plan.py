@@ -243,6 +243,22 @@ def test_ppo_keeps_four_adapters_and_two_heads_and_trains_two():
     assert end.kv_cache == plan.kv_cache_bytes(shape, 16, 512 + 64, 4)
 
 
+def test_merged_rollouts_hold_a_copy_of_the_targeted_weights_on_an_unquantised_base():
+    shape = plan.read_model_shape("Qwen/Qwen2.5-0.5B-Instruct")
+    lora = plan.lora_for(shape, SFTConfig())
+    linears = shape.linears()
+    copy = shape.layers * sum(i * o for i, o in linears.values()) * 2  # bf16 on a GPU, all-linear targets
+
+    def rollout(config):
+        return next(m for m in plan.estimate_ppo(shape, config, lora, lora).moments if m.name == "rollout end")
+
+    assert rollout(PPOConfig(quantization="none")).workspace == copy
+    assert rollout(PPOConfig(quantization="none", merged_rollouts=False)).workspace == 0
+    assert rollout(PPOConfig(quantization="nf4")).workspace == 0  # a quantised base is never merged
+    notes = plan.estimate_ppo(shape, PPOConfig(quantization="none"), lora, lora).notes
+    assert any("--merged-rollouts" in note for note in notes)
+
+
 def test_a_step_that_does_not_fit_gets_suggestions_that_fit():
     shape = plan.read_model_shape("meta-llama/Llama-3.1-8B-Instruct")
     config = SFTConfig(gradient_checkpointing=False, batch_size=2, max_length=1024)

@@ -244,6 +244,11 @@ def estimate_ppo(
     rollouts, prompt, new = config.rollout_batch_size, config.max_prompt_length, config.max_new_tokens
     full = prompt + new
     kv_bytes = max(_linear_out(plain.stream, plain, True), plain.stream)  # k after RoPE: stream dtype or wider
+    merged = 0  # --merged-rollouts on an unquantised base: a copy of every policy-targeted weight, W + delta
+    if config.merged_rollouts and config.quantization == "none":
+        linears = shape.linears()
+        merged = shape.layers * sum(linears[name][0] * linears[name][1] for name in policy.targets) * prec.compute
+        out.notes.append("--merged-rollouts: rollouts hold a copy of the LoRA-targeted weights (W + delta)")
     moments = [
         # 1. rollout: the prefill of the prompts, then the cache grown to prompt + new tokens
         Moment(
@@ -251,12 +256,14 @@ def estimate_ppo(
             activations=inference_layer_bytes(shape, plain, rollouts, prompt),
             kv_cache=kv_cache_bytes(shape, rollouts, prompt, kv_bytes),
             logits=sampling_bytes(shape, rollouts),
+            workspace=merged,
             gradients=False,
         ),
         Moment(
             "rollout end",
             kv_cache=kv_cache_bytes(shape, rollouts, full, kv_bytes),
             logits=sampling_bytes(shape, rollouts),
+            workspace=merged,
             gradients=False,
         ),
         # 2. score / 4. values: the body over prompt + response without gradients
