@@ -4,12 +4,14 @@ Owns: `sample`, which draws from exactly softmax(logits / T) with the top-k / to
 own generation_config (repetition_penalty, no_repeat_ngram_size, min_new_tokens, suppress_tokens, ...) is
 set aside, so that log-probs recomputed later describe what was sampled (PPO's rollouts, eval's KL, label);
 left padding of prompts (`left_pad`); prompt + response as one sequence (`sequences`); and the keyword
-arguments of `model.generate` for the sampling flags (`sampling_kwargs`). May use: config.
+arguments of `model.generate` for the sampling flags (`sampling_kwargs`); one answer streamed to stdout
+(`stream_to_stdout`, for generate and chat). May use: config.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
@@ -30,6 +32,25 @@ def sampling_kwargs(config: GenerateConfig, tokenizer) -> dict:
         "top_p": config.top_p,
         "top_k": config.top_k,
     }  # 0 turns top-k off (None would fall back to the model's own setting)
+
+
+def stream_to_stdout(model, tokenizer, ids: list[int], config: GenerateConfig) -> str:
+    """One answer to the prompt `ids` with the sampling flags of `config` (generate's or chat's), its text
+    printed to stdout as it comes; returns the whole answer."""
+    from transformers import TextStreamer
+
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=streamer,
+            **sampling_kwargs(config, tokenizer),
+        )
+    sys.stdout.flush()
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,21 +141,8 @@ class ChatSession:
 
     def stream(self, ids: list[int]) -> str:
         """Sample an answer to the prompt `ids` (seeded with --seed), printing it to stdout as it comes."""
-        from transformers import TextStreamer
-
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids], device=device)
-        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         torch.manual_seed(self.config.seed)
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                streamer=streamer,
-                **sampling.sampling_kwargs(self.config, self.tokenizer),
-            )
-        sys.stdout.flush()
-        return self.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+        return sampling.stream_to_stdout(self.model, self.tokenizer, ids, self.config)
 
     def command(self, line: str) -> bool:
         """Run one slash command; False when it asks to leave. Mistakes are reported; the chat goes on."""

@@ -133,20 +133,7 @@ def read_prompts(path: Path, system: str | None = None) -> list[list[dict]]:
 
 def stream_answer(model, tokenizer, messages: list[dict], config: GenerateConfig) -> str:
     """Generate one answer, printing tokens to stdout as they come; returns the whole answer."""
-    from transformers import TextStreamer
-
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([chat.encode_prompt(tokenizer, messages)], device=device)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            streamer=streamer,
-            **sampling.sampling_kwargs(config, tokenizer),
-        )
-    sys.stdout.flush()
-    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+    return sampling.stream_to_stdout(model, tokenizer, chat.encode_prompt(tokenizer, messages), config)
 
 
 def generate_batch(model, tokenizer, prompts: list[list[dict]], config: GenerateConfig) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from instruct_cli.core import artifacts, gguf_file, models
+from instruct_cli.core import artifacts, gguf_file, inference, models
 from instruct_cli.core.console import summary_table
 from instruct_cli.core.errors import UserError
 from instruct_cli.steps.export import ollama
@@ -78,13 +78,9 @@ def run(
 
 
 def _merge(source: models.ModelSource, dtype: torch.dtype):
-    """The run's base with its adapter merged in: a plain transformers model of `dtype`."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    # merging needs the real 16-bit weights of the base, not its 4-bit copy
-    base = AutoModelForCausalLM.from_pretrained(source.load_path, dtype=dtype)
-    return PeftModel.from_pretrained(base, str(source.adapter)).merge_and_unload()
+    """The run's base with its adapter merged in: a plain transformers model of `dtype`, merged in fp32 on the
+    CPU and rounded once (core/inference's merge; the real 16-bit weights of the base, not its 4-bit copy)."""
+    return inference.merge_adapter(source, dtype, torch.device("cpu"))
 
 
 def _export_gguf(run_dir, out: Path, source, tokenizer, dtype, gguf_type: str, record: dict) -> Path:
