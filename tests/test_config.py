@@ -68,3 +68,13 @@ def test_to_recipe_dict_round_trips(tmp_path):
     assert values["input"] == str(tmp_path / "p.jsonl")
     again = recipes.make_config(cfg.GenerateConfig, values, source="recipe.yaml")
     assert again == config
+
+
+def test_sections_of_commands_run_does_not_run_are_accepted_by_run(tmp_path):
+    """A shared recipe may carry `generate:`, `chat:` and `label:` settings; `instruct run` reads past them."""
+    steps = "version: 1\nprepare-data:\n  inputs: [raw.jsonl]\n  task: sft\n  out: data\n"
+    recipe = write(tmp_path / "r.yaml", steps + "chat:\n  temperature: 0.2\ngenerate:\n  greedy: true\n")
+    assert [task.step for task in recipes.read_tasks(recipe)] == ["prepare-data"]
+    assert recipes.load_recipe_section(recipe, "chat", cfg.ChatConfig)["temperature"] == 0.2
+    with pytest.raises(UserError, match="Unknown section `chats`"):
+        recipes.read_tasks(write(tmp_path / "bad.yaml", steps + "chats:\n  temperature: 0.2\n"))

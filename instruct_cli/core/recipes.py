@@ -236,7 +236,7 @@ STEP_NAMES = ("prepare-data", "sft", "rm", "ppo", "dpo", "eval")
 RESUMABLE = ("sft", "rm", "ppo", "dpo")
 
 
-OTHER_SECTIONS = ("label", "generate")  # sections for commands that `run` does not run (they read them with --recipe)
+OTHER_SECTIONS = ("label", "generate", "chat")  # sections for commands `run` does not run (read with --recipe)
 
 
 INPUT_FIELDS = {
