@@ -4,6 +4,7 @@ install that compiles llama.cpp) is missing; the errors are tested everywhere.""
 
 import importlib.util
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -113,3 +114,36 @@ def test_cached_path_changes_with_the_adapter(tmp_path, monkeypatch, tiny_run): 
     weights = next(models.resolve_model(str(copy)).adapter.rglob("*.safetensors"))
     save_file({k: v + 1e-3 for k, v in load_file(weights).items()}, weights)
     assert llama_engine.cached_path(models.resolve_model(str(copy))) != before
+
+
+def test_the_gguf_appears_whole_or_not_at_all(tmp_path, monkeypatch, tiny_run):  # noqa: F811
+    """A write that fails leaves neither the file nor its partial copy; a copy left by a killed process
+    (SIGKILL runs no cleanup) is never read as the model and is removed by the next write."""
+    import subprocess
+    import sys
+
+    from instruct_cli.core import gguf_file
+
+    monkeypatch.setenv("INSTRUCT_CACHE", str(tmp_path / "cache"))
+    source = models.resolve_model(str(tiny_run))
+    tokenizer = models.load_tokenizer(source)
+    path = llama_engine.cached_path(source, "f32")
+    real_write = gguf_file.write
+
+    def write_then_fail(model, tokenizer, partial, *args, **kwargs):
+        real_write(model, tokenizer, partial, *args, **kwargs)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(gguf_file, "write", write_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        llama_engine.gguf_for(source, tokenizer, "f32")
+    assert not path.exists() and not list(path.parent.glob(".*.partial"))
+    monkeypatch.setattr(gguf_file, "write", real_write)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = path.with_name(f".{path.name}.{int(dead.stdout)}.partial")
+    orphan.write_bytes(b"GGUF half")
+    busy = path.with_name(f".{path.name}.{os.getppid()}.partial")  # a live writer's copy stays
+    busy.write_bytes(b"GGUF busy")
+    written, now = llama_engine.gguf_for(source, tokenizer, "f32")
+    assert now and written == path and path.stat().st_size > 1000
+    assert not orphan.exists() and busy.exists()

@@ -196,13 +196,8 @@ def prune_ready(keep: Path, limit: int = READY_KEEP) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def load_for_inference(
-    spec: str, quantization: str = AUTO, device: str = "auto", announce: bool = True, exact: bool = False
-):
-    """Load `spec` (any model reference) ready to sample: the quantisation asked for, or chosen for the device
-    (`choose`; said in one line when `announce`; `exact` keeps the device's compute dtype, for log-probs);
-    unquantised weights come ready from the cache (`ready_model`: a run's adapter merged in), a quantised base
-    gets the adapter through peft. Returns (model, tokenizer, source)."""
+def resolve_generator(spec: str) -> models.ModelSource:
+    """`spec` resolved (models.resolve_model), refused with a clear error when it is a reward-model run."""
     source = models.resolve_model(spec)
     if source.run_manifest is not None and source.run_manifest.get("kind") == "rm":
         raise UserError(
@@ -210,6 +205,17 @@ def load_for_inference(
             where="--model",
             fix="Use `instruct rm score` to score responses, or pass an sft, ppo or dpo run",
         )
+    return source
+
+
+def load_for_inference(
+    spec: str, quantization: str = AUTO, device: str = "auto", announce: bool = True, exact: bool = False
+):
+    """Load `spec` (any model reference) ready to sample: the quantisation asked for, or chosen for the device
+    (`choose`; said in one line when `announce`; `exact` keeps the device's compute dtype, for log-probs);
+    unquantised weights come ready from the cache (`ready_model`: a run's adapter merged in), a quantised base
+    gets the adapter through peft. Returns (model, tokenizer, source)."""
+    source = resolve_generator(spec)
     choice = choose(quantization, source, models.pick_device(device), exact)
     tokenizer = models.load_tokenizer(source)
     adapter = ""

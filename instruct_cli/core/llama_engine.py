@@ -51,15 +51,6 @@ def cached_path(source: models.ModelSource, gguf_type: str = CACHED_TYPE) -> Pat
     return models.cache_dir() / GGUF_DIR / f"{Path(source.load_path).name}{kind}-{key}-{gguf_type}.gguf"
 
 
-def own_gguf(source: models.ModelSource) -> Path | None:
-    """The GGUF file the base came as (the built-in model, a .gguf path), if it did."""
-    if source.reference == models.BUILTIN_NAME:
-        return models.builtin_gguf_path()
-    if source.reference.endswith(".gguf") and Path(source.reference).is_file():
-        return Path(source.reference)
-    return None
-
-
 def gguf_for(source: models.ModelSource, tokenizer, gguf_type: str = CACHED_TYPE) -> tuple[Path, bool]:
     """The GGUF file llama.cpp runs for `source`, and whether it was written now. A bare base that came as a
     GGUF file runs from that file; anything else is written once into the cache (merged in fp32, then
@@ -69,7 +60,7 @@ def gguf_for(source: models.ModelSource, tokenizer, gguf_type: str = CACHED_TYPE
 
     from instruct_cli.core import gguf_file, inference
 
-    base_file = own_gguf(source)
+    base_file = models.gguf_origin(source)
     if base_file is not None and source.adapter is None:
         return base_file, False
     path = cached_path(source, gguf_type)
@@ -86,6 +77,7 @@ def gguf_for(source: models.ModelSource, tokenizer, gguf_type: str = CACHED_TYPE
     else:
         model = models.load_base_model(source, "none", cpu, torch.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         gguf_file.write(model, tokenizer, partial, gguf_type, name=path.stem, pre_tokenizer=pre_tokenizer)
@@ -93,6 +85,29 @@ def gguf_for(source: models.ModelSource, tokenizer, gguf_type: str = CACHED_TYPE
     finally:
         partial.unlink(missing_ok=True)
     return path, True
+
+
+def remove_orphans(path: Path) -> list[Path]:
+    """Remove the half-written copies of `path` left by processes that were killed while writing it (their
+    process is gone); a copy another running process is still writing is left alone. Returns what went."""
+    prefix = f".{path.name}."
+    removed = []
+    for partial in path.parent.glob(f"{prefix}*.partial"):
+        pid = partial.name[len(prefix) : -len(".partial")]
+        if pid.isdigit() and not _alive(int(pid)):
+            partial.unlink(missing_ok=True)
+            removed.append(partial)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -173,13 +188,9 @@ def load(
     Returns (engine, whether the GGUF file was written now)."""
     if not available():
         raise UserError("--engine llama.cpp needs llama-cpp-python, which is not installed", fix=INSTALL_HINT)
-    source = models.resolve_model(spec)
-    if source.run_manifest is not None and source.run_manifest.get("kind") == "rm":
-        raise UserError(
-            f"{spec} is a reward model; it scores text but does not generate it",
-            where="--model",
-            fix="Use `instruct rm score` to score responses, or pass an sft, ppo or dpo run",
-        )
+    from instruct_cli.core import inference
+
+    source = inference.resolve_generator(spec)
     if device not in ("auto", "cpu"):
         raise UserError(
             f"--engine llama.cpp runs on the CPU here; --device {device} is not supported with it",

@@ -77,6 +77,15 @@ def builtin_gguf_path() -> Path:
     return path
 
 
+def gguf_origin(source: "ModelSource") -> Path | None:
+    """The GGUF file the base of `source` came as (the built-in model's, a .gguf path), if it came as one."""
+    if source.reference == BUILTIN_NAME:
+        return builtin_gguf_path()
+    if source.reference.endswith(".gguf") and Path(source.reference).is_file():
+        return Path(source.reference)
+    return None
+
+
 def resolve_model(spec: str, flag: str = "--model") -> ModelSource:
     """Turn a `--model` value into a ModelSource (see the module docstring for what is accepted)."""
     spec = str(spec).strip()

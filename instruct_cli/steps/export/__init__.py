@@ -89,7 +89,7 @@ def _export_gguf(run_dir, out: Path, source, tokenizer, dtype, gguf_type: str, r
     gguf_file.check_gguf_type(gguf_type)
     config = AutoConfig.from_pretrained(source.load_path)
     pre_tokenizer = gguf_file.check_exportable(config, tokenizer, where=f"the base model of {run_dir}")
-    base_gguf = _base_gguf(source)
+    base_gguf = models.gguf_origin(source)
     if base_gguf is not None:  # the base's own file knows its tokenizer best (SmolLM2's splits digits: "smollm")
         pre_tokenizer = gguf_file.gguf_pre_tokenizer(base_gguf) or pre_tokenizer
     merged = _merge(source, dtype)
@@ -116,15 +116,6 @@ def _export_gguf(run_dir, out: Path, source, tokenizer, dtype, gguf_type: str, r
         },
     )
     return out / name
-
-
-def _base_gguf(source: models.ModelSource) -> Path | None:
-    """The GGUF file the run's base was converted from, if it was."""
-    if source.reference == models.BUILTIN_NAME:
-        return models.builtin_gguf_path()
-    if source.reference.endswith(".gguf") and Path(source.reference).is_file():
-        return Path(source.reference)
-    return None
 
 
 def _file_stem(out: Path) -> str:
