@@ -35,6 +35,9 @@ def test_quantization_and_device_do_not_apply_to_llama_cpp(tiny_model_dir):
     assert "does not apply to the llama.cpp engine" in fails(
         "generate", "--engine", "llama.cpp", "--quantization", "nf4", "--model", tiny_model_dir, "hi"
     )
+    assert "does not apply to the llama.cpp engine" in fails(
+        "chat", "--engine", "llama.cpp", "--quantization", "nf4", "--model", tiny_model_dir
+    )
     if llama_engine.available():
         assert "--device cuda is not supported" in fails(
             "generate", "--engine", "llama.cpp", "--device", "cuda", "--model", tiny_model_dir, "hi"
@@ -147,3 +150,30 @@ def test_the_gguf_appears_whole_or_not_at_all(tmp_path, monkeypatch, tiny_run): 
     written, now = llama_engine.gguf_for(source, tokenizer, "f32")
     assert now and written == path and path.stat().st_size > 1000
     assert not orphan.exists() and busy.exists()
+
+
+@needs_llama_cpp
+def test_chat_answers_with_the_engine_and_keeps_the_conversation(tmp_path, monkeypatch, tiny_run):  # noqa: F811
+    """`instruct chat --engine llama.cpp` from a pipe: each answer is the engine's answer to the whole
+    conversation so far (the second message sees the first exchange)."""
+    monkeypatch.setenv("INSTRUCT_CACHE", str(tmp_path / "cache"))
+    first, second = FACTS[0][0], FACTS[1][0]
+    result = runner.invoke(
+        app,
+        ["chat", "--engine", "llama.cpp", "--model", str(tiny_run), "--greedy", "--max-new-tokens", "8"],
+        input=f"{first}\n{second}\n",
+    )
+    assert result.exit_code == 0, result.output
+    engine, written = llama_engine.load(str(tiny_run))
+    assert not written  # the chat wrote it
+    flags = dict(max_new_tokens=8, greedy=True, temperature=1.0, top_p=1.0, top_k=0, seed=0)
+    one = engine.answer(chat.to_messages(first), **flags)
+    history = [
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": one.strip()},
+        {"role": "user", "content": second},
+    ]
+    two = engine.answer(chat.to_messages(history), **flags)
+    engine.close()
+    assert one.strip() and two.strip()
+    assert f"{one}\n{two}\n" in result.stdout

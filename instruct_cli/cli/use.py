@@ -96,6 +96,7 @@ def chat(
     greedy: Annotated[Optional[bool], _opt(C, "greedy")] = None,
     seed: Annotated[Optional[int], _opt(C, "seed")] = None,
     max_context: Annotated[Optional[int], _opt(C, "max_context")] = None,
+    engine: Annotated[Optional[str], _opt(C, "engine")] = None,
     quantization: Annotated[Optional[str], _opt(C, "quantization")] = None,
     device: Annotated[Optional[str], _opt(C, "device")] = None,
     recipe: RecipeOption = None,
@@ -116,6 +117,8 @@ def chat(
 
       instruct chat --model runs/sft --greedy --max-new-tokens 128
 
+      instruct chat --engine llama.cpp     (needs llama-cpp-python)
+
       printf 'My name is Ada.\\nWhat is my name?\\n/save chats.jsonl\\n' | instruct chat --model runs/sft
     """
     from instruct_cli.steps import chat as chat_step
@@ -135,6 +138,7 @@ def chat(
             greedy=greedy,
             seed=seed,
             max_context=max_context,
+            engine=engine,
             quantization=quantization,
             device=device,
         ),

@@ -323,6 +323,9 @@ class SamplingOptions:
     """Always take the most likely token (ignores temperature, top_p, top_k)."""
     seed: int = 0
     """Random seed for sampling."""
+    engine: Literal["transformers", "llama.cpp"] = "transformers"
+    """What samples the answers: transformers (default), or llama.cpp through llama-cpp-python (an optional
+    install; runs the model as a GGUF file on the CPU: the base's own file, or one written once into the cache)."""
 
 
 @dataclass
@@ -339,9 +342,6 @@ class GenerateConfig(SamplingOptions, InferenceOptions):
     """System prompt."""
     batch_size: int = 8
     """Prompts per batch with --input."""
-    engine: Literal["transformers", "llama.cpp"] = "transformers"
-    """What samples the answers: transformers (default), or llama.cpp through llama-cpp-python (an optional
-    install; runs the model as a GGUF file on the CPU: the base's own file, or one written once into the cache)."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""llama.cpp as the engine that samples answers (`instruct generate --engine llama.cpp`).
+"""llama.cpp as the engine that samples answers (`instruct generate` and `chat` with `--engine llama.cpp`).
 
-Owns: the GGUF file llama.cpp runs for a model reference (`gguf_for`): the base's own file when the model came
+Owns, for generate and chat: the GGUF file llama.cpp runs for a model reference (`gguf_for`): the base's own file when the model came
 as one (the built-in model, a .gguf path), else the weights (a run's adapter merged in, in fp32) written once
 as an f16 GGUF into the cache, keyed like core/inference's ready weights by the base's fingerprint and the
 adapter's content hash; loading it with llama-cpp-python, an optional extra that builds llama.cpp from source
@@ -133,6 +133,20 @@ class LlamaEngine:
         """One answer to `messages`, streamed piece by piece to `on_text` when given; returns the whole text.
         Stops at the tokenizer's EOS or after `max_new_tokens`, as the transformers engine does."""
         ids = chat.encode_prompt(self.tokenizer, messages)
+        return self.answer_ids(ids, max_new_tokens, greedy, temperature, top_p, top_k, seed, on_text)
+
+    def answer_ids(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        greedy: bool,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """`answer` for a prompt already rendered as token ids (chat's window of the conversation)."""
         context = self.llama.n_ctx()
         if len(ids) >= context:
             raise UserError(
@@ -178,6 +192,16 @@ class LlamaEngine:
             repeat_penalty=1.0,
             frequency_penalty=0.0,
             presence_penalty=0.0,
+        )
+
+
+def check_flags(quantization: str) -> None:
+    """Refuse --quantization with the llama.cpp engine: llama.cpp runs the GGUF file's own types."""
+    if quantization != "auto":
+        raise UserError(
+            f"--quantization {quantization} does not apply to the llama.cpp engine",
+            where="--quantization",
+            fix="Drop --quantization: llama.cpp runs the GGUF file's own types (f16 for a file it writes)",
         )
 
 

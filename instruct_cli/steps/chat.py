@@ -5,7 +5,8 @@ slash commands (/reset, /system, /save, /help, /exit), the prompt window — the
 with the chat template, its oldest exchanges left out once it outgrows the model's context — and saving a
 conversation as one `{"messages": [...]}` JSON line, which `instruct prepare-data` reads as SFT data.
 
-Each answer is sampled right after seeding with --seed, so it depends only on the conversation before it and
+Answers come from transformers, or with --engine llama.cpp from llama.cpp (core/llama_engine). Each answer
+is sampled right after seeding with --seed, so it depends only on the conversation before it and
 the flags: it is what `instruct generate` answers for the same messages, and a question asked again after
 /reset gets the same answer.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from rich.markup import escape
 
-from instruct_cli.core import artifacts, chat, inference, sampling
+from instruct_cli.core import artifacts, chat, inference, llama_engine, models, sampling
 from instruct_cli.core.config import ChatConfig
 from instruct_cli.core.console import console, info, warn
 from instruct_cli.core.errors import UserError
@@ -107,8 +108,9 @@ def save_conversation(path: Path, messages: list[dict]) -> int:
 class ChatSession:
     """One chat with one loaded model: `send` answers a message, `command` runs a slash command."""
 
-    def __init__(self, model, tokenizer, config: ChatConfig, context: int | None):
+    def __init__(self, model, tokenizer, config: ChatConfig, context: int | None, engine=None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.engine = engine  # a core/llama_engine.LlamaEngine with --engine llama.cpp (then model is None)
         self.budget = None if context is None else context - config.max_new_tokens
         self.conversation = Conversation(config.system)
 
@@ -141,6 +143,20 @@ class ChatSession:
 
     def stream(self, ids: list[int]) -> str:
         """Sample an answer to the prompt `ids` (seeded with --seed), printing it to stdout as it comes."""
+        if self.engine is not None:
+            config = self.config
+            answer = self.engine.answer_ids(
+                ids,
+                config.max_new_tokens,
+                config.greedy,
+                config.temperature,
+                config.top_p,
+                config.top_k,
+                config.seed,
+                on_text=lambda text: print(text, end="", flush=True),
+            )
+            print(flush=True)
+            return answer
         torch.manual_seed(self.config.seed)
         return sampling.stream_to_stdout(self.model, self.tokenizer, ids, self.config)
 
@@ -206,8 +222,17 @@ def run(config: ChatConfig) -> None:
             where="instruct chat",
             fix="Raise --max-context or lower --max-new-tokens",
         )
-    model, tokenizer, source = inference.load_for_inference(config.model, config.quantization, config.device)
-    context = context_length(model, tokenizer, config.max_context)
+    engine = None
+    if config.engine == "llama.cpp":
+        llama_engine.check_flags(config.quantization)
+        engine, written = llama_engine.load(config.model, config.device, context=config.max_context or 2**20)
+        if written:
+            info(escape(f"{config.model}: written as {engine.path} for llama.cpp (once; cached for the next call)"))
+        model, tokenizer, source = None, engine.tokenizer, models.resolve_model(config.model)
+        context = engine.llama.n_ctx()
+    else:
+        model, tokenizer, source = inference.load_for_inference(config.model, config.quantization, config.device)
+        context = context_length(model, tokenizer, config.max_context)
     if context is not None and context <= config.max_new_tokens:
         raise UserError(
             f"The model attends to {context} tokens, and --max-new-tokens {config.max_new_tokens} leaves none "
@@ -215,7 +240,7 @@ def run(config: ChatConfig) -> None:
             where="--max-new-tokens",
             fix=f"Use --max-new-tokens below {context} (a quarter of it leaves room for a long conversation)",
         )
-    session = ChatSession(model, tokenizer, config, context)
+    session = ChatSession(model, tokenizer, config, context, engine)
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):

@@ -56,12 +56,7 @@ def run(config: GenerateConfig) -> None:
 
 def generate_with_llama_cpp(prompts: list[list[dict]], config: GenerateConfig) -> None:
     """`--engine llama.cpp`: the answer streamed, or every answer of --input written, one prompt at a time."""
-    if config.quantization != inference.AUTO:
-        raise UserError(
-            f"--quantization {config.quantization} does not apply to the llama.cpp engine",
-            where="--quantization",
-            fix="Drop --quantization: llama.cpp runs the GGUF file's own types (f16 for a file it writes)",
-        )
+    llama_engine.check_flags(config.quantization)
     engine, written = llama_engine.load(config.model, config.device)
     if written:
         info(escape(f"{config.model}: written as {engine.path} for llama.cpp (once; cached for the next call)"))
