@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,21 +156,19 @@ def measure_llama_cpp(args, spec: str, label: str) -> list[list]:
     """Two rows for the model `spec` in llama.cpp: through instruct's engine, and the binding alone on the same
     file. Greedy, batch 1; the engine's answer stops at EOS, so its prompt asks for a long story."""
     from instruct_cli.core import chat, llama_engine
+    from instruct_cli.core.config import SamplingOptions
 
     started = time.perf_counter()
     engine, _ = llama_engine.load(spec, context=1024)
     load_s = time.perf_counter() - started
-    flags = dict(greedy=True, temperature=1.0, top_p=1.0, top_k=0, seed=0)
-    engine.answer(chat.to_messages(PROMPTS[1]), 4, **flags)  # warm-up
+    options = SamplingOptions(max_new_tokens=args.new_tokens, greedy=True)
+    engine.answer(chat.to_messages(PROMPTS[1]), replace(options, max_new_tokens=4))  # warm-up
     best = (float("inf"), 0.0)
     for _ in range(args.repeats):
         times: list[float] = []
         start = time.perf_counter()
         engine.answer(
-            chat.to_messages(PROMPTS[0]),
-            args.new_tokens,
-            **flags,
-            on_text=lambda _, times=times: times.append(time.perf_counter()),
+            chat.to_messages(PROMPTS[0]), options, on_text=lambda _, times=times: times.append(time.perf_counter())
         )
         decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
         best = (min(best[0], times[0] - start), max(best[1], decode))

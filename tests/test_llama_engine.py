@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from instruct_cli.cli import app
 from instruct_cli.core import chat, llama_engine, models
+from instruct_cli.core.config import SamplingOptions
 from tests.test_export_gguf import FACTS, greedy, merged_reference, prompt_ids, tiny_run  # noqa: F401 (fixture)
 
 runner = CliRunner()
@@ -56,7 +57,7 @@ def test_greedy_answers_equal_the_merged_models(tmp_path, monkeypatch, tiny_run)
     for question, _ in FACTS:
         want = greedy(reference, prompt_ids(tokenizer, question), 8, tokenizer.eos_token_id)
         want = [t for t in want if t != tokenizer.eos_token_id]
-        got = engine.answer(chat.to_messages(question), 8, greedy=True, temperature=1.0, top_p=1.0, top_k=0, seed=0)
+        got = engine.answer(chat.to_messages(question), SamplingOptions(max_new_tokens=8, greedy=True))
         assert got == tokenizer.decode(want, skip_special_tokens=True), question
     again, written = llama_engine.load(str(tiny_run), gguf_type="f32", context=128)
     assert not written and again.path == engine.path  # cached: the second call does not write it again
@@ -69,10 +70,10 @@ def test_seeded_sampling_repeats_and_streams_what_it_returns(tmp_path, monkeypat
     messages = chat.to_messages("Say hello.")
     flags = dict(max_new_tokens=12, greedy=False, temperature=1.5, top_p=1.0, top_k=0)
     pieces: list[str] = []
-    first = engine.answer(messages, **flags, seed=3, on_text=pieces.append)
+    first = engine.answer(messages, SamplingOptions(**flags, seed=3), on_text=pieces.append)
     assert "".join(pieces) == first
-    assert engine.answer(messages, **flags, seed=3) == first
-    others = {engine.answer(messages, **flags, seed=seed) for seed in range(4, 10)}
+    assert engine.answer(messages, SamplingOptions(**flags, seed=3)) == first
+    others = {engine.answer(messages, SamplingOptions(**flags, seed=seed)) for seed in range(4, 10)}
     assert others - {first}, "six other seeds all gave the same answer"
 
 
@@ -88,8 +89,8 @@ def test_cli_streams_one_answer_and_writes_a_batch(tmp_path, monkeypatch, tiny_r
     assert "written as" in result.output and "f16.gguf" in result.output
     engine, written = llama_engine.load(str(tiny_run))
     assert not written
-    flags = dict(max_new_tokens=256, greedy=True, temperature=1.0, top_p=1.0, top_k=0, seed=0)
-    want = [engine.answer(chat.to_messages(q), **flags) for q in questions]
+    flags = SamplingOptions(max_new_tokens=256, greedy=True)
+    want = [engine.answer(chat.to_messages(q), flags) for q in questions]
     engine.close()
     assert want[1] and want[1] in result.output
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
@@ -166,14 +167,14 @@ def test_chat_answers_with_the_engine_and_keeps_the_conversation(tmp_path, monke
     assert result.exit_code == 0, result.output
     engine, written = llama_engine.load(str(tiny_run))
     assert not written  # the chat wrote it
-    flags = dict(max_new_tokens=8, greedy=True, temperature=1.0, top_p=1.0, top_k=0, seed=0)
-    one = engine.answer(chat.to_messages(first), **flags)
+    flags = SamplingOptions(max_new_tokens=8, greedy=True)
+    one = engine.answer(chat.to_messages(first), flags)
     history = [
         {"role": "user", "content": first},
         {"role": "assistant", "content": one.strip()},
         {"role": "user", "content": second},
     ]
-    two = engine.answer(chat.to_messages(history), **flags)
+    two = engine.answer(chat.to_messages(history), flags)
     engine.close()
     assert one.strip() and two.strip()
     assert f"{one}\n{two}\n" in result.stdout

@@ -39,10 +39,7 @@ def sft(
     weight_decay: Annotated[Optional[float], _opt(S, "weight_decay")] = None,
     max_grad_norm: Annotated[Optional[float], _opt(S, "max_grad_norm")] = None,
     max_length: Annotated[Optional[int], _opt(S, "max_length")] = None,
-    packing: Annotated[
-        Optional[bool],
-        typer.Option("--packing/--no-packing", help=cfg.doc(S, "packing"), show_default=False),
-    ] = None,
+    packing: Annotated[Optional[bool], _opt(S, "packing", "--packing/--no-packing")] = None,
     gradient_checkpointing: Annotated[
         Optional[bool],
         typer.Option(
@@ -140,10 +137,7 @@ def rm(
     lora_dropout: Annotated[Optional[float], _opt(R, "lora_dropout")] = None,
     lora_targets: Annotated[Optional[str], _opt(R, "lora_targets")] = None,
     margin: Annotated[Optional[float], _opt(R, "margin")] = None,
-    shared_prefix: Annotated[
-        Optional[bool],
-        typer.Option("--shared-prefix/--no-shared-prefix", help=cfg.doc(R, "shared_prefix"), show_default=False),
-    ] = None,
+    shared_prefix: Annotated[Optional[bool], _opt(R, "shared_prefix", "--shared-prefix/--no-shared-prefix")] = None,
     epochs: Annotated[Optional[int], _opt(R, "epochs")] = None,
     max_steps: Annotated[Optional[int], _opt(R, "max_steps")] = None,
     batch_size: Annotated[Optional[int], _opt(R, "batch_size")] = None,
@@ -411,8 +405,7 @@ def ppo(
         ),
     ] = None,
     merged_rollouts: Annotated[
-        Optional[bool],
-        typer.Option("--merged-rollouts/--no-merged-rollouts", help=cfg.doc(PP, "merged_rollouts"), show_default=False),
+        Optional[bool], _opt(PP, "merged_rollouts", "--merged-rollouts/--no-merged-rollouts")
     ] = None,
     eval_every: Annotated[Optional[int], _opt(PP, "eval_every")] = None,
     eval_prompts: Annotated[Optional[int], _opt(PP, "eval_prompts")] = None,

@@ -9,6 +9,8 @@ package's writer, tensor name tables, vocabulary reader and quantisers:
   * the byte-level BPE tokenizer (`tokenizer.ggml.*`: tokens, token types, merges, special token ids, add_bos),
     the name llama.cpp knows its pre-tokenizer by, and the chat template.
 Only the `llama` and `qwen2` architectures are written; anything else is refused before any work is done.
+`exportable_model` prepares what `write` takes, for `instruct export` and the llama.cpp engine alike.
+May use: errors, inference, models.
 """
 
 from __future__ import annotations
@@ -129,6 +131,25 @@ def gguf_pre_tokenizer(path: Path) -> str | None:
     if model is None or pre is None or model.contents() != "gpt2":
         return None
     return pre.contents()
+
+
+def exportable_model(source, tokenizer, dtype: torch.dtype, where: str):
+    """`source` (a models.ModelSource) as a plain transformers model for `write` — a run's adapter merged in
+    fp32 on the CPU and rounded once to `dtype` — and the pre-tokenizer name to write. The model is checked
+    first, so one that cannot be written fails before the merge; a base that came as a GGUF file names its own
+    pre-tokenizer best (SmolLM2's splits digits: "smollm")."""
+    from transformers import AutoConfig
+
+    from instruct_cli.core import inference, models
+
+    pre_tokenizer = check_exportable(AutoConfig.from_pretrained(source.load_path), tokenizer, where)
+    origin = models.gguf_origin(source)
+    if origin is not None:
+        pre_tokenizer = gguf_pre_tokenizer(origin) or pre_tokenizer
+    cpu = torch.device("cpu")
+    if source.adapter is not None:
+        return inference.merge_adapter(source, dtype, cpu), pre_tokenizer
+    return models.load_base_model(source, "none", cpu, dtype), pre_tokenizer
 
 
 def write(model, tokenizer, path: Path, gguf_type: str, name: str, pre_tokenizer: str) -> dict:

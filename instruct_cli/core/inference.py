@@ -136,12 +136,19 @@ def adapter_digest(adapter: Path) -> str:
     return digest.hexdigest()
 
 
-def ready_folder(source: models.ModelSource, dtype: torch.dtype) -> Path:
-    """Where the unquantised weights of `source` in `dtype` (its adapter merged in, for a run) are kept."""
+def cache_stem(source: models.ModelSource) -> str:
+    """The name cached copies of `source` (its adapter merged in, for a run) are kept under, here and by the
+    llama.cpp engine: the base's name, `-merged` for a run, and a key of the base's fingerprint and the
+    adapter's content hash (a retrained adapter gets another name)."""
     parts = [source.fingerprint] + ([adapter_digest(source.adapter)] if source.adapter is not None else [])
     key = hashlib.sha256(":".join(parts).encode()).hexdigest()
     kind = "-merged" if source.adapter is not None else ""
-    return models.cache_dir() / READY_DIR / f"{Path(source.load_path).name}{kind}-{key[:16]}-{_name(dtype)}"
+    return f"{Path(source.load_path).name}{kind}-{key[:16]}"
+
+
+def ready_folder(source: models.ModelSource, dtype: torch.dtype) -> Path:
+    """Where the unquantised weights of `source` in `dtype` (its adapter merged in, for a run) are kept."""
+    return models.cache_dir() / READY_DIR / f"{cache_stem(source)}-{_name(dtype)}"
 
 
 def merge_adapter(source: models.ModelSource, dtype: torch.dtype, device: torch.device):

@@ -7,23 +7,25 @@ adapter's content hash; loading it with llama-cpp-python, an optional extra that
 (`load`); and streaming one answer (`LlamaEngine.answer`) with exactly the sampling asked for: llama.cpp's own
 defaults (min-p 0.05, top-k 40) are set aside as core/sampling sets the model's generation_config aside.
 Prompts are rendered by the model's own tokenizer (core/chat.encode_prompt) and handed over as token ids, so
-the chat template and the stop token are the ones every other command uses. May use: artifacts, chat,
+the chat template and the stop token are the ones every other command uses. May use: chat, config, console,
 errors, gguf_file, inference, models.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from rich.markup import escape
+
 from instruct_cli.core import chat, models
+from instruct_cli.core.config import SamplingOptions
+from instruct_cli.core.console import info
 from instruct_cli.core.errors import UserError
 
-ENGINES = ("transformers", "llama.cpp")
 GGUF_DIR = "gguf"
 CACHED_TYPE = "f16"
 """The tensor type of GGUF files made for the engine. f16 gave the fp32 model's greedy answers on the prompts
@@ -45,10 +47,7 @@ def cached_path(source: models.ModelSource, gguf_type: str = CACHED_TYPE) -> Pat
     """Where the engine's GGUF of `source` (adapter merged in) is kept."""
     from instruct_cli.core import inference
 
-    parts = [source.fingerprint] + ([inference.adapter_digest(source.adapter)] if source.adapter is not None else [])
-    key = hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
-    kind = "-merged" if source.adapter is not None else ""
-    return models.cache_dir() / GGUF_DIR / f"{Path(source.load_path).name}{kind}-{key}-{gguf_type}.gguf"
+    return models.cache_dir() / GGUF_DIR / f"{inference.cache_stem(source)}-{gguf_type}.gguf"
 
 
 def gguf_for(source: models.ModelSource, tokenizer, gguf_type: str = CACHED_TYPE) -> tuple[Path, bool]:
@@ -56,9 +55,8 @@ def gguf_for(source: models.ModelSource, tokenizer, gguf_type: str = CACHED_TYPE
     GGUF file runs from that file; anything else is written once into the cache (merged in fp32, then
     `gguf_type`), atomically, so that an interrupted first call leaves no half-written file behind."""
     import torch
-    from transformers import AutoConfig
 
-    from instruct_cli.core import gguf_file, inference
+    from instruct_cli.core import gguf_file
 
     base_file = models.gguf_origin(source)
     if base_file is not None and source.adapter is None:
@@ -67,15 +65,8 @@ def gguf_for(source: models.ModelSource, tokenizer, gguf_type: str = CACHED_TYPE
     if path.is_file():
         os.utime(path)
         return path, False
-    config = AutoConfig.from_pretrained(source.load_path)
-    pre_tokenizer = gguf_file.check_exportable(config, tokenizer, where=f"--model {source.reference}")
-    if base_file is not None:  # the base's own file knows its pre-tokenizer best (SmolLM2 splits digits)
-        pre_tokenizer = gguf_file.gguf_pre_tokenizer(base_file) or pre_tokenizer
-    cpu = torch.device("cpu")
-    if source.adapter is not None:
-        model = inference.merge_adapter(source, torch.float32, cpu)
-    else:
-        model = models.load_base_model(source, "none", cpu, torch.float32)
+    where = f"--model {source.reference}"
+    model, pre_tokenizer = gguf_file.exportable_model(source, tokenizer, torch.float32, where)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
@@ -118,34 +109,17 @@ class LlamaEngine:
     llama: object
     tokenizer: object
     path: Path
+    source: models.ModelSource
 
     def answer(
-        self,
-        messages: list[dict],
-        max_new_tokens: int,
-        greedy: bool,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        seed: int,
-        on_text: Callable[[str], None] | None = None,
+        self, messages: list[dict], options: SamplingOptions, on_text: Callable[[str], None] | None = None
     ) -> str:
-        """One answer to `messages`, streamed piece by piece to `on_text` when given; returns the whole text.
-        Stops at the tokenizer's EOS or after `max_new_tokens`, as the transformers engine does."""
-        ids = chat.encode_prompt(self.tokenizer, messages)
-        return self.answer_ids(ids, max_new_tokens, greedy, temperature, top_p, top_k, seed, on_text)
+        """One answer to `messages` with the sampling flags of `options` (generate's or chat's), streamed piece
+        by piece to `on_text` when given; returns the whole text. Stops at the tokenizer's EOS or after
+        --max-new-tokens, as the transformers engine does."""
+        return self.answer_ids(chat.encode_prompt(self.tokenizer, messages), options, on_text)
 
-    def answer_ids(
-        self,
-        ids: list[int],
-        max_new_tokens: int,
-        greedy: bool,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        seed: int,
-        on_text: Callable[[str], None] | None = None,
-    ) -> str:
+    def answer_ids(self, ids: list[int], options: SamplingOptions, on_text: Callable[[str], None] | None = None) -> str:
         """`answer` for a prompt already rendered as token ids (chat's window of the conversation)."""
         context = self.llama.n_ctx()
         if len(ids) >= context:
@@ -154,39 +128,50 @@ class LlamaEngine:
                 where="the prompt",
                 fix="Shorten the prompt",
             )
-        self.llama.set_seed(seed)
-        budget = min(max_new_tokens, context - len(ids))
+        self.llama.set_seed(options.seed)
+        budget = min(options.max_new_tokens, context - len(ids))
         produced: list[int] = []
-        shown = ""
-        for token in self._tokens(ids, greedy, temperature, top_p, top_k):
+        line, shown = 0, ""  # where the current line's tokens start, and the part of its text handed out
+        for token in self._tokens(ids, options):
             if token == self.tokenizer.eos_token_id:
                 break
             produced.append(token)
-            text = self.tokenizer.decode(produced, skip_special_tokens=True)
-            if on_text is not None and not text.endswith("\ufffd"):  # a character cut between two tokens waits
-                on_text(text[len(shown) :])
-                shown = text
+            if on_text is not None:
+                # only the current line is decoded again, as transformers' TextStreamer does: a long answer does
+                # not cost a decode of everything before it at every token
+                text = self.tokenizer.decode(produced[line:], skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # a character cut between two tokens waits for the next
+                    on_text(text[len(shown) :])
+                    line, shown = (len(produced), "") if text.endswith("\n") else (line, text)
             if len(produced) >= budget:
                 break
-        text = self.tokenizer.decode(produced, skip_special_tokens=True)
-        if on_text is not None and text != shown:
-            on_text(text[len(shown) :])
-        return text
+        if on_text is not None:
+            rest = self.tokenizer.decode(produced[line:], skip_special_tokens=True)
+            if rest != shown:
+                on_text(rest[len(shown) :])
+        return self.tokenizer.decode(produced, skip_special_tokens=True)
+
+    def stream_to_stdout(self, ids: list[int], options: SamplingOptions) -> str:
+        """`answer_ids` printed to stdout as it comes, with a newline at the end (as the transformers engine's
+        streamer prints it); returns the whole answer."""
+        answer = self.answer_ids(ids, options, on_text=lambda text: print(text, end="", flush=True))
+        print(flush=True)
+        return answer
 
     def close(self) -> None:
         """Free llama.cpp's model and context now (its own finaliser fails when run at interpreter exit)."""
         self.llama.close()
 
-    def _tokens(self, ids: list[int], greedy: bool, temperature: float, top_p: float, top_k: int) -> Iterator[int]:
+    def _tokens(self, ids: list[int], options: SamplingOptions) -> Iterator[int]:
         """llama.cpp's sampled tokens after `ids`, from softmax(logits / T) with only the top-k / top-p asked
         for (min-p, typical-p, repetition and presence penalties off)."""
-        if greedy:
+        if options.greedy:
             return self.llama.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
         return self.llama.generate(
             ids,
-            temp=temperature,
-            top_k=top_k,  # 0 is off in llama.cpp too
-            top_p=top_p,
+            temp=options.temperature,
+            top_k=options.top_k,  # 0 is off in llama.cpp too
+            top_p=options.top_p,
             min_p=0.0,
             typical_p=1.0,
             repeat_penalty=1.0,
@@ -206,10 +191,15 @@ def check_flags(quantization: str) -> None:
 
 
 def load(
-    spec: str, device: str = "auto", context: int = 4096, gguf_type: str = CACHED_TYPE
+    spec: str,
+    device: str = "auto",
+    context: int = 4096,
+    gguf_type: str = CACHED_TYPE,
+    quantization: str = "auto",
 ) -> tuple[LlamaEngine, bool]:
-    """`spec` (any model reference) loaded in llama.cpp with a context of `context` tokens (prompt and answer).
-    Returns (engine, whether the GGUF file was written now)."""
+    """`spec` (any model reference) loaded in llama.cpp with a context of `context` tokens (prompt and answer);
+    says in one line when the GGUF file was written now. Returns (engine, whether it was)."""
+    check_flags(quantization)
     if not available():
         raise UserError("--engine llama.cpp needs llama-cpp-python, which is not installed", fix=INSTALL_HINT)
     from instruct_cli.core import inference
@@ -223,6 +213,8 @@ def load(
         )
     tokenizer = models.load_tokenizer(source)
     path, written = gguf_for(source, tokenizer, gguf_type)
+    if written:
+        info(escape(f"{spec}: written as {path} for llama.cpp (once; cached for the next call)"))
     from llama_cpp import Llama
     from transformers import AutoConfig
 
@@ -236,4 +228,4 @@ def load(
         n_gpu_layers=0,
         verbose=False,
     )
-    return LlamaEngine(llama, tokenizer, path), written
+    return LlamaEngine(llama, tokenizer, path, source), written

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from rich.markup import escape
 
-from instruct_cli.core import artifacts, chat, inference, llama_engine, models, sampling
+from instruct_cli.core import artifacts, chat, inference, llama_engine, sampling
 from instruct_cli.core.config import ChatConfig
 from instruct_cli.core.console import console, info, warn
 from instruct_cli.core.errors import UserError
@@ -144,19 +144,7 @@ class ChatSession:
     def stream(self, ids: list[int]) -> str:
         """Sample an answer to the prompt `ids` (seeded with --seed), printing it to stdout as it comes."""
         if self.engine is not None:
-            config = self.config
-            answer = self.engine.answer_ids(
-                ids,
-                config.max_new_tokens,
-                config.greedy,
-                config.temperature,
-                config.top_p,
-                config.top_k,
-                config.seed,
-                on_text=lambda text: print(text, end="", flush=True),
-            )
-            print(flush=True)
-            return answer
+            return self.engine.stream_to_stdout(ids, self.config)
         torch.manual_seed(self.config.seed)
         return sampling.stream_to_stdout(self.model, self.tokenizer, ids, self.config)
 
@@ -224,11 +212,10 @@ def run(config: ChatConfig) -> None:
         )
     engine = None
     if config.engine == "llama.cpp":
-        llama_engine.check_flags(config.quantization)
-        engine, written = llama_engine.load(config.model, config.device, context=config.max_context or 2**20)
-        if written:
-            info(escape(f"{config.model}: written as {engine.path} for llama.cpp (once; cached for the next call)"))
-        model, tokenizer, source = None, engine.tokenizer, models.resolve_model(config.model)
+        engine, _ = llama_engine.load(
+            config.model, config.device, context=config.max_context or 2**20, quantization=config.quantization
+        )
+        model, tokenizer, source = None, engine.tokenizer, engine.source
         context = engine.llama.n_ctx()
     else:
         model, tokenizer, source = inference.load_for_inference(config.model, config.quantization, config.device)

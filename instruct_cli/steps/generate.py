@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 
 import torch
-from rich.markup import escape
 
 from instruct_cli.core import artifacts, chat, inference, llama_engine, sampling
 from instruct_cli.core.config import GenerateConfig
-from instruct_cli.core.console import info, progress, summary_table
+from instruct_cli.core.console import progress, summary_table
 from instruct_cli.core.data_folders import json_lines
 from instruct_cli.core.errors import UserError
 
@@ -56,28 +55,17 @@ def run(config: GenerateConfig) -> None:
 
 def generate_with_llama_cpp(prompts: list[list[dict]], config: GenerateConfig) -> None:
     """`--engine llama.cpp`: the answer streamed, or every answer of --input written, one prompt at a time."""
-    llama_engine.check_flags(config.quantization)
-    engine, written = llama_engine.load(config.model, config.device)
-    if written:
-        info(escape(f"{config.model}: written as {engine.path} for llama.cpp (once; cached for the next call)"))
-    sampling_flags = dict(
-        max_new_tokens=config.max_new_tokens,
-        greedy=config.greedy,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=config.top_k,
-        seed=config.seed,
-    )
+    engine, _ = llama_engine.load(config.model, config.device, quantization=config.quantization)
     try:
         if config.input is None:
-            engine.answer(prompts[0], **sampling_flags, on_text=lambda text: print(text, end="", flush=True))
-            print(flush=True)
+            engine.stream_to_stdout(chat.encode_prompt(engine.tokenizer, prompts[0]), config)
             return
         rows = []
         with progress("generate", total=len(prompts)) as bar:
             for prompt in prompts:
-                answer = engine.answer(prompt, **sampling_flags).strip()
-                rows.append({"prompt": prompt, "response": answer, "model": config.model})
+                rows.append(
+                    {"prompt": prompt, "response": engine.answer(prompt, config).strip(), "model": config.model}
+                )
                 bar.advance(1)
     finally:
         engine.close()

@@ -68,7 +68,7 @@ def run(
     if format == "gguf":
         return _export_gguf(run_dir, out, source, tokenizer, DTYPES[dtype], gguf_type or "f16", record)
 
-    merged = _merge(source, DTYPES[dtype])
+    merged = inference.merge_adapter(source, DTYPES[dtype], torch.device("cpu"))
     with artifacts.atomic_folder(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -77,22 +77,9 @@ def run(
     return out
 
 
-def _merge(source: models.ModelSource, dtype: torch.dtype):
-    """The run's base with its adapter merged in: a plain transformers model of `dtype`, merged in fp32 on the
-    CPU and rounded once (core/inference's merge; the real 16-bit weights of the base, not its 4-bit copy)."""
-    return inference.merge_adapter(source, dtype, torch.device("cpu"))
-
-
 def _export_gguf(run_dir, out: Path, source, tokenizer, dtype, gguf_type: str, record: dict) -> Path:
-    from transformers import AutoConfig
-
     gguf_file.check_gguf_type(gguf_type)
-    config = AutoConfig.from_pretrained(source.load_path)
-    pre_tokenizer = gguf_file.check_exportable(config, tokenizer, where=f"the base model of {run_dir}")
-    base_gguf = models.gguf_origin(source)
-    if base_gguf is not None:  # the base's own file knows its tokenizer best (SmolLM2's splits digits: "smollm")
-        pre_tokenizer = gguf_file.gguf_pre_tokenizer(base_gguf) or pre_tokenizer
-    merged = _merge(source, dtype)
+    merged, pre_tokenizer = gguf_file.exportable_model(source, tokenizer, dtype, where=f"the base model of {run_dir}")
     name = _file_stem(out) + f"-{gguf_type}.gguf"
     with artifacts.atomic_folder(out) as tmp:
         counts = gguf_file.write(
@@ -109,7 +96,7 @@ def _export_gguf(run_dir, out: Path, source, tokenizer, dtype, gguf_type: str, r
         {
             "run": str(run_dir),
             "base": source.reference,
-            "architecture": config.model_type,
+            "architecture": merged.config.model_type,
             "type": f"{gguf_type} ({counts[gguf_file.GGUF_TYPES[gguf_type][1]]} of {counts['tensors']} tensors)",
             "file": f"{out / name} ({size / 2**20:.1f} MiB)",
             "Modelfile": str(out / "Modelfile"),
