@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from instruct_cli.cli import app
 from instruct_cli.core import config as cfg
-from instruct_cli.core import heads, models, packing, preferences, recipes
+from instruct_cli.core import heads, lm, models, packing, preferences, recipes
 
 runner = CliRunner()
 
@@ -75,8 +75,8 @@ def reward_model(tiny_model_dir, attention: str):
     base = models.load_base_model(source, "none", "cpu")
     base.set_attn_implementation(attention)
     options = recipes.build_config(cfg.RMConfig, "rm", None, dict(model=str(tiny_model_dir), lora_dropout=0.0))
+    torch.manual_seed(0)  # before peft draws lora_A: the same model whatever ran before in the session
     body = get_peft_model(base, models.lora_config(options))
-    torch.manual_seed(0)
     for name, param in body.named_parameters():
         if "lora_B" in name:  # a non-zero adapter, so gradients reach lora_A too
             torch.nn.init.normal_(param, std=0.2)
@@ -160,7 +160,6 @@ def test_packed_rows_match_under_bf16_autocast(tiny_model_dir, groups):
 
 def test_dpo_packed_rows_give_the_same_logprobs_loss_and_gradients(tiny_model_dir):
     """DPO's summed answer log-probs (answers that begin alike share their first tokens with the prompt)."""
-    from instruct_cli.core import lm
     from instruct_cli.core.chat import template_ids
     from instruct_cli.steps import dpo
 
@@ -172,7 +171,7 @@ def test_dpo_packed_rows_give_the_same_logprobs_loss_and_gradients(tiny_model_di
     for group in groups:
         group.reference_logps = [-3.0 - i for i in range(len(group.responses))]
     model = lm.SequenceLogProbs(reward_model(tiny_model_dir, "sdpa").body)
-    assert dpo.packs(model.lm)
+    assert lm.packs(model.lm)
     config = cfg.DPOConfig(beta=0.3)
     results = []
     for collate in (dpo.collate, dpo.collate_shared):
