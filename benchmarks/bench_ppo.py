@@ -451,6 +451,13 @@ class SeparateRoles:
     def use(self, role: str) -> None:
         self.model = self.models[role]
 
+    @property
+    def merge_blocker(self):
+        """Why the policy model cannot be folded for sampling (as `Roles.merge_blocker`), or None."""
+        from instruct_cli.core import lora_merge
+
+        return lora_merge.merge_blocker(self.models["policy"])
+
 
 def load_separate(config, device):
     """Four full models, one per role, as a four-model PPO would hold them; trainable roles (policy, value)

@@ -136,6 +136,12 @@ def batch_logprobs(model, batch: training.Batch) -> tuple[torch.Tensor, torch.Te
     return model(batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
+def packs(lm) -> bool:
+    """True when `lm` computes packed rows exactly: an attention that takes the 4-D mask, and logits that are
+    just its output layer on the last hidden states (sft's padding-free batches, dpo's shared prefixes)."""
+    return packing.supports(lm) and plain_output_layer(lm)
+
+
 def plain_output_layer(lm) -> bool:
     """True when the model's logits are just its output layer applied to the last hidden states."""
     config = lm.config
@@ -161,7 +167,7 @@ class NextTokenLoss(nn.Module):
     @property
     def packs(self) -> bool:
         """True when the model takes padding-free packed batches exactly (`collate_packed`)."""
-        return packing.supports(self.lm) and plain_output_layer(self.lm)
+        return packs(self.lm)
 
     def forward(
         self,

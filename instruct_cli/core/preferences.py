@@ -190,6 +190,21 @@ def encode_rows(tokenizer, rows: list[dict], max_length: int, where: str) -> tup
     return groups, cut
 
 
+def require_pairs(train_set: list[Group], where: str) -> None:
+    """Refuse a training split with no preference pairs (rm and dpo learn from pairs only)."""
+    if not train_set:
+        raise UserError(
+            "The training split has no preference pairs to learn from (no rows, or every ranking is one tie)",
+            where=where,
+            fix="Prepare it with `instruct prepare-data --task prefs`",
+        )
+
+
+def prompts_in(batch: training.Batch) -> float:
+    """How many prompts (groups) a batch holds: what its loss is a mean over (pair weights sum to it)."""
+    return float(batch["pair_weight"].sum())
+
+
 def collate(groups: list[Group], pad_id: int, device) -> training.Batch:
     """All responses of the groups as one right-padded batch, plus the pairs as global row indices.
 

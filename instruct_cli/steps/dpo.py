@@ -94,48 +94,38 @@ def collate(groups: list[PolicyGroup], pad_id: int, device) -> training.Batch:
     batch = preferences.collate(groups, pad_id, device)
     labels = [answer_labels(ids, n) for group in groups for ids, n in zip(group.responses, group.answer_tokens)]
     batch["labels"] = training.right_pad(labels, IGNORE).to(device)
-    if all(group.reference_logps is not None for group in groups):
-        batch["reference_logps"] = torch.tensor(
-            [value for group in groups for value in group.reference_logps], dtype=torch.float64, device=device
-        )
-    return batch
+    return with_reference(batch, groups, device)
 
 
 def collate_shared(groups: list[PolicyGroup], pad_id: int, device) -> training.Batch:
-    """`collate`'s batch with each group as one packed row (its prompt once; packing.pack): per answer token,
-    the flat position that predicts it (`sources`), the token (`targets`) and its response (`owners`)."""
-    sequences = [group.responses for group in groups]
-    batch = {**packing.pack(sequences, pad_id, device), **preferences.pair_indices(groups, device)}
-    columns = packing.flat_columns(sequences)
+    """rm's packed batch (preferences.collate_shared: each group one row, its prompt once) plus, per answer
+    token, the flat position that predicts it (`sources`), the token (`targets`) and its response (`owners`),
+    and the reference log-probs once they are known."""
+    batch = preferences.collate_shared(groups, pad_id, device)
+    columns = packing.flat_columns([group.responses for group in groups])
     responses = [(ids, n) for group in groups for ids, n in zip(group.responses, group.answer_tokens)]
     sources, targets, owners = [], [], []
     for owner, ((ids, answer), where) in enumerate(zip(responses, columns)):
-        for index in range(max(len(ids) - answer, 1), len(ids)):  # as the labels: position 0 has no predictor
-            sources.append(where[index - 1])
-            targets.append(ids[index])
-            owners.append(owner)
+        first = max(len(ids) - answer, 1)  # as the labels: position 0 has no predictor
+        sources += where[first - 1 : len(ids) - 1]
+        targets += ids[first:]
+        owners += [owner] * (len(ids) - first)
     batch.update(
         {
             name: torch.tensor(values, dtype=torch.long, device=device)
             for name, values in (("sources", sources), ("targets", targets), ("owners", owners))
         }
     )
-    batch["tokens"] = torch.tensor(float(sum(len(ids) for ids, _ in responses)))
+    return with_reference(batch, groups, device)
+
+
+def with_reference(batch: training.Batch, groups: list[PolicyGroup], device) -> training.Batch:
+    """`batch` with the reference log-probs of every response, once they are known (after step 3 of `run`)."""
     if all(group.reference_logps is not None for group in groups):
         batch["reference_logps"] = torch.tensor(
             [value for group in groups for value in group.reference_logps], dtype=torch.float64, device=device
         )
     return batch
-
-
-def packs(policy) -> bool:
-    """True when the policy can train on packed rows exactly (a maskable attention, logits = lm_head(hidden))."""
-    return packing.supports(policy) and lm.plain_output_layer(policy)
-
-
-def prompts_in(batch: training.Batch) -> float:
-    """How many prompts the batch holds: what its loss is a mean over (pair weights sum to it)."""
-    return float(batch["pair_weight"].sum())
 
 
 # --------------------------------------------------------------------------------------------- reference
@@ -155,13 +145,11 @@ def compute_reference(
     scored = []
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
-        sequences = [groups[g].responses[r] for g, r in chunk]
-        labels = [answer_labels(groups[g].responses[r], groups[g].answer_tokens[r]) for g, r in chunk]
-        input_ids = training.right_pad(sequences, pad_id).to(device)
-        attention_mask = training.right_pad([[1] * len(s) for s in sequences], 0).to(device)
-        label_ids = training.right_pad(labels, IGNORE).to(device)
+        responses = [(groups[g].responses[r], groups[g].answer_tokens[r]) for g, r in chunk]
+        rows = [(ids, answer_labels(ids, answer)) for ids, answer in responses]
+        batch = lm.collate(rows, pad_id, device)
         with accelerator.autocast():
-            sums, _ = lm.sequence_logprobs(policy, input_ids, attention_mask, label_ids)
+            sums, _ = lm.sequence_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
         scored += [(g, r, value) for (g, r), value in zip(chunk, sums.tolist())]
         if bar is not None:
             bar.advance(len(chunk) * accelerator.num_processes)
@@ -240,12 +228,7 @@ def run(config: DPOConfig) -> Path:
     eval_set, _ = encode_rows(tokenizer, eval_rows, config.max_length, f"{config.data}/prefs.eval.jsonl")
     if cut:
         warn(f"{cut} training responses were cut to --max-length {config.max_length} tokens (from the prompt side)")
-    if not train_set:
-        raise UserError(
-            "The training split has no preference pairs to learn from (no rows, or every ranking is one tie)",
-            where=f"{config.data}/prefs.train.jsonl",
-            fix="Prepare it with `instruct prepare-data --task prefs`",
-        )
+    preferences.require_pairs(train_set, f"{config.data}/prefs.train.jsonl")
     accelerator = training.make_accelerator(config.seed, config.precision, config.device)
     device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
     run_folder = training.open_run(config, "dpo", accelerator, source)
@@ -260,7 +243,7 @@ def run(config: DPOConfig) -> Path:
                 policy, train_set + eval_set, tokenizer.pad_token_id, device, 2 * config.batch_size, accelerator, bar
             )
 
-        shared = packs(policy)  # each prompt once per row (the reference above is scored one by one)
+        shared = lm.packs(policy)  # each prompt once per row (the reference above is scored one by one)
         batch_of = partial(collate_shared if shared else collate, pad_id=tokenizer.pad_token_id, device=device)
         batches_for_epoch, eval_batches, total_steps = preferences.group_batches(
             config, accelerator, train_set, eval_set, shared, batch_of
@@ -292,7 +275,7 @@ def run(config: DPOConfig) -> Path:
             keep=config.keep if eval_batches else "last",
             eval_key="eval/loss",
             description="dpo",
-            weight_of=prompts_in,
+            weight_of=preferences.prompts_in,
         )
         run_folder.complete(result.metrics, steps=result.steps, kept_adapter=result.kept)
     if accelerator.is_main_process:

@@ -35,11 +35,8 @@ from instruct_cli.core.console import info, progress, summary_table, warn
 from instruct_cli.core.errors import UserError
 from instruct_cli.core.heads import RewardModel, save_adapter  # noqa: F401 - save_adapter is part of this step's API
 
-
 # ------------------------------------------------------------------------------------------------ losses
-def prompts_in(batch: training.Batch) -> float:
-    """How many prompts (groups) the batch holds: what its loss is a mean over (pair weights sum to it)."""
-    return float(batch["pair_weight"].sum())
+prompts_in = preferences.prompts_in  # what a batch's loss is a mean over (bench_plan weighs steps by it)
 
 
 def rm_loss(model, batch: training.Batch, margin: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
@@ -82,12 +79,7 @@ def run(config: RMConfig) -> Path:
     eval_set, _ = preferences.encode_rows(tokenizer, eval_rows, config.max_length, f"{config.data}/prefs.eval.jsonl")
     if cut:
         warn(f"{cut} training responses were cut to --max-length {config.max_length} tokens (from the prompt side)")
-    if not train_set or not any(group.pairs for group in train_set):
-        raise UserError(
-            "The training split has no preference pairs to learn from (no rows, or every ranking is one tie)",
-            where=f"{config.data}/prefs.train.jsonl",
-            fix="Prepare it with `instruct prepare-data --task prefs`",
-        )
+    preferences.require_pairs(train_set, f"{config.data}/prefs.train.jsonl")
     accelerator = training.make_accelerator(config.seed, config.precision, config.device)
     device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
     run_folder = training.open_run(config, "rm", accelerator, source)

@@ -290,7 +290,7 @@ def score_with_reward_model(
     queries = [chat.encode_prompt(tokenizer, prompt)[-config.max_length :] for prompt in prompts]
     sequences, keys, counts, scored_on = [], [], [], {}
     for entry in entries:
-        inputs, scored_on[entry.name] = reward_inputs(tokenizer, prompts, entry.samples, config.max_length)
+        inputs, scored_on[entry.name] = reward_inputs(tokenizer, prompts, queries, entry.samples, config.max_length)
         sequences += inputs
         keys += prompt_keys(queries, inputs)
         counts.append(len(inputs))
@@ -326,11 +326,13 @@ def prompt_keys(queries: list[list[int]], sequences: list[list[int]]) -> list[tu
     return [(number, tuple(ids[: len(query)])) for number, (query, ids) in enumerate(zip(queries, sequences))]
 
 
-def reward_inputs(tokenizer, prompts: list[list[dict]], samples, max_length: int) -> tuple[list[list[int]], str]:
+def reward_inputs(
+    tokenizer, prompts: list[list[dict]], queries: list[list[int]], samples, max_length: int
+) -> tuple[list[list[int]], str]:
     """What the reward model reads for each response, and how it was made: "sampled ids" (prompt ids +
     response ids through the EOS, as PPO scores them) when the reward model's tokenizer renders every prompt
-    as the answering model did, else "text" (the response re-rendered through the chat template)."""
-    queries = [chat.encode_prompt(tokenizer, prompt)[-max_length:] for prompt in prompts]
+    (`queries`: the prompts' ids under it, cut to max_length) as the answering model did, else "text" (the
+    response re-rendered through the chat template)."""
     if queries == samples.queries:
         how = "re-tokenised text" if samples.retokenised else "sampled ids"
         return [(query + response)[-max_length:] for query, response in zip(queries, samples.responses)], how

@@ -157,46 +157,26 @@ def estimate_sft(shape: ModelShape, config: cfg.SFTConfig, device: str = "cuda")
 def estimate_rm(shape: ModelShape, config: cfg.RMConfig, device: str = "cuda") -> Breakdown:
     """`instruct rm`: 2 x batch_size sequences (chosen and rejected; K per row for rankings) of max_length
     through a LoRA'd base; a scalar head reads the last hidden state (no vocabulary logits)."""
-    prec = precision(device, config.quantization, training=True)
-    lora = lora_for(shape, config)
-    out = _static("rm", shape, config.quantization, prec, [lora], [lora], heads=1, trainable_heads=1)
-    out.notes.append("2 sequences per row (pairs); a ranked row of K responses costs K")
-    return _peak(
-        out,
-        _training_moments(
-            shape,
-            prec,
-            lora,
-            2 * config.batch_size,
-            config.max_length,
-            config.gradient_checkpointing,
-            logits=False,
-            out=out,
-        ),
-    )
+    return _pairwise("rm", shape, config, device, heads=1, logits=False)
 
 
 def estimate_dpo(shape: ModelShape, config: cfg.DPOConfig, device: str = "cuda") -> Breakdown:
     """`instruct dpo`: 2 x batch_size sequences (chosen and rejected; K per row for rankings) of max_length
     through one LoRA'd base, with vocabulary logits at the response tokens. The reference is the same base and
     adapter, scored once before training: no second model, and its log-probs are a float per response."""
+    return _pairwise("dpo", shape, config, device, heads=0, logits=True)
+
+
+def _pairwise(step: str, shape: ModelShape, config, device: str, heads: int, logits: bool) -> Breakdown:
+    """A step that trains one LoRA (and `heads` trainable scalar heads) on pairs: 2 x batch_size sequences."""
     prec = precision(device, config.quantization, training=True)
     lora = lora_for(shape, config)
-    out = _static("dpo", shape, config.quantization, prec, [lora], [lora])
+    out = _static(step, shape, config.quantization, prec, [lora], [lora], heads=heads, trainable_heads=heads)
     out.notes.append("2 sequences per row (pairs); a ranked row of K responses costs K")
-    return _peak(
-        out,
-        _training_moments(
-            shape,
-            prec,
-            lora,
-            2 * config.batch_size,
-            config.max_length,
-            config.gradient_checkpointing,
-            logits=True,
-            out=out,
-        ),
+    moments = _training_moments(
+        shape, prec, lora, 2 * config.batch_size, config.max_length, config.gradient_checkpointing, logits, out=out
     )
+    return _peak(out, moments)
 
 
 def _training_moments(

@@ -46,6 +46,7 @@ from instruct_cli.core.checkpoints import Checkpointer, StopSignals
 from instruct_cli.core.config import PPOConfig, to_recipe_dict
 from instruct_cli.core.console import console, info, progress, summary_table
 from instruct_cli.core.errors import UserError
+from instruct_cli.core.reward_functions import RewardFunction
 from instruct_cli.steps.ppo.roles import (
     POLICY,
     REFERENCE,
@@ -104,7 +105,7 @@ def run(config: PPOConfig) -> Path:
     runs = check_runs(config)  # before the run folder is opened: a bad input never leaves a folder behind
     user_function = reward_functions.load(config.reward_fn) if config.reward_fn else None
     sft_manifest = runs[0].run_manifest
-    run_folder = open_ppo_run(config, accelerator, sft_manifest)
+    run_folder = open_ppo_run(config, accelerator, sft_manifest, user_function)
     with run_folder.recording():
         roles, tokenizer, _, _ = load_roles(config, device, runs)
         function_reward = FunctionReward(user_function, config.reward_fn_weight, tokenizer) if user_function else None
@@ -408,14 +409,17 @@ def append_samples(folder: Path, iteration: int, samples: list[dict]) -> None:
             handle.write(json.dumps({"iteration": iteration, **sample}, ensure_ascii=False) + "\n")
 
 
-def open_ppo_run(config: PPOConfig, accelerator, sft_manifest: dict) -> artifacts.RunFolder:
+def open_ppo_run(
+    config: PPOConfig, accelerator, sft_manifest: dict, user_function: RewardFunction | None
+) -> artifacts.RunFolder:
     """Open the ppo run folder (main process), naming its parents (and the reward function's file, by
     content, so a changed function is visible in the manifest), with the experiment trackers of --report-to."""
     trackers.require_installed(config.report_to)  # before the folder exists: a bad input leaves nothing behind
     function_record = {}
-    if config.reward_fn:
-        file = Path(config.reward_fn.rpartition(":")[0])
-        function_record = {"reward_fn": {"spec": config.reward_fn, "sha256": artifacts.sha256_file(file)}}
+    if user_function is not None:
+        function_record = {
+            "reward_fn": {"spec": user_function.spec, "sha256": artifacts.sha256_file(user_function.file)}
+        }
     if accelerator.is_main_process:
         run_folder = artifacts.RunFolder.open(
             config.out,

@@ -7,18 +7,19 @@
     reward     frozen reward-model adapter + head, normalised with the gain/bias stored by `instruct rm`; not
                loaded when a --reward-fn replaces the reward model
 
-Memory grows by adapters, not by models. May use: core (artifacts, heads, models, training, errors).
+Memory grows by adapters, not by models. May use: core (artifacts, heads, lora_merge, models, training, errors).
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from instruct_cli.core import artifacts, heads, models, training
+from instruct_cli.core import artifacts, heads, lora_merge, models, training
 from instruct_cli.core.config import PPOConfig
 from instruct_cli.core.errors import UserError
 
@@ -57,6 +58,12 @@ class Roles(nn.Module):
     def has_reward_model(self) -> bool:
         """Whether a reward model is loaded (a --reward-fn alone needs none)."""
         return self.reward_head is not None
+
+    @functools.cached_property
+    def merge_blocker(self) -> str | None:
+        """Why adapters cannot be folded into the base weights for sampling (a quantised base), or None:
+        fixed once the model is loaded, so worked out once (core/lora_merge walks every module)."""
+        return lora_merge.merge_blocker(self.model)
 
     def use(self, role: str) -> None:
         """Make `role` the active adapter (frozen roles are activated in inference mode)."""

@@ -111,7 +111,7 @@ def merged_rollouts_blocker(roles: Roles, config: PPOConfig) -> str | None:
     """Why rollouts sample with the adapter unmerged (a few words), or None when they sample merged."""
     if not config.merged_rollouts:
         return "--no-merged-rollouts"
-    return lora_merge.merge_blocker(roles.model)
+    return roles.merge_blocker
 
 
 # ---------------------------------------------------------------------------------------- 2. score
