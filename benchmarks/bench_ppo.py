@@ -16,9 +16,10 @@ every second for its peak PSS (proportional set size):
                (optimizer state, backward passes), a final evaluation. samples/s is the run's own
                `train/samples_per_s` (last row of metrics.jsonl: all rollouts / time since the first
                iteration began, before the final evaluation); "steady" leaves out the first iteration.
-               With --rollouts merged unmerged it runs twice, with the policy adapter merged into the
-               weights while sampling (the default) and unmerged, and prints their per-phase medians
-               (time/rollout, rollout/tokens_per_s, ...) side by side.
+               With --variants default unmerged padded it runs once per variant: as ppo runs by default,
+               with rollouts sampled unmerged (--no-merged-rollouts) and with the reward, log-prob and value
+               passes on padded rows (--no-packing), and prints their per-phase medians (time/rollout,
+               time/logprobs, rollout/tokens_per_s, ...) side by side.
   shared-1     ONE PPO trajectory with the shared design: `ppo.load_roles` + `ppo.make_trajectory`
                (generate B x T tokens with the policy, reward score, policy + reference log-probs, values).
   separate-1   the SAME trajectory with four separate models: for each role `models.load_base_model`
@@ -50,7 +51,7 @@ Usage:
   .venv/bin/python benchmarks/bench_ppo.py --quantization nf4 none      # also the fp32 base
   .venv/bin/python benchmarks/bench_ppo.py --work /tmp/bench-ppo --profile  # + cProfile of one CLI run
   .venv/bin/python benchmarks/bench_ppo.py --quantization none --skip shared separate \
-      --rollouts merged unmerged --iterations 6 --max-new-tokens 48 --ppo-epochs 2  # quickstart-shaped
+      --variants default unmerged padded --iterations 6 --max-new-tokens 48 --ppo-epochs 2  # quickstart-shaped
 """
 
 from __future__ import annotations
@@ -299,9 +300,13 @@ def side_baseline(work: Path, what: str = "baseline") -> dict:
     return measure([PYTHON, __file__, "--child", what, "--work", str(work)], work / "logs" / f"{what}.log", what)
 
 
-def ppo_cli_args(paths: dict, out: Path, quantization: str, args, rollouts: str = "merged") -> list[str]:
-    """`ppo` and its flags, the same for the measured and the profiled CLI run; `rollouts` (merged or
-    unmerged) is --merged-rollouts or --no-merged-rollouts."""
+VARIANTS = {"default": [], "unmerged": ["--no-merged-rollouts"], "padded": ["--no-packing"]}
+"""The CLI runs --variants can compare: ppo as it runs by default, and with one speed-up switched off."""
+
+
+def ppo_cli_args(paths: dict, out: Path, quantization: str, args, variant: str = "default") -> list[str]:
+    """`ppo` and its flags, the same for the measured and the profiled CLI run, plus the `variant`'s
+    (VARIANTS)."""
     return [
         "ppo",
         "--sft",
@@ -331,17 +336,17 @@ def ppo_cli_args(paths: dict, out: Path, quantization: str, args, rollouts: str 
         "1000",
         "--seed",
         str(args.seed),
-        "--merged-rollouts" if rollouts == "merged" else "--no-merged-rollouts",
+        *VARIANTS[variant],
         *shlex.split(args.ppo_args),
     ]
 
 
-def side_cli(paths: dict, work: Path, quantization: str, args, rollouts: str = "merged") -> dict:
-    """The real `instruct ppo` command (rollouts `merged` or `unmerged`); samples/s from its metrics.jsonl."""
-    suffix = "" if rollouts == "merged" else f"-{rollouts}"
+def side_cli(paths: dict, work: Path, quantization: str, args, variant: str = "default") -> dict:
+    """The real `instruct ppo` command (as `variant` of VARIANTS); samples/s from its metrics.jsonl."""
+    suffix = "" if variant == "default" else f"-{variant}"
     out = work / f"ppo-{quantization}{suffix}"
-    cmd = [INSTRUCT, *ppo_cli_args(paths, out, quantization, args, rollouts)]
-    result = measure(cmd, work / "logs" / f"cli-{quantization}{suffix}.log", f"instruct ppo ({rollouts} rollouts)")
+    cmd = [INSTRUCT, *ppo_cli_args(paths, out, quantization, args, variant)]
+    result = measure(cmd, work / "logs" / f"cli-{quantization}{suffix}.log", f"instruct ppo ({variant})")
     if result["rc"] == 0 and (out / "metrics.jsonl").is_file():
         rows = read_jsonl(out / "metrics.jsonl")
         result["samples_per_s"] = rows[-1].get("train/samples_per_s")
@@ -659,27 +664,25 @@ def report(quantization: str, baseline: dict, sides: dict[str, dict], args) -> d
     return ratios
 
 
-def report_rollouts(quantization: str, runs: dict[str, dict]) -> None:
-    """The CLI runs with merged and unmerged rollouts side by side: per-phase medians over the iterations."""
-    header = ["phase (median over iterations)", *(f"{mode} rollouts" for mode in runs)]
-    if len(runs) == 2:
-        header.append("unmerged / merged")
+def report_variants(quantization: str, runs: dict[str, dict]) -> None:
+    """The CLI runs of --variants side by side: per-phase medians over the iterations, and each variant's
+    time against the default's."""
+    others = [variant for variant in runs if variant != "default" and "default" in runs]
+    header = ["phase (median over iterations)", *runs, *(f"{variant} / default" for variant in others)]
+    default = runs.get("default", {}).get("phases", {})
     rows = []
     for name in PHASES:
         values = [run.get("phases", {}).get(name) for run in runs.values()]
         if all(value is None for value in values):
             continue
         row = [name, *(fmt(value, 2) for value in values)]
-        if len(runs) == 2:
-            merged, unmerged = runs.get("merged", {}).get("phases", {}), runs.get("unmerged", {}).get("phases", {})
-            row.append(f"x{fmt(ratio(unmerged.get(name), merged.get(name)), 2)}")
+        row += [f"x{fmt(ratio(runs[variant].get('phases', {}).get(name), default.get(name)), 2)}" for variant in others]
         rows.append(row)
-    rows.append(["steady samples/s (CLI)", *(fmt(run.get("steady_samples_per_s"), 3) for run in runs.values())])
-    if len(runs) == 2:
-        rows[-1].append("")
+    steady = [fmt(run.get("steady_samples_per_s"), 3) for run in runs.values()]
+    rows.append(["steady samples/s (CLI)", *steady, *([""] * len(others))])
     print_table(
-        f"instruct ppo, quantization {quantization}: rollouts sampled with the policy merged into the weights "
-        "(--merged-rollouts, the default) and unmerged (--no-merged-rollouts); seconds, tokens/s",
+        f"instruct ppo, quantization {quantization}: default = merged rollouts and packed passes; unmerged = "
+        "--no-merged-rollouts; padded = --no-packing; seconds, tokens/s",
         header,
         rows,
     )
@@ -721,12 +724,13 @@ def main() -> None:
     )
     parser.add_argument("--iterations", type=int, default=3, help="PPO iterations of the CLI run")
     parser.add_argument(
-        "--rollouts",
+        "--variants",
         nargs="+",
-        choices=("merged", "unmerged"),
-        default=["merged"],
-        help="How the CLI run samples rollouts: with the policy merged into the weights (the default) and/or "
-        "unmerged (--no-merged-rollouts); both: two CLI runs and a side-by-side per-phase table",
+        choices=tuple(VARIANTS),
+        default=["default"],
+        help="CLI runs to measure: ppo as it runs by default, with rollouts sampled unmerged "
+        "(--no-merged-rollouts), with the passes on padded rows (--no-packing); several: a side-by-side "
+        "per-phase table",
     )
     parser.add_argument("--rollout-batch-size", type=int, default=8, help="Prompts per rollout")
     parser.add_argument("--minibatch-size", type=int, default=4, help="Rollouts per gradient step (CLI)")
@@ -794,7 +798,7 @@ def main() -> None:
         MODEL = str(build_tiny_model(work / "tiny-model"))
         os.environ["BENCH_PPO_MODEL"] = MODEL  # the one-step children load their separate models from it
         args.quantization, args.prompts, args.iterations, args.rollout_batch_size = ["none"], 8, 2, 4
-        args.minibatch_size, args.max_new_tokens, args.rollouts = 2, 8, ["merged", "unmerged"]
+        args.minibatch_size, args.max_new_tokens, args.variants = 2, 8, list(VARIANTS)
     failed = []
     started = time.time()
     try:
@@ -819,20 +823,20 @@ def main() -> None:
         for quantization in args.quantization:
             sides, cli_runs = {}, {}
             if "cli" not in args.skip:
-                cli_runs = {mode: side_cli(paths, work, quantization, args, mode) for mode in args.rollouts}
-                sides["cli"] = cli_runs[args.rollouts[0]]
+                cli_runs = {variant: side_cli(paths, work, quantization, args, variant) for variant in args.variants}
+                sides["cli"] = cli_runs[args.variants[0]]
             for design in ("shared", "separate"):
                 if design not in args.skip:
                     sides[design] = side_one_step(paths, work, quantization, design, args)
             all_ratios[quantization] = report(quantization, baseline, sides, args)
             if len(cli_runs) > 1:
-                report_rollouts(quantization, cli_runs)
+                report_variants(quantization, cli_runs)
             failed += [
                 f"{quantization} {name} (exit {side.get('rc')})" for name, side in sides.items() if side.get("rc")
             ]
             failed += [
-                f"{quantization} cli, {mode} rollouts (exit {run.get('rc')})"
-                for mode, run in list(cli_runs.items())[1:]
+                f"{quantization} cli, {variant} (exit {run.get('rc')})"
+                for variant, run in list(cli_runs.items())[1:]
                 if run.get("rc")
             ]
             if "cli" in sides and sides["cli"].get("rc") == 0 and not sides["cli"].get("phases"):
@@ -844,7 +848,7 @@ def main() -> None:
                         "baseline": baseline,
                         "libraries": libraries,
                         "sides": sides,
-                        "cli_rollouts": cli_runs,
+                        "cli_variants": cli_runs,
                         "ratios": all_ratios[quantization],
                     },
                     indent=2,

@@ -1,7 +1,8 @@
 """Each prompt once where several answers to it are scored: `instruct eval`'s reward-model accuracy and its
-scoring of every model's answers, and PPO's reward pass over K samples per prompt, packed (core/packing.py)
-and equal to the unpacked path to float tolerance; the unpacked path is forced by making `packing.supports`
-say no, as it does for a model whose attention takes no 4-D mask."""
+scoring of every model's answers, and PPO's reward, log-prob and value passes (K samples per prompt, and
+distinct prompts side by side), packed (core/packing.py) and equal to the unpacked path to float tolerance;
+the unpacked path is forced by making `packing.supports` say no, as it does for a model whose attention takes
+no 4-D mask."""
 
 import contextlib
 
@@ -191,17 +192,55 @@ def test_ppo_scores_of_k_samples_packed_equal_unpacked(tiny_model_dir, tokenizer
     torch.testing.assert_close(alone, plain[2:3], rtol=0, atol=1e-5)
 
 
-def test_ppo_scores_of_distinct_prompts_are_not_packed(tiny_model_dir, tokenizer, monkeypatch):
+def test_shared_bins_count_a_shared_prefix_once():
+    system = [1, 2, 3]  # what every rendered prompt begins with
+    a, b, c = system + [4, 5, 6, 7], system + [8, 9, 10], system + [11, 12]
+    # a + b alone need 7 + 6 = 13 positions, but share 3: 10 fit in 10
+    assert packing.shared_bins([a, b, c], capacity=10) == [[0, 1], [2]]
+    assert packing.shared_bins([a, b, c], capacity=12) == [[0, 1, 2]]  # 3 + 4 + 3 + 2
+    assert packing.shared_bins([a, b, c], capacity=9) == [[0, 2], [1]]  # first fit: 3 + 4 + 2
+    assert packing.shared_bins([[5] * 20, c], capacity=9) == [[0], [1]]  # too long: a row of its own
+
+
+def test_pack_rows_points_at_the_state_before_each_response_token():
+    """Two rollouts (left-padded prompts [1, 2, 3] and [1, 2], responses of 2 and 1 tokens in a T = 3 batch)
+    in one packed row: the prefix [1, 2] once, then each sequence's rest."""
+    query = torch.tensor([[1, 2, 3], [0, 1, 2]])
+    query_mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    response = torch.tensor([[7, 8, 0], [9, 0, 0]])
+    response_mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    packed = trajectory.pack_rows(query, query_mask, response, response_mask)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 7, 8, 9]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 2]]
+    assert packed.segments.tolist() == [[0, 0, 1, 1, 1, 2]]
+    # 7 is predicted at 3 (column 2), 8 at 7 (column 3); 9 at the second sequence's 2 (column 1, shared)
+    assert packed.sources.tolist() == [2, 3, 1] and packed.targets.tolist() == [0, 1, 3]
+    assert trajectory.unpack(torch.tensor([0.5, 0.25, 0.75]), packed, response).tolist() == [
+        [0.5, 0.25, 0.0],
+        [0.75, 0.0, 0.0],
+    ]
+
+
+def test_ppo_scores_of_distinct_prompts_are_packed_side_by_side(tiny_model_dir, tokenizer, monkeypatch):
+    """K = 1: the rollouts share one row (their common prefix, the chat template's opening, computed once),
+    with the scores of padded rows; --no-packing scores padded rows."""
     roles = ppo_roles_with_reward(tiny_model_dir)
-    batch = k_rollout(tokenizer, k=4, width=8).rows(torch.tensor([0, 4]))  # K = 1: nothing to share
+    batch = k_rollout(tokenizer, k=4, width=8).rows(torch.tensor([2, 4]))  # two prompts, one answer each
+    with unpacked(monkeypatch):
+        plain = trajectory.score(roles, batch, penalty=1.0)
     packed_calls = spy(monkeypatch, heads, "packed_sequence_scores")
-    trajectory.score(roles, batch, penalty=1.0)
-    assert packed_calls == []
+    packed = trajectory.score(roles, batch, penalty=1.0)
+    assert len(packed_calls) == 1 and packed_calls[0][2].shape[0] == 1  # one row: both fit in 256 positions
+    torch.testing.assert_close(packed, plain, rtol=0, atol=1e-5)
+    assert len(set(plain.tolist())) == 2
+    trajectory.score(roles, batch, penalty=1.0, packed=False)
+    assert len(packed_calls) == 1
 
 
 # ------------------------------------------------------------------------ ppo: K-sample log-probs
-def ppo_roles_with_policy(tiny_model_dir):
-    """Roles with policy (trainable), reference and reward adapters, all random and different."""
+def ppo_roles_with_policy(tiny_model_dir, value: bool = False):
+    """Roles with policy (trainable), reference and reward adapters (and a trainable value adapter and head),
+    all random and different."""
     import copy
 
     from peft import get_peft_model
@@ -214,14 +253,18 @@ def ppo_roles_with_policy(tiny_model_dir):
     options = recipes.build_config(cfg.RMConfig, "rm", None, dict(model=str(tiny_model_dir), lora_dropout=0.0))
     lora = models.lora_config(options)
     model = get_peft_model(base, copy.deepcopy(lora), adapter_name=ppo_roles.POLICY)
-    for role in (ppo_roles.REFERENCE, ppo_roles.REWARD):
+    for role in (ppo_roles.REFERENCE, ppo_roles.REWARD) + ((ppo_roles.VALUE,) if value else ()):
         model.add_adapter(role, copy.deepcopy(lora))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.2)
-    return ppo_roles.Roles(model, None, heads.ScalarHead(heads.hidden_size_of(base), seed=0))
+            param.requires_grad_(
+                "lora_" in name and (f".{ppo_roles.POLICY}." in name or f".{ppo_roles.VALUE}." in name)
+            )
+    value_head = heads.ScalarHead(heads.hidden_size_of(base), seed=1) if value else None
+    return ppo_roles.Roles(model, value_head, heads.ScalarHead(heads.hidden_size_of(base), seed=0))
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
@@ -243,9 +286,9 @@ def test_ppo_k_sample_logprobs_packed_equal_unpacked_and_first_ratio_is_one(
     with unpacked(monkeypatch):
         assert not trajectory.packs_groups(roles, config)
         plain, plain_stats = trajectory.make_trajectory(roles, batch, config, 0.05, accelerator)
-    packed_calls = spy(monkeypatch, trajectory, "packed_response_logits")
+    packed_calls = spy(monkeypatch, trajectory, "pack_rows")
     packed, packed_stats = trajectory.make_trajectory(roles, batch, config, 0.05, accelerator)
-    assert len(packed_calls) == 4  # policy and reference, for each of the two minibatch-sized chunks
+    assert len(packed_calls) == 2  # once for each of the two minibatch-sized chunks
     tolerance = 1e-5 if precision == "no" else 0.1  # bf16 rounds differently in differently shaped batches
     for field in ("logprobs", "ref_logprobs", "kl", "advantages"):
         torch.testing.assert_close(getattr(packed, field), getattr(plain, field), rtol=0, atol=tolerance, msg=field)
@@ -257,6 +300,54 @@ def test_ppo_k_sample_logprobs_packed_equal_unpacked_and_first_ratio_is_one(
     stats = update_step.update(roles, optimizer, packed, config, accelerator)
     assert stats["policy/first_approxkl"] == 0.0 and stats["policy/first_clipfrac"] == 0.0, stats
     assert stats["policy/grad_norm"] > 0  # the packed forward carries gradients to the policy's LoRA weights
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_ppo_distinct_prompts_packed_side_by_side_equal_padded_and_first_ratio_is_one(
+    tiny_model_dir, tokenizer, monkeypatch, precision
+):
+    """--advantage gae, K = 1: the trajectory's scores, log-probs and values from packed rows (each minibatch's
+    rollouts side by side) equal those of padded rows, and the update, which packs its first minibatch as the
+    trajectory did, starts at a policy ratio of exactly 1 and value predictions equal to the old ones."""
+    from instruct_cli.core import config as cfg
+    from instruct_cli.core import training
+    from instruct_cli.steps.ppo import update_step
+
+    config = cfg.PPOConfig(advantage="gae", minibatch_size=4, rollout_batch_size=8, ppo_epochs=2, seed=2)
+    roles = ppo_roles_with_policy(tiny_model_dir, value=True)
+    batch = k_rollout(tokenizer, k=4, width=8)  # 8 rollouts; as K = 1 rows, the two prompts share no more
+    accelerator = training.make_accelerator(0, precision, "cpu")
+    assert trajectory.packs(roles, config) and not trajectory.packs_groups(roles, config)
+    assert not trajectory.packs(roles, cfg.PPOConfig(packing=False))
+    with unpacked(monkeypatch):
+        assert not trajectory.packs(roles, config)
+        plain, plain_stats = trajectory.make_trajectory(roles, batch, config, 0.05, accelerator, iteration=3)
+    packed_calls = spy(monkeypatch, trajectory, "pack_rows")
+    packed, packed_stats = trajectory.make_trajectory(roles, batch, config, 0.05, accelerator, iteration=3)
+    assert len(packed_calls) == 2 and all(call[0].shape[0] == 4 for call in packed_calls)
+    tolerance = 1e-5 if precision == "no" else 0.1
+    for field in ("scores", "logprobs", "ref_logprobs", "values", "kl", "advantages", "returns"):
+        torch.testing.assert_close(getattr(packed, field), getattr(plain, field), rtol=0, atol=tolerance, msg=field)
+    assert packed_stats["objective/entropy"] == pytest.approx(plain_stats["objective/entropy"], abs=tolerance)
+    assert plain.values.abs().sum() > 0 and (plain.logprobs != plain.ref_logprobs).any()
+    assert (packed.values[~batch.response_mask.bool()] == 0).all()
+
+    first_batch = []
+    real = update_step.update_minibatch
+
+    def recording(roles, batch, *args, **kwargs):
+        if not first_batch:  # the value role's forward on the first minibatch, before any step
+            with torch.no_grad(), accelerator.autocast():
+                values = trajectory.response_values(roles, *batch[:4], trajectory.pack_rows(*batch[:4]))
+            first_batch.extend([values, batch.values])
+        return real(roles, batch, *args, **kwargs)
+
+    monkeypatch.setattr(update_step, "update_minibatch", recording)
+    optimizer = torch.optim.SGD(roles.trainable_parameters(), lr=0.1)
+    stats = update_step.update(roles, optimizer, packed, config, accelerator, iteration=3)
+    assert stats["policy/first_approxkl"] == 0.0 and stats["policy/first_clipfrac"] == 0.0, stats
+    torch.testing.assert_close(first_batch[0], first_batch[1], rtol=0, atol=0)
+    assert stats["policy/grad_norm"] > 0
 
 
 def test_ppo_update_shuffles_whole_groups_only_when_packed(tiny_model_dir, tokenizer, monkeypatch):

@@ -108,9 +108,9 @@ def test_groups_are_k_consecutive_rows_of_one_prompt(pipeline, tmp_path, monkeyp
     seen = []
     real = ppo.make_trajectory
 
-    def spy(roles, batch, config, beta, accelerator, function_reward=None, prompts=None):
+    def spy(roles, batch, config, beta, accelerator, function_reward=None, prompts=None, iteration=0):
         seen.append(batch.query)
-        return real(roles, batch, config, beta, accelerator, function_reward, prompts)
+        return real(roles, batch, config, beta, accelerator, function_reward, prompts, iteration)
 
     monkeypatch.setattr(ppo, "make_trajectory", spy)
     ppo.run(config_for(pipeline, tmp_path / "g", advantage="rloo", samples_per_prompt=4, iterations=1))
@@ -148,8 +148,8 @@ def test_reward_function_is_added_to_the_reward_model(pipeline, tmp_path, monkey
     seen = {}
     real = ppo.make_trajectory
 
-    def spy(roles, batch, config, beta, accelerator, function_reward=None, prompts=None):
-        trajectory, stats = real(roles, batch, config, beta, accelerator, function_reward, prompts)
+    def spy(roles, batch, config, beta, accelerator, function_reward=None, prompts=None, iteration=0):
+        trajectory, stats = real(roles, batch, config, beta, accelerator, function_reward, prompts, iteration)
         penalty = config.missing_eos_penalty
         seen["with"] = trajectory.scores
         seen["rm"] = ppo.score(roles, batch, penalty)

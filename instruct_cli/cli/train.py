@@ -407,6 +407,7 @@ def ppo(
     merged_rollouts: Annotated[
         Optional[bool], _opt(PP, "merged_rollouts", "--merged-rollouts/--no-merged-rollouts")
     ] = None,
+    packing: Annotated[Optional[bool], _opt(PP, "packing", "--packing/--no-packing")] = None,
     eval_every: Annotated[Optional[int], _opt(PP, "eval_every")] = None,
     eval_prompts: Annotated[Optional[int], _opt(PP, "eval_prompts")] = None,
     save_every: Annotated[Optional[int], _opt(PP, "save_every")] = None,
@@ -474,6 +475,7 @@ def ppo(
             max_grad_norm=max_grad_norm,
             gradient_checkpointing=gradient_checkpointing,
             merged_rollouts=merged_rollouts,
+            packing=packing,
             eval_every=eval_every,
             eval_prompts=eval_prompts,
             save_every=save_every,

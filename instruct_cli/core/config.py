@@ -252,6 +252,11 @@ class PPOConfig(TrackingOptions, OutputOptions):
     merged_rollouts: bool = True
     """Sample rollouts with the policy adapter folded into the base weights (faster decoding; the original
     weights are put back bit for bit afterwards). Ignored on a quantised base, which cannot be merged."""
+    packing: bool = True
+    """Run the reward, log-prob and value passes without padding: rollouts side by side in packed rows, a
+    prefix they share (one prompt's K responses, the chat template's system prompt) computed once; the same
+    numbers as padded rows up to float rounding. Off: padded rows. Needs an sdpa or eager attention (others
+    run padded)."""
     eval_every: int = 10
     """Evaluate on held-out prompts every this many iterations (and at the end)."""
     eval_prompts: int = 16

@@ -13,11 +13,13 @@ Sharing is exact whatever the sequences are: sequences cut to different lengths 
 
 Padding-free packing (sft) is the same layout with no shared prefix (`shared=False`): unrelated sequences side
 by side in one row, segments 1..K, each attending causally to itself only, positions restarting at 0; `bins`
-decides which sequences share a row.
+decides which sequences share a row. `shared_bins` does both at once (ppo's passes): sequences side by side in
+rows of bounded width, each row's sequences sharing whatever prefix they have in common (at least the chat
+template's system prompt, often).
 
-Owns: `shared_prefix_length`, `packed_length`, `row_layout`, `pack`, `bins`, `flat_columns` (where each token
-of each sequence is, for per-token log-probs), `attention_mask` and `supports` (which attention
-implementations take the 4-D mask). May use: nothing else of the core.
+Owns: `shared_prefix_length`, `packed_length`, `row_layout`, `pack`, `bins`, `shared_bins`, `flat_columns`
+(where each token of each sequence is, for per-token log-probs), `attention_mask` and `supports` (which
+attention implementations take the 4-D mask). May use: nothing else of the core.
 """
 
 from __future__ import annotations
@@ -115,6 +117,30 @@ def bins(lengths: list[int], capacity: int) -> list[list[int]]:
             groups[fit].append(index)
             room[fit] -= lengths[index]
     return groups
+
+
+ROW_WIDTH = 256
+"""The width a `shared_bins` row may reach even when the padded batch is narrower. The 4-D mask makes the
+attention compute every pair of positions in a row; at 256 positions that costs under a tenth of the linear
+layers' arithmetic per token for the smallest model this tool trains (SmolLM2-135M: 2.3k x 256 against 7.1M
+FLOPs per token and layer), and less for larger ones."""
+
+
+def shared_bins(sequences: list[list[int]], capacity: int) -> list[list[int]]:
+    """Indices of `sequences` grouped into rows of at most `capacity` packed positions (`packed_length`: each
+    row's sequences share their longest common prefix), first-fit decreasing; a sequence longer than
+    `capacity` gets a row of its own. Ties are broken by index, so the same sequences in the same order always
+    give the same rows."""
+    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
+    rows: list[list[int]] = []
+    for index in order:
+        fits = (row for row in rows if packed_length([sequences[i] for i in [*row, index]]) <= capacity)
+        row = next(fits, None)
+        if row is None:
+            rows.append([index])
+        else:
+            row.append(index)
+    return rows
 
 
 def attention_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:

@@ -65,7 +65,9 @@ from instruct_cli.steps.ppo.trajectory import (
     group_size,
     make_trajectory,
     merged_rollouts_blocker,
-    response_logits,
+    pack_rows,
+    packs,
+    response_logprobs,
     rollout,
     score,
 )
@@ -135,6 +137,10 @@ def run(config: PPOConfig) -> Path:
         blocker = merged_rollouts_blocker(roles, config)
         if config.merged_rollouts and blocker:
             info(f"Rollouts sample with the policy adapter unmerged (slower): {blocker}")
+        if config.packing and not packs(roles, config):
+            info(
+                "The reward, log-prob and value passes run padded (slower): the model's attention takes no packed rows"
+            )
         prompts = Prompts(train_prompts, encoded, eval_prompts, function_reward)
         metrics = train(run_folder, roles, tokenizer, prompts, config, controller, trainable, checkpoint, start, ptx)
         if accelerator.is_main_process:
@@ -233,6 +239,7 @@ def train(
                     accelerator,
                     prompts.function_reward,
                     [prompts.train[i] for i in mine],
+                    iteration,
                 )
                 if not torch.isfinite(trajectory.scores).all():
                     raise NonFinite("reward")
@@ -361,11 +368,11 @@ def evaluate(
         encoded = [chat.encode_prompt(tokenizer, messages) for _, messages in chunk]
         batch = rollout(roles, tokenizer, encoded, config, accelerator)
         with accelerator.autocast():
-            scores = score(roles, batch, config.missing_eos_penalty, function_reward, [m for _, m in chunk])
-            policy = rl.token_logprobs(response_logits(roles, POLICY, *batch[:4]), batch.response, config.temperature)
-            reference = rl.token_logprobs(
-                response_logits(roles, REFERENCE, *batch[:4]), batch.response, config.temperature
-            )
+            messages = [m for _, m in chunk]
+            scores = score(roles, batch, config.missing_eos_penalty, function_reward, messages, config.packing)
+            packed = pack_rows(*batch[:4]) if packs(roles, config) else None
+            policy, _ = response_logprobs(roles, POLICY, *batch[:4], config.temperature, packed)
+            reference, _ = response_logprobs(roles, REFERENCE, *batch[:4], config.temperature, packed)
         kls = ((policy - reference) * batch.response_mask).sum(1)
         for row, (index, messages) in enumerate(chunk):
             ids = batch.response[row][batch.response_mask[row].bool()]

@@ -8,25 +8,27 @@
     4. advantages  gae: GAE with the value role, whitened. rloo / grpo (no value role): one reward per
                    response, compared with the other responses to the same prompt (K consecutive rows)
 
-When K > 1 responses share a prompt, the reward pass scores each prompt's responses as one packed row
-(core/packing.py: the prompt once), and so do the policy and reference passes when minibatches hold whole
-groups (`packs_groups`; the update then runs them alike). Every forward here runs under the same autocast
-as the update's (`accelerator.autocast()`): the update's first importance ratio is then exactly 1 on a bf16
-GPU too, not only in fp32. Sampling is exactly softmax(logits / T) (core/sampling.py sets the model's
-generation_config aside). In a data-parallel run each process holds its share of the rollouts; whitening and
-the logged statistics cover every process's share.
-May use: core (heads, lora_merge, packing, rl, sampling, distributed), roles.
+The reward, log-prob and value passes run without padding (--packing, on by default; core/packing.py):
+rollouts side by side in packed rows, each prompt's K responses in one row with the prompt computed once, and
+a prefix that rows share (the chat template's system prompt) computed once. The log-prob and value passes run
+in the update's first-epoch minibatches (`minibatch_rows`) and under the update's autocast
+(`accelerator.autocast()`), so the update's first minibatch recomputes exactly what they computed: its
+importance ratio is exactly 1, on a bf16 GPU too. Sampling is exactly softmax(logits / T) (core/sampling.py
+sets the model's generation_config aside). In a data-parallel run each process holds its share of the
+rollouts; whitening and the logged statistics cover every process's share.
+May use: core (heads, lm, lora_merge, packing, rl, sampling, distributed), roles.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import NamedTuple
 
 import torch
 
-from instruct_cli.core import distributed, heads, lora_merge, packing, rl, sampling
+from instruct_cli.core import distributed, heads, lm, lora_merge, packing, rl, sampling
 from instruct_cli.core.config import PPOConfig
 from instruct_cli.core.reward_functions import RewardFunction
 from instruct_cli.steps.ppo.roles import POLICY, REFERENCE, REWARD, VALUE, Roles
@@ -139,55 +141,116 @@ def score(
     penalty: float,
     function_reward: FunctionReward | None = None,
     prompts: list[list[dict]] | None = None,
+    packed: bool = True,
 ) -> torch.Tensor:
     """Score of each prompt + response: the reward model's normalised reward read at the last real token
-    (if there is a reward model), plus the weighted reward function of `prompts` (if given); minus `penalty`
-    if there is no EOS."""
+    (if there is a reward model; `packed`: see `reward_model_scores`), plus the weighted reward function of
+    `prompts` (if given); minus `penalty` if there is no EOS."""
     scores = torch.zeros(len(rollout.response), device=rollout.response.device)
     if roles.has_reward_model:
         roles.use(REWARD)
-        raw = reward_model_scores(roles, rollout)
+        raw = reward_model_scores(roles, rollout, packed)
         scores = scores + roles.reward_gain * raw + roles.reward_bias
     if function_reward is not None:
         scores = scores + function_reward(prompts, rollout)
     return scores - penalty * (~rollout.ended).float()
 
 
-def reward_model_scores(roles: Roles, rollout: Rollout) -> torch.Tensor:
-    """Raw score of the reward role (active) on each prompt + response, (B,) float32. When prompts repeat
-    (K samples per prompt) and the model takes packed rows, the responses to one prompt are scored as one
-    packed row (core/packing.py), the prompt computed once; the scores are the unpacked ones up to float
-    rounding."""
+def reward_model_scores(roles: Roles, rollout: Rollout, packed: bool = True) -> torch.Tensor:
+    """Raw score of the reward role (active) on each prompt + response, (B,) float32. `packed` (and a model
+    that takes packed rows): without padding, as packed rows (core/packing.py): each prompt's K responses in
+    one row, the prompt computed once; distinct prompts side by side (`packing.shared_bins`), their common
+    prefix computed once. The scores are the padded ones up to float rounding."""
     input_ids, attention_mask, _ = sampling.sequences(
         rollout.query, rollout.query_mask, rollout.response, rollout.response_mask
     )
-    prompts = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(rollout.query, rollout.query_mask)]
-    if len(set(prompts)) == len(prompts) or not packing.supports(roles.model):
+    if not (packed and packing.supports(roles.model)):
         return heads.sequence_scores(roles.model, roles.reward_head, input_ids, attention_mask).float()
-    rows_of: dict[tuple, list[int]] = {}
-    for row, prompt in enumerate(prompts):
-        rows_of.setdefault(prompt, []).append(row)
-    groups = list(rows_of.values())
     sequences = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    prompts = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(rollout.query, rollout.query_mask)]
+    if len(set(prompts)) < len(prompts):
+        rows_of: dict[tuple, list[int]] = {}
+        for row, prompt in enumerate(prompts):
+            rows_of.setdefault(prompt, []).append(row)
+        rows = list(rows_of.values())
+    else:
+        rows = packing.shared_bins(sequences, max(input_ids.shape[1], packing.ROW_WIDTH))
     # the pad id is never read: padding is masked out of every sequence's attention
-    packed = packing.pack([[sequences[row] for row in group] for group in groups], 0, input_ids.device)
+    batch = packing.pack([[sequences[i] for i in row] for row in rows], 0, input_ids.device)
     values = heads.packed_sequence_scores(
-        roles.model, roles.reward_head, packed["input_ids"], packed["position_ids"], packed["segments"], packed["ends"]
+        roles.model, roles.reward_head, batch["input_ids"], batch["position_ids"], batch["segments"], batch["ends"]
     ).float()
-    order = torch.tensor([row for group in groups for row in group], device=values.device)
+    order = torch.tensor([i for row in rows for i in row], device=values.device)
     return torch.empty_like(values).index_copy_(0, order, values)
 
 
 # ------------------------------------------------------------------------------- 3. log-probs and KL
-def response_logits(
-    roles: Roles, role: str, query, query_mask, response, response_mask, group: int = 1
-) -> torch.Tensor:
-    """Logits that predict each response token under `role`: (B, T, V). Only the last T+1 positions are
-    projected to the vocabulary. `group` > 1: the rows are whole groups of `group` consecutive responses to
-    one prompt, each group run as one packed row (`packed_response_logits`)."""
+class PackedRows(NamedTuple):
+    """A chunk of B rollouts as padding-free packed rows (core/packing.py), which the log-prob and value passes
+    run instead of the padded (B, P + T) batch: no padding, and a prefix that several rollouts share (one
+    prompt's K responses; the chat template's system prompt) computed once. N = the chunk's response tokens."""
+
+    input_ids: torch.Tensor  # (rows, width)
+    position_ids: torch.Tensor  # (rows, width) each sequence's own positions
+    segments: torch.Tensor  # (rows, width) which sequence each position is (packing.attention_mask)
+    sources: torch.Tensor  # (N,) flat position (row * width + column) of the state that predicts each token
+    targets: torch.Tensor  # (N,) where that token is in the chunk's flattened (B * T) responses
+
+
+def packs(roles: Roles, config: PPOConfig) -> bool:
+    """Whether the log-prob and value passes run packed rows: --packing, and a model that computes them
+    exactly (an attention that takes the 4-D mask, logits that are the output layer's alone)."""
+    return config.packing and lm.packs(roles.model)
+
+
+def packs_groups(roles: Roles, config: PPOConfig) -> bool:
+    """Whether each prompt's K responses are one packed row, the prompt computed once: K > 1, minibatches of
+    whole groups (the update then shuffles whole groups), and packed passes."""
+    k = group_size(config)
+    return k > 1 and config.minibatch_size % k == 0 and packs(roles, config)
+
+
+def pack_rows(query, query_mask, response, response_mask, group: int = 1) -> PackedRows:
+    """The chunk's rollouts as packed rows: each run of `group` (> 1) consecutive rollouts (one prompt's
+    responses) one row; otherwise as `packing.shared_bins` fits them into rows no wider than the padded batch
+    or packing.ROW_WIDTH. The same rollouts in the same order always give the same rows."""
+    lengths = response_mask.sum(1).long().tolist()
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(query, query_mask)]
+    sequences = [prompt + ids[:n].tolist() for prompt, ids, n in zip(prompts, response, lengths)]
     if group > 1:
-        return packed_response_logits(roles, role, query, query_mask, response, response_mask, group)
+        rows = [list(range(first, min(first + group, len(sequences)))) for first in range(0, len(sequences), group)]
+    else:
+        rows = packing.shared_bins(sequences, max(query.shape[1] + response.shape[1], packing.ROW_WIDTH))
+    groups = [[sequences[i] for i in row] for row in rows]
+    batch = packing.pack(groups, 0, query.device)  # the pad id is never read: padding is masked out
+    steps, sources, targets = response.shape[1], [], []
+    for index, columns in zip([i for row in rows for i in row], packing.flat_columns(groups)):
+        # the state that predicts response token j of a sequence is at its position len(prompt) + j - 1
+        first = len(prompts[index]) - 1
+        sources += columns[first : first + lengths[index]]
+        targets += range(index * steps, index * steps + lengths[index])
+    as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=query.device)
+    return PackedRows(
+        batch["input_ids"], batch["position_ids"], batch["segments"], as_tensor(sources), as_tensor(targets)
+    )
+
+
+def unpack(per_token: torch.Tensor, packed: PackedRows, response: torch.Tensor) -> torch.Tensor:
+    """`per_token` (N,) of a packed chunk in the (B, T) layout of its `response`; zeros past each response's
+    end (masked everywhere)."""
+    return per_token.new_zeros(response.numel()).index_copy(0, packed.targets, per_token).view(response.shape)
+
+
+def response_logits(
+    roles: Roles, role: str, query, query_mask, response, response_mask, packed: PackedRows | None = None
+) -> torch.Tensor:
+    """Logits that predict each response token under `role`: padded (B, T, V), of which only the last T+1
+    positions are projected to the vocabulary; or, `packed` (the same rollouts, `pack_rows`), (N, V) for the
+    response tokens alone, in the order of `packed.targets`."""
     roles.use(role)
+    if packed is not None:
+        hidden = heads.packed_hidden_states(roles.model, packed.input_ids, packed.position_ids, packed.segments)
+        return roles.model.get_output_embeddings()(hidden[packed.sources])
     input_ids, attention_mask, position_ids = sampling.sequences(query, query_mask, response, response_mask)
     steps = response.shape[1]
     output = roles.model(
@@ -200,63 +263,66 @@ def response_logits(
     return output.logits[:, :-1]
 
 
-def packs_groups(roles: Roles, config: PPOConfig) -> bool:
-    """Whether the policy and reference passes run each prompt's K responses as one packed row, the prompt
-    computed once: K > 1, minibatches of whole groups, and a model that takes packed rows. The trajectory and
-    the update decide alike, so that the update's first importance ratio is exactly 1."""
-    k = group_size(config)
-    return k > 1 and config.minibatch_size % k == 0 and packing.supports(roles.model)
-
-
-def packed_response_logits(
-    roles: Roles, role: str, query, query_mask, response, response_mask, group: int
-) -> torch.Tensor:
-    """`response_logits` of whole groups (`group` consecutive rows each, one prompt's responses): each group
-    is ONE packed row (core/packing.py: the prompt once, each response attending to it and to itself) in a
-    forward of its own, so a group's logits do not depend on which other groups share the batch: the update's
-    minibatches (whole groups, in another order) reproduce the trajectory's log-probs exactly. Positions past
-    a response's end hold zeros (they are masked everywhere)."""
-    roles.use(role)
-    body = heads.decoder_body(roles.model)
-    implementation, dtype = body.config._attn_implementation, body.get_input_embeddings().weight.dtype
-    lengths = response_mask.sum(1).long().tolist()
-    pieces, rows, steps = [], [], []
-    for first in range(0, len(query), group):
-        members = range(first, min(first + group, len(query)))
-        prompts = [query[row][query_mask[row].bool()].tolist() for row in members]
-        sequences = [p + response[row, : lengths[row]].tolist() for p, row in zip(prompts, members)]
-        packed = packing.pack([sequences], 0, query.device)
-        # the logits that predict response token j of sequence k sit at its position len(prompt) + j - 1
-        wanted = [
-            columns[len(prompt) - 1 : len(sequence) - 1]
-            for prompt, sequence, columns in zip(prompts, sequences, packing.flat_columns([sequences]))
-        ]
-        keep = sorted({column for columns in wanted for column in columns})
-        where = {column: number for number, column in enumerate(keep)}
-        logits = roles.model(
-            input_ids=packed["input_ids"],
-            attention_mask=packing.attention_mask(packed["segments"], implementation, dtype),
-            position_ids=packed["position_ids"],
-            logits_to_keep=torch.tensor(keep, device=query.device),
-            use_cache=False,
-        ).logits[0]
-        for row, columns in zip(members, wanted):
-            pieces.append(logits[torch.tensor([where[c] for c in columns], dtype=torch.long, device=logits.device)])
-            rows.append(row)
-            steps.append(len(columns))
-    output = pieces[0].new_zeros((len(query), response.shape[1], pieces[0].shape[-1]))
-    flat = torch.cat([row * response.shape[1] + torch.arange(n) for row, n in zip(rows, steps)]).to(output.device)
-    return output.view(-1, output.shape[-1]).index_copy(0, flat, torch.cat(pieces)).view(output.shape)
+def response_logprobs(
+    roles: Roles,
+    role: str,
+    query,
+    query_mask,
+    response,
+    response_mask,
+    temperature: float,
+    packed: PackedRows | None = None,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of each response token under `role` at `temperature`, (B, T), and with `entropy` the
+    entropy of the sampling distribution there, (B, T) (else None). Packed, both are computed at the response
+    tokens only and are 0 past each response's end; padded, those positions hold whatever (masked everywhere)."""
+    logits = response_logits(roles, role, query, query_mask, response, response_mask, packed)
+    tokens = response if packed is None else response.flatten()[packed.targets]
+    logprobs = rl.token_logprobs(logits, tokens, temperature)
+    entropies = rl.entropy_from_logits(logits, temperature) if entropy else None
+    if packed is not None:
+        logprobs = unpack(logprobs, packed, response)
+        entropies = unpack(entropies, packed, response) if entropy else None
+    return logprobs, entropies
 
 
 # -------------------------------------------------------------------------------------- 4. values
-def response_values(roles: Roles, query, query_mask, response, response_mask) -> torch.Tensor:
+def response_values(
+    roles: Roles, query, query_mask, response, response_mask, packed: PackedRows | None = None
+) -> torch.Tensor:
     """Value estimates at the state before each response token (value role + fp32 value head): (B, T)."""
     roles.use(VALUE)
+    if packed is not None:
+        hidden = heads.packed_hidden_states(roles.model, packed.input_ids, packed.position_ids, packed.segments)
+        return unpack(roles.value_head(hidden[packed.sources]).squeeze(-1).float(), packed, response)
     input_ids, attention_mask, _ = sampling.sequences(query, query_mask, response, response_mask)
     hidden = heads.last_hidden_states(roles.model, input_ids, attention_mask)
     steps = response.shape[1]
     return roles.value_head(hidden[:, -steps - 1 : -1]).squeeze(-1).float()
+
+
+def minibatch_rows(
+    config: PPOConfig, iteration: int, local: int, accelerator, group: int = 1
+) -> list[list[torch.Tensor]]:
+    """The update's minibatches: per epoch, this process's rows of each minibatch (possibly none).
+
+    Each epoch shuffles the global batch (every process's `local` rollouts, process 0's first; whole groups of
+    `group` rows) with a generator seeded by (seed, iteration), identical on every process, so minibatch k is
+    the same set of rollouts whatever the number of processes. The trajectory's passes run in the first
+    epoch's minibatches: the update's first minibatch then recomputes exactly what the trajectory computed
+    (the same packed rows), and its importance ratio is exactly 1."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
+    size, offsets = config.minibatch_size * world // group, torch.arange(group)
+    epochs = []
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(local * world // group, generator=generator)
+        chosen = [
+            (order[start : start + size, None] * group + offsets).flatten() for start in range(0, len(order), size)
+        ]
+        epochs.append([rows[rows // local == rank] - rank * local for rows in chosen])
+    return epochs
 
 
 def group_size(config: PPOConfig) -> int:
@@ -273,32 +339,33 @@ def make_trajectory(
     accelerator,
     function_reward: FunctionReward | None = None,
     prompts: list[list[dict]] | None = None,
+    iteration: int = 0,
 ) -> tuple[Trajectory, dict[str, float]]:
-    """Steps 2-4 for this process's rollouts (of `prompts`, message lists, for a reward function): the
-    trajectory the update learns from, and the iteration's statistics over every process's rollouts."""
+    """Steps 2-4 for this process's rollouts (of `prompts`, message lists, for a reward function) at
+    `iteration`: the trajectory the update learns from, and the iteration's statistics over every process's
+    rollouts."""
     total = distributed.summer(accelerator)
     query, query_mask, response, mask, ended = rollout
     began = time.perf_counter()
     with accelerator.autocast():
-        scores = score(roles, rollout, config.missing_eos_penalty, function_reward, prompts)
+        scores = score(roles, rollout, config.missing_eos_penalty, function_reward, prompts, config.packing)
         scored = time.perf_counter()
-        # log-probs, entropy and values in chunks of a minibatch: full-vocabulary logits for the whole rollout
-        # batch at once would be the largest tensor of the run (B x T x vocab floats)
-        logprobs, ref_logprobs, values, entropies = [], [], [], []
-        group = group_size(config) if packs_groups(roles, config) else 1  # chunks are then whole groups
-        for rows in torch.arange(len(query), device=query.device).split(config.minibatch_size):
+        # log-probs, entropy and values in the update's first minibatches (see `minibatch_rows`): full-vocabulary
+        # logits for the whole rollout batch at once would be the largest tensor of the run (B x T x vocab)
+        logprobs, ref_logprobs, values, entropies = (torch.zeros_like(mask) for _ in range(4))
+        group = group_size(config) if packs_groups(roles, config) else 1
+        for rows in minibatch_rows(config, iteration, len(query), accelerator, group)[0]:
+            if len(rows) == 0:  # a minibatch of other processes' rollouts only
+                continue
+            rows = rows.to(query.device)
             chunk = (query[rows], query_mask[rows], response[rows], mask[rows])
-            policy_logits = response_logits(roles, POLICY, *chunk, group=group)
-            logprobs.append(rl.token_logprobs(policy_logits, response[rows], config.temperature) * mask[rows])
-            entropies.append(rl.entropy_from_logits(policy_logits, config.temperature))
-            del policy_logits
-            reference_logits = response_logits(roles, REFERENCE, *chunk, group=group)
-            ref_logprobs.append(rl.token_logprobs(reference_logits, response[rows], config.temperature) * mask[rows])
-            del reference_logits
+            packed = pack_rows(*chunk, group) if packs(roles, config) else None
+            policy, entropy = response_logprobs(roles, POLICY, *chunk, config.temperature, packed, entropy=True)
+            logprobs[rows], entropies[rows] = policy * mask[rows], entropy
+            reference, _ = response_logprobs(roles, REFERENCE, *chunk, config.temperature, packed)
+            ref_logprobs[rows] = reference * mask[rows]
             if roles.has_value:
-                values.append(response_values(roles, *chunk) * mask[rows])
-    logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-    values = torch.cat(values) if roles.has_value else torch.zeros_like(logprobs)
+                values[rows] = response_values(roles, *chunk, packed) * mask[rows]
     measured = time.perf_counter()
     advantages, returns, kl = advantages_of(scores, logprobs, ref_logprobs, values, mask, config, beta, total)
     trajectory = Trajectory(
@@ -308,7 +375,7 @@ def make_trajectory(
     stats = {
         "objective/score": (total(scores.sum()) / rollouts).item(),
         "objective/kl": (total(kl.sum()) / rollouts).item(),
-        "objective/entropy": rl.masked_mean(torch.cat(entropies), mask, total=total).item(),
+        "objective/entropy": rl.masked_mean(entropies, mask, total=total).item(),
         "response/length": (total(mask.sum()) / rollouts).item(),
         "response/eos_rate": (total(ended.float().sum()) / rollouts).item(),
         "time/score": scored - began,

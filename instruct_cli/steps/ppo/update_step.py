@@ -3,11 +3,11 @@
 Without a value role (--advantage rloo/grpo) there is no value loss; with --kl-penalty loss the policy loss
 gains beta x the mean k3 KL to the reference (GRPO's form) instead of the KL sitting in the reward.
 
-Minibatch k is the same set of rollouts whatever the number of processes: the shuffle of each epoch is drawn
-over the global batch (every process's rollouts, process 0's first) from a generator seeded by (seed,
-iteration), identical on every process. With K samples per prompt run packed (trajectory.packs_groups) the
-shuffle moves whole groups of K rows, so a minibatch holds whole groups, computed exactly as the trajectory
-computed them (each group one packed row): the first importance ratio is exactly 1 there too. Each process
+Minibatch k is the same set of rollouts whatever the number of processes (trajectory.minibatch_rows: each
+epoch's shuffle is drawn over the global batch from a generator seeded by (seed, iteration)). With K samples
+per prompt run packed (trajectory.packs_groups) the shuffle moves whole groups of K rows. The trajectory ran
+its passes in the first epoch's minibatches, laid out as the update lays them out (padded, or the same packed
+rows), so the first minibatch's importance ratio is exactly 1. Each process
 computes the part of the minibatch it holds, with losses divided by the minibatch's real tokens on all
 processes; gradients and statistics are then summed over processes. N processes with B rollouts each
 therefore take exactly the steps of one process with N x B rollouts and N x the minibatch size.
@@ -50,25 +50,20 @@ def update(
 ) -> dict[str, float]:
     """`ppo_epochs` passes of minibatches over the global batch; returns the mean of each statistic, plus the
     first minibatch's clip fraction and approximate KL (before any step: 0 when old and new log-probs agree)."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    local = trajectory.response.shape[0]
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
-    minibatch = config.minibatch_size * world
     parameters = roles.trainable_parameters()
     total = distributed.summer(accelerator)
     # packed groups: minibatches of whole groups of K rows, shuffled as groups (K = 1: rows, as always)
     group = trajectory_steps.group_size(config) if trajectory_steps.packs_groups(roles, config) else 1
-    offsets = torch.arange(group)
+    packs = trajectory_steps.packs(roles, config)
+    local = trajectory.response.shape[0]
     steps: list[dict[str, float]] = []
-    for _ in range(config.ppo_epochs):
-        order = torch.randperm(local * world // group, generator=generator)
-        for start in range(0, local * world // group, minibatch // group):
-            chosen = (order[start : start + minibatch // group, None] * group + offsets).flatten()
-            mine = (chosen[chosen // local == rank] - rank * local).to(trajectory.response.device)
+    for epoch in trajectory_steps.minibatch_rows(config, iteration, local, accelerator, group):
+        for mine in epoch:
+            mine = mine.to(trajectory.response.device)
             token_count = total(trajectory.response_mask[mine].sum())
             ptx_batch = ptx_batches(len(steps)) if ptx_batches is not None else None
             stats = update_minibatch(
-                roles, trajectory.rows(mine), config, accelerator, token_count, ptx_batch, beta, group
+                roles, trajectory.rows(mine), config, accelerator, token_count, ptx_batch, beta, group, packs
             )
             stats = distributed.sum_stats(accelerator, stats)
             distributed.sum_gradients(accelerator, parameters)
@@ -93,10 +88,12 @@ def update_minibatch(
     ptx_batch: dict | None = None,
     beta: float = 0.0,
     group: int = 1,
+    packs: bool = False,
 ) -> dict[str, float]:
     """Backpropagate the policy loss (with its adapter active), then the value loss (with its own), if there
-    is a value role. `beta` weighs the k3 KL term of --kl-penalty loss; `group` > 1: the batch is whole
-    groups of that many responses to one prompt, run packed as the trajectory ran them.
+    is a value role. `beta` weighs the k3 KL term of --kl-penalty loss; `packs`: run the batch as packed rows
+    (trajectory.pack_rows), as the trajectory ran it; `group` > 1: the batch is whole groups of that many
+    responses to one prompt, one packed row each.
 
     `token_count` is the minibatch's real tokens on all processes (None: this batch's own): the losses are
     this process's shares of the minibatch's means. A process may hold no rollout of a minibatch; it then
@@ -110,11 +107,10 @@ def update_minibatch(
         stats["loss/kl"] = 0.0
     share = 1.0 / accelerator.num_processes  # of the ptx loss, a mean over processes
     if len(batch.response) > 0:
+        chunk = (batch.query, batch.query_mask, batch.response, batch.response_mask)
+        packed = trajectory_steps.pack_rows(*chunk, group) if packs else None
         with accelerator.autocast():
-            logits = trajectory_steps.response_logits(
-                roles, POLICY, batch.query, batch.query_mask, batch.response, batch.response_mask, group
-            )
-            new_logprobs = rl.token_logprobs(logits, batch.response, config.temperature)
+            new_logprobs, _ = trajectory_steps.response_logprobs(roles, POLICY, *chunk, config.temperature, packed)
             pg_loss, pg_stats = rl.policy_loss(
                 new_logprobs, batch.logprobs, batch.advantages, batch.response_mask, config.clip_range, token_count
             )
@@ -128,9 +124,7 @@ def update_minibatch(
         stats.update({"loss/policy": pg_loss.item(), **pg_stats})
         if roles.has_value:
             with accelerator.autocast():
-                new_values = trajectory_steps.response_values(
-                    roles, batch.query, batch.query_mask, batch.response, batch.response_mask
-                )
+                new_values = trajectory_steps.response_values(roles, *chunk, packed)
                 vf_loss, vf_stats = rl.value_loss(
                     new_values, batch.values, batch.returns, batch.response_mask, config.value_clip_range, token_count
                 )
