@@ -8,6 +8,7 @@ artifacts     run folders: manifest, atomic writes, metrics.jsonl, content hashe
 trackers      --report-to: metrics.jsonl rows also sent to TensorBoard, wandb, mlflow (accelerate's trackers)
 data_folders  reading a data folder written by prepare-data
 models        resolving a model reference, GGUF conversion, quantised loading, LoRA settings
+cpu_linear    frozen fp32 Linear layers on a CPU through oneDNN (about 2x MKL's matmul rate on AMD CPUs)
 inference     loading to sample: `auto` quantisation and dtype, adapters merged once and cached
 llama_engine  --engine llama.cpp: the GGUF file a model runs as (written once), exact sampling flags
 gguf_file     writing a merged model as one GGUF file (export --format gguf, the llama.cpp engine)
@@ -15,7 +16,8 @@ chat          chat templates: prompts and conversations as token ids, assistant-
 sampling      left padding, prompt + response sequences, generate() arguments
 lora_merge    a LoRA adapter folded into the base weights while sampling, the base bit-identical afterwards
 heads         the scalar head of reward and value models; hidden states; scores at the last token
-packing       packed rows, 4-D mask: a prompt and its K responses (rm, dpo, ppo, eval), or rows side by side (sft)
+packing       packed rows, 4-D mask: a prompt and its K responses (rm, dpo, ppo, eval), rows side by side
+              (sft), or both, sharing what prefix they have in common (ppo's passes)
 lm            the next-token loss on labelled tokens (sft, ppo-ptx, eval perplexity); log-probs per sequence
 preferences   preference rows as reward-model batches; pairwise loss; loading an RM run
 dpo_loss      the maths of DPO, IPO and cDPO on sequence log-probs: pair losses, implicit rewards

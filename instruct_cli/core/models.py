@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from instruct_cli.core import artifacts
+from instruct_cli.core import artifacts, cpu_linear
 from instruct_cli.core.console import info, quiet_libraries
 from instruct_cli.core.errors import UserError
 
@@ -305,6 +305,8 @@ def load_base_model(
                 model.save_pretrained(tmp)
     if bnb is None:
         model.to(device)
+        if device.type == "cpu":
+            cpu_linear.route_frozen_linears(model)
     disable_bnb_cpu_repack(model)
     model.eval()
     return model
