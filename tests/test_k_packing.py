@@ -181,14 +181,14 @@ def test_ppo_scores_of_k_samples_packed_equal_unpacked(tiny_model_dir, tokenizer
     assert batch.ended.tolist() == [True, True, False, True, True, True, True, False]
     with unpacked(monkeypatch):
         plain = trajectory.score(roles, batch, penalty=1.0)
-    packed_calls = spy(monkeypatch, heads, "packed_sequence_scores")
-    packed = trajectory.score(roles, batch, penalty=1.0)
-    assert len(packed_calls) == 1 and packed_calls[0][2].shape[0] == 2  # one packed row per prompt
+    packed_calls = spy(monkeypatch, heads, "packed_hidden_states")
+    packed = trajectory.score(roles, batch, penalty=1.0, group=4)
+    assert len(packed_calls) == 2 and all(call[1].shape[0] == 1 for call in packed_calls)  # a row per prompt
     torch.testing.assert_close(packed, plain, rtol=0, atol=1e-5)
     assert float(plain[4]) == pytest.approx(float(plain[5]), abs=1e-6)  # identical answers, identical scores
     assert len({round(v, 4) for v in plain.tolist()}) == 7  # otherwise they differ: a mixed-up order would show
     # the unpacked score of one row alone, as a check on both
-    alone = trajectory.score(roles, batch.rows(slice(2, 3)), penalty=1.0)
+    alone = trajectory.score(roles, batch.rows(slice(2, 3)), penalty=1.0, packed=False)
     torch.testing.assert_close(alone, plain[2:3], rtol=0, atol=1e-5)
 
 
@@ -210,9 +210,11 @@ def test_pack_rows_points_at_the_state_before_each_response_token():
     response = torch.tensor([[7, 8, 0], [9, 0, 0]])
     response_mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     packed = trajectory.pack_rows(query, query_mask, response, response_mask)
-    assert packed.input_ids.tolist() == [[1, 2, 3, 7, 8, 9]]
-    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 2]]
-    assert packed.segments.tolist() == [[0, 0, 1, 1, 1, 2]]
+    (input_ids, position_ids, segments), *more = packed.rows
+    assert not more and input_ids.tolist() == [[1, 2, 3, 7, 8, 9]]
+    assert position_ids.tolist() == [[0, 1, 2, 3, 4, 2]]
+    assert segments.tolist() == [[0, 0, 1, 1, 1, 2]]
+    assert packed.ends.tolist() == [4, 5]  # each rollout's last token: 8 and 9
     # 7 is predicted at 3 (column 2), 8 at 7 (column 3); 9 at the second sequence's 2 (column 1, shared)
     assert packed.sources.tolist() == [2, 3, 1] and packed.targets.tolist() == [0, 1, 3]
     assert trajectory.unpack(torch.tensor([0.5, 0.25, 0.75]), packed, response).tolist() == [
@@ -228,9 +230,9 @@ def test_ppo_scores_of_distinct_prompts_are_packed_side_by_side(tiny_model_dir, 
     batch = k_rollout(tokenizer, k=4, width=8).rows(torch.tensor([2, 4]))  # two prompts, one answer each
     with unpacked(monkeypatch):
         plain = trajectory.score(roles, batch, penalty=1.0)
-    packed_calls = spy(monkeypatch, heads, "packed_sequence_scores")
+    packed_calls = spy(monkeypatch, heads, "packed_hidden_states")
     packed = trajectory.score(roles, batch, penalty=1.0)
-    assert len(packed_calls) == 1 and packed_calls[0][2].shape[0] == 1  # one row: both fit in 256 positions
+    assert len(packed_calls) == 1  # one row: both fit in 256 positions
     torch.testing.assert_close(packed, plain, rtol=0, atol=1e-5)
     assert len(set(plain.tolist())) == 2
     trajectory.score(roles, batch, penalty=1.0, packed=False)
@@ -288,7 +290,7 @@ def test_ppo_k_sample_logprobs_packed_equal_unpacked_and_first_ratio_is_one(
         plain, plain_stats = trajectory.make_trajectory(roles, batch, config, 0.05, accelerator)
     packed_calls = spy(monkeypatch, trajectory, "pack_rows")
     packed, packed_stats = trajectory.make_trajectory(roles, batch, config, 0.05, accelerator)
-    assert len(packed_calls) == 2  # once for each of the two minibatch-sized chunks
+    assert [call[0].shape[0] for call in packed_calls] == [8, 4, 4]  # the reward pass, then each chunk
     tolerance = 1e-5 if precision == "no" else 0.1  # bf16 rounds differently in differently shaped batches
     for field in ("logprobs", "ref_logprobs", "kl", "advantages"):
         torch.testing.assert_close(getattr(packed, field), getattr(plain, field), rtol=0, atol=tolerance, msg=field)
@@ -302,13 +304,14 @@ def test_ppo_k_sample_logprobs_packed_equal_unpacked_and_first_ratio_is_one(
     assert stats["policy/grad_norm"] > 0  # the packed forward carries gradients to the policy's LoRA weights
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("precision, row_width", [("no", 256), ("bf16", 256), ("no", 1)])
 def test_ppo_distinct_prompts_packed_side_by_side_equal_padded_and_first_ratio_is_one(
-    tiny_model_dir, tokenizer, monkeypatch, precision
+    tiny_model_dir, tokenizer, monkeypatch, precision, row_width
 ):
     """--advantage gae, K = 1: the trajectory's scores, log-probs and values from packed rows (each minibatch's
     rollouts side by side) equal those of padded rows, and the update, which packs its first minibatch as the
-    trajectory did, starts at a policy ratio of exactly 1 and value predictions equal to the old ones."""
+    trajectory did, starts at a policy ratio of exactly 1 and value predictions equal to the old ones.
+    row_width 1: rows no wider than the padded batch, so a chunk becomes several rows of unequal width."""
     from instruct_cli.core import config as cfg
     from instruct_cli.core import training
     from instruct_cli.steps.ppo import update_step
@@ -322,9 +325,14 @@ def test_ppo_distinct_prompts_packed_side_by_side_equal_padded_and_first_ratio_i
     with unpacked(monkeypatch):
         assert not trajectory.packs(roles, config)
         plain, plain_stats = trajectory.make_trajectory(roles, batch, config, 0.05, accelerator, iteration=3)
-    packed_calls = spy(monkeypatch, trajectory, "pack_rows")
+    monkeypatch.setattr(packing, "ROW_WIDTH", row_width)
+    layouts = []
+    real_pack_rows = trajectory.pack_rows
+    monkeypatch.setattr(trajectory, "pack_rows", lambda *args: layouts.append(real_pack_rows(*args)) or layouts[-1])
     packed, packed_stats = trajectory.make_trajectory(roles, batch, config, 0.05, accelerator, iteration=3)
-    assert len(packed_calls) == 2 and all(call[0].shape[0] == 4 for call in packed_calls)
+    assert [len(layout.ends) for layout in layouts] == [8, 4, 4]  # the reward pass, then each chunk
+    rows = [len(layout.rows) for layout in layouts]
+    assert rows == [1, 1, 1] if row_width == 256 else min(rows) > 1, rows
     tolerance = 1e-5 if precision == "no" else 0.1
     for field in ("scores", "logprobs", "ref_logprobs", "values", "kl", "advantages", "returns"):
         torch.testing.assert_close(getattr(packed, field), getattr(plain, field), rtol=0, atol=tolerance, msg=field)

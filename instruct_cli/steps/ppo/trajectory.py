@@ -142,59 +142,45 @@ def score(
     function_reward: FunctionReward | None = None,
     prompts: list[list[dict]] | None = None,
     packed: bool = True,
+    group: int = 1,
 ) -> torch.Tensor:
     """Score of each prompt + response: the reward model's normalised reward read at the last real token
-    (if there is a reward model; `packed`: see `reward_model_scores`), plus the weighted reward function of
-    `prompts` (if given); minus `penalty` if there is no EOS."""
+    (if there is a reward model; `packed` and `group`: see `reward_model_scores`), plus the weighted reward
+    function of `prompts` (if given); minus `penalty` if there is no EOS."""
     scores = torch.zeros(len(rollout.response), device=rollout.response.device)
     if roles.has_reward_model:
         roles.use(REWARD)
-        raw = reward_model_scores(roles, rollout, packed)
+        raw = reward_model_scores(roles, rollout, packed, group)
         scores = scores + roles.reward_gain * raw + roles.reward_bias
     if function_reward is not None:
         scores = scores + function_reward(prompts, rollout)
     return scores - penalty * (~rollout.ended).float()
 
 
-def reward_model_scores(roles: Roles, rollout: Rollout, packed: bool = True) -> torch.Tensor:
+def reward_model_scores(roles: Roles, rollout: Rollout, packed: bool = True, group: int = 1) -> torch.Tensor:
     """Raw score of the reward role (active) on each prompt + response, (B,) float32. `packed` (and a model
-    that takes packed rows): without padding, as packed rows (core/packing.py): each prompt's K responses in
-    one row, the prompt computed once; distinct prompts side by side (`packing.shared_bins`), their common
-    prefix computed once. The scores are the padded ones up to float rounding."""
-    input_ids, attention_mask, _ = sampling.sequences(
-        rollout.query, rollout.query_mask, rollout.response, rollout.response_mask
-    )
-    if not (packed and packing.supports(roles.model)):
-        return heads.sequence_scores(roles.model, roles.reward_head, input_ids, attention_mask).float()
-    sequences = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
-    prompts = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(rollout.query, rollout.query_mask)]
-    if len(set(prompts)) < len(prompts):
-        rows_of: dict[tuple, list[int]] = {}
-        for row, prompt in enumerate(prompts):
-            rows_of.setdefault(prompt, []).append(row)
-        rows = list(rows_of.values())
-    else:
-        rows = packing.shared_bins(sequences, max(input_ids.shape[1], packing.ROW_WIDTH))
-    # the pad id is never read: padding is masked out of every sequence's attention
-    batch = packing.pack([[sequences[i] for i in row] for row in rows], 0, input_ids.device)
-    values = heads.packed_sequence_scores(
-        roles.model, roles.reward_head, batch["input_ids"], batch["position_ids"], batch["segments"], batch["ends"]
-    ).float()
-    order = torch.tensor([i for row in rows for i in row], device=values.device)
-    return torch.empty_like(values).index_copy_(0, order, values)
+    that takes packed rows): without padding, as `pack_rows` lays the rollouts out (`group` > 1: each run of
+    that many consecutive rollouts answers one prompt, computed once); the scores are the padded ones up to
+    float rounding."""
+    if packed and packing.supports(roles.model):
+        layout = pack_rows(*rollout[:4], group)
+        return roles.reward_head(packed_states(roles.model, layout)[layout.ends]).squeeze(-1).float()
+    input_ids, attention_mask, _ = sampling.sequences(*rollout[:4])
+    return heads.sequence_scores(roles.model, roles.reward_head, input_ids, attention_mask).float()
 
 
 # ------------------------------------------------------------------------------- 3. log-probs and KL
 class PackedRows(NamedTuple):
-    """A chunk of B rollouts as padding-free packed rows (core/packing.py), which the log-prob and value passes
-    run instead of the padded (B, P + T) batch: no padding, and a prefix that several rollouts share (one
-    prompt's K responses; the chat template's system prompt) computed once. N = the chunk's response tokens."""
+    """A chunk of B rollouts as padding-free packed rows (core/packing.py), which the reward, log-prob and value
+    passes run instead of the padded (B, P + T) batch: no padding, and a prefix that several rollouts share
+    (one prompt's K responses; the chat template's system prompt) computed once. Each row runs in a forward of
+    its own (`packed_states`), so no position is padding. N = the chunk's response tokens; indices are into
+    the rows' positions, concatenated."""
 
-    input_ids: torch.Tensor  # (rows, width)
-    position_ids: torch.Tensor  # (rows, width) each sequence's own positions
-    segments: torch.Tensor  # (rows, width) which sequence each position is (packing.attention_mask)
-    sources: torch.Tensor  # (N,) flat position (row * width + column) of the state that predicts each token
+    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per row: input_ids, position_ids, segments (1, n)
+    sources: torch.Tensor  # (N,) the position whose state predicts each response token
     targets: torch.Tensor  # (N,) where that token is in the chunk's flattened (B * T) responses
+    ends: torch.Tensor  # (B,) the position of each rollout's last token (where its score is read)
 
 
 def packs(roles: Roles, config: PPOConfig) -> bool:
@@ -223,16 +209,28 @@ def pack_rows(query, query_mask, response, response_mask, group: int = 1) -> Pac
         rows = packing.shared_bins(sequences, max(query.shape[1] + response.shape[1], packing.ROW_WIDTH))
     groups = [[sequences[i] for i in row] for row in rows]
     batch = packing.pack(groups, 0, query.device)  # the pad id is never read: padding is masked out
-    steps, sources, targets = response.shape[1], [], []
-    for index, columns in zip([i for row in rows for i in row], packing.flat_columns(groups)):
+    width, used = batch["input_ids"].shape[1], (batch["segments"] >= 0).sum(1).tolist()
+    offsets = [sum(used[:row]) for row in range(len(used))]
+    where = [offsets[flat // width] + flat % width for flat in range(len(used) * width)]  # padded -> concatenated
+    steps, sources, targets, ends = response.shape[1], [], [], [0] * len(sequences)
+    order = [i for row in rows for i in row]
+    for index, columns, end in zip(order, packing.flat_columns(groups), batch["ends"].tolist()):
         # the state that predicts response token j of a sequence is at its position len(prompt) + j - 1
         first = len(prompts[index]) - 1
-        sources += columns[first : first + lengths[index]]
+        sources += [where[column] for column in columns[first : first + lengths[index]]]
         targets += range(index * steps, index * steps + lengths[index])
+        ends[index] = where[end]
     as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=query.device)
-    return PackedRows(
-        batch["input_ids"], batch["position_ids"], batch["segments"], as_tensor(sources), as_tensor(targets)
-    )
+    keys = ("input_ids", "position_ids", "segments")
+    packed_rows = [tuple(batch[key][row : row + 1, :n] for key in keys) for row, n in enumerate(used)]
+    return PackedRows(packed_rows, as_tensor(sources), as_tensor(targets), as_tensor(ends))
+
+
+def packed_states(model, packed: PackedRows) -> torch.Tensor:
+    """The last hidden states of the active adapter at every position of `packed`'s rows, concatenated:
+    (positions, hidden). One forward per row: rows of unequal width padded to one batch would compute the
+    padding."""
+    return torch.cat([heads.packed_hidden_states(model, *row) for row in packed.rows])
 
 
 def unpack(per_token: torch.Tensor, packed: PackedRows, response: torch.Tensor) -> torch.Tensor:
@@ -249,8 +247,7 @@ def response_logits(
     response tokens alone, in the order of `packed.targets`."""
     roles.use(role)
     if packed is not None:
-        hidden = heads.packed_hidden_states(roles.model, packed.input_ids, packed.position_ids, packed.segments)
-        return roles.model.get_output_embeddings()(hidden[packed.sources])
+        return roles.model.get_output_embeddings()(packed_states(roles.model, packed)[packed.sources])
     input_ids, attention_mask, position_ids = sampling.sequences(query, query_mask, response, response_mask)
     steps = response.shape[1]
     output = roles.model(
@@ -294,8 +291,8 @@ def response_values(
     """Value estimates at the state before each response token (value role + fp32 value head): (B, T)."""
     roles.use(VALUE)
     if packed is not None:
-        hidden = heads.packed_hidden_states(roles.model, packed.input_ids, packed.position_ids, packed.segments)
-        return unpack(roles.value_head(hidden[packed.sources]).squeeze(-1).float(), packed, response)
+        values = roles.value_head(packed_states(roles.model, packed)[packed.sources]).squeeze(-1).float()
+        return unpack(values, packed, response)
     input_ids, attention_mask, _ = sampling.sequences(query, query_mask, response, response_mask)
     hidden = heads.last_hidden_states(roles.model, input_ids, attention_mask)
     steps = response.shape[1]
@@ -348,7 +345,9 @@ def make_trajectory(
     query, query_mask, response, mask, ended = rollout
     began = time.perf_counter()
     with accelerator.autocast():
-        scores = score(roles, rollout, config.missing_eos_penalty, function_reward, prompts, config.packing)
+        # the rollouts hold whole groups of K (consecutive rows, one prompt each), whatever the minibatches
+        k = group_size(config)
+        scores = score(roles, rollout, config.missing_eos_penalty, function_reward, prompts, config.packing, k)
         scored = time.perf_counter()
         # log-probs, entropy and values in the update's first minibatches (see `minibatch_rows`): full-vocabulary
         # logits for the whole rollout batch at once would be the largest tensor of the run (B x T x vocab)
