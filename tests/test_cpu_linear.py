@@ -102,3 +102,32 @@ def test_instruct_cpu_matmul_mkl_turns_it_off(monkeypatch):
         monkeypatch.delenv(cpu_linear.ENV)
         cpu_linear.available.cache_clear()
     assert cpu_linear.available()
+
+
+def test_an_unknown_instruct_cpu_matmul_is_an_error_not_ignored(monkeypatch):
+    from instruct_cli.core.errors import UserError
+
+    monkeypatch.setenv(cpu_linear.ENV, "off")
+    cpu_linear.available.cache_clear()
+    try:
+        with pytest.raises(UserError, match="INSTRUCT_CPU_MATMUL='off'"):
+            cpu_linear.available()
+        monkeypatch.setenv(cpu_linear.ENV, "oneDNN")
+        cpu_linear.available.cache_clear()
+        assert cpu_linear.available()
+    finally:
+        monkeypatch.delenv(cpu_linear.ENV)
+        cpu_linear.available.cache_clear()
+
+
+def test_weights_read_back_from_the_ready_cache_are_routed_too(tiny_model_dir, isolated_cache):
+    """generate, chat and eval load unquantised weights prepared once (core/inference.ready_model); the copy
+    read back from the cache takes the oneDNN path like a fresh load."""
+    from instruct_cli.core import inference
+
+    source = models.resolve_model(str(tiny_model_dir))
+    prepared, prepared_now = inference.ready_model(source, torch.bfloat16, torch.device("cpu"))
+    cached, cached_now = inference.ready_model(source, torch.bfloat16, torch.device("cpu"))
+    assert (prepared_now, cached_now) == (True, False)
+    for model in (prepared, cached):
+        assert type(model.get_output_embeddings()) is cpu_linear.OneDNNLinear

@@ -211,6 +211,21 @@ def test_old_merges_are_pruned_least_recently_used_first(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m3", "m4", "m5"]
 
 
+def test_old_gguf_files_are_pruned_too_and_writes_in_progress_kept(tmp_path):
+    """The llama.cpp engine's cache holds files, not folders: the same rule applies to them."""
+    files = []
+    for number in range(5):
+        path = tmp_path / f"g{number}-f16.gguf"
+        path.write_bytes(b"GGUF")
+        os.utime(path, (1000 + number, 1000 + number))
+        files.append(path)
+    partial = tmp_path / ".g9-f16.gguf.123.partial"
+    partial.write_bytes(b"")
+    os.utime(partial, (1, 1))
+    removed = inference.prune_ready(keep=files[4], limit=2)
+    assert sorted(removed) == files[:3] and partial.exists()
+
+
 def test_auto_quantization_picks_the_fast_path_and_says_so(tiny_model_dir, monkeypatch):
     assert config.GenerateConfig().quantization == config.ChatConfig().quantization == "auto"
     assert config.LabelConfig().quantization == config.EvalConfig().quantization == "auto"

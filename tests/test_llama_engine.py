@@ -13,17 +13,12 @@ from instruct_cli.cli import app
 from instruct_cli.core import chat, llama_engine, models
 from instruct_cli.core.config import SamplingOptions
 from tests.test_export_gguf import FACTS, greedy, merged_reference, prompt_ids, tiny_run  # noqa: F401 (fixture)
+from tests.test_export_gguf import invoke_fails as fails
 
 runner = CliRunner()
 needs_llama_cpp = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed"
 )
-
-
-def fails(*args) -> str:
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    return " ".join(result.output.split())
 
 
 def test_missing_binding_is_a_one_paragraph_error(monkeypatch, tiny_model_dir):

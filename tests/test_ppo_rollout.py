@@ -81,15 +81,19 @@ def test_merged_rollouts_sample_what_unmerged_ones_do(roles_and_tokenizer):
         torch.manual_seed(0)
         batches[merged] = ppo.rollout(roles, tokenizer, encoded, config, accelerator)
         assert_base_untouched(roles, before)
+        if not merged:  # the policy's log-probs before any merged rollout ran
+            roles.model.eval()
+            with torch.no_grad():
+                before_merging = policy_logprobs(roles, batches[False], 0.9)
     plain, folded = batches[False], batches[True]
     assert plain.response_mask.sum() >= 30  # enough sampled tokens for the comparison to mean something
     for field in ("query", "query_mask", "response", "response_mask", "ended"):
         assert torch.equal(getattr(plain, field), getattr(folded, field)), field
     roles.model.eval()
     with torch.no_grad():
-        # what the trajectory computes after the rollout (unmerged): identical
+        # what the trajectory computes after the rollout (unmerged): identical to before it
         unmerged = policy_logprobs(roles, folded, 0.9)
-        assert torch.equal(unmerged, policy_logprobs(roles, plain, 0.9))
+        assert torch.equal(unmerged, before_merging)
         # and the merged weights themselves give the policy's log-probs to float rounding: the delta is there,
         # once (folded twice, or not at all, these differ by far more)
         with lora_merge.merged_adapter(roles.model, ppo.POLICY) as layers:

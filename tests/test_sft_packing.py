@@ -12,6 +12,7 @@ from instruct_cli.cli import app
 from instruct_cli.core import chat, lm, models, packing, recipes
 from instruct_cli.core import config as cfg
 from instruct_cli.steps import sft
+from tests import test_sft
 
 runner = CliRunner()
 IGNORE = chat.IGNORE
@@ -147,41 +148,19 @@ def test_two_row_pack_with_a_row_at_max_length(tiny_model_dir, encoded):
 # ------------------------------------------------------------------------------------------ end to end
 def make_data(tmp_path, model_dir):
     words = "red blue green cat dog sun tree water stone bird fish rain hill road book lamp".split()
-    raw = tmp_path / "raw.jsonl"
     rows = []
     for i in range(12):  # answers of 1 to 24 words: rows of very different lengths in every batch
         answer = " ".join(words[(i + k) % len(words)] for k in range(1 + (i * 7) % 24))
         rows.append({"prompt": f"{words[i]} {words[-i - 1]}?", "completion": answer})
-    raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    out = tmp_path / "data"
-    args = ["prepare-data", "-i", raw, "-o", out, "--task", "sft", "--eval-fraction", "0", "--model", model_dir]
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    (out / "sft.eval.jsonl").write_text((out / "sft.train.jsonl").read_text())
-    return out
+    return test_sft.make_data(tmp_path, model_dir, rows)
 
 
 def train(tmp_path, tiny_model_dir, data, name, **overrides):
-    values = dict(
-        model=str(tiny_model_dir),
-        data=data,
-        out=tmp_path / name,
-        quantization="none",
-        lora_r=8,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        lr=1e-2,
-        batch_size=4,
-        grad_accum=2,
-        max_steps=60,
-        eval_every=20,
-        save_every=1000,
-        warmup_ratio=0.0,
-        gradient_checkpointing=False,
-        seed=0,
+    settings = dict(lora_r=8, lora_alpha=16, batch_size=4, grad_accum=2, max_steps=60, eval_every=20)
+    config = test_sft.sft_config(
+        tmp_path, tiny_model_dir, data, out=name, **{**settings, "save_every": 1000, **overrides}
     )
-    values.update(overrides)
-    out = sft.run(recipes.build_config(cfg.SFTConfig, "sft", None, values))
+    out = sft.run(config)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
 
 

@@ -16,9 +16,10 @@ sums differs).
 
 `torch.ops.mkldnn._linear_pointwise` is the op PyTorch's own compiler (inductor) emits for CPU linears; it
 is private, so `available()` checks it once against `F.linear` and everything stays on MKL if it is missing
-or wrong. INSTRUCT_CPU_MATMUL=mkl turns the routing off (to compare, or if a future torch misbehaves).
+or wrong. INSTRUCT_CPU_MATMUL=mkl turns the routing off (to compare, or if a future torch misbehaves);
+`onednn` or unset is the default, and any other value is an error rather than silently ignored.
 
-Owns: `route_frozen_linears`, `OneDNNLinear`, `available`. May use: nothing else of the core.
+Owns: `route_frozen_linears`, `OneDNNLinear`, `available`. May use: errors.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from instruct_cli.core.errors import UserError
+
 ENV = "INSTRUCT_CPU_MATMUL"
-"""Set to `mkl` to leave every Linear on PyTorch's default (MKL) path."""
+"""Set to `mkl` to leave every Linear on PyTorch's default (MKL) path; `onednn` (or unset) routes them."""
+CHOICES = ("onednn", "mkl")
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -42,8 +46,15 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 @functools.cache
 def available() -> bool:
     """True when oneDNN's linear exists in this torch build, agrees with `F.linear` on a small case (forward
-    and input gradient), and INSTRUCT_CPU_MATMUL is not `mkl`."""
-    if os.environ.get(ENV, "").lower() == "mkl":
+    and input gradient), and INSTRUCT_CPU_MATMUL is not `mkl`; a value it does not know is a UserError."""
+    choice = os.environ.get(ENV, "").strip().lower() or "onednn"
+    if choice not in CHOICES:
+        raise UserError(
+            f"{ENV}={os.environ[ENV]!r} is not a CPU matmul path this tool knows",
+            where=f"the environment variable {ENV}",
+            fix=f"Set it to {' or '.join(CHOICES)} (mkl: PyTorch's default path), or unset it",
+        )
+    if choice == "mkl":
         return False
     try:
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):

@@ -174,7 +174,7 @@ def ready_model(source: models.ModelSource, dtype: torch.dtype, device: torch.de
     if (folder / READY_RECORD).is_file():
         os.utime(folder)  # recently used: kept when older ones are pruned
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        return model.to(device).eval(), False
+        return models.to_device(model, device).eval(), False
     if source.adapter is not None:
         model = merge_adapter(source, dtype, device)
     else:
@@ -193,12 +193,17 @@ def ready_model(source: models.ModelSource, dtype: torch.dtype, device: torch.de
 
 
 def prune_ready(keep: Path, limit: int = READY_KEEP) -> list[Path]:
-    """Remove the least recently used ready weights beyond `limit` (never `keep`); returns what was removed."""
-    folders = [p for p in keep.parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    removed = [p for p in folders[limit:] if p != keep]
+    """Remove the least recently used entries of `keep`'s cache folder beyond `limit` (never `keep`): ready
+    weights (folders) here, the llama.cpp engine's GGUF files (core/llama_engine.py). Names starting with a
+    dot (writes in progress) are left alone. Returns what was removed."""
+    entries = [p for p in keep.parent.iterdir() if not p.name.startswith(".")]
+    entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = [p for p in entries[limit:] if p != keep]
     for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return removed
 
 

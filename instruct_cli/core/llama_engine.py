@@ -53,10 +53,11 @@ def cached_path(source: models.ModelSource, gguf_type: str = CACHED_TYPE) -> Pat
 def gguf_for(source: models.ModelSource, tokenizer, gguf_type: str = CACHED_TYPE) -> tuple[Path, bool]:
     """The GGUF file llama.cpp runs for `source`, and whether it was written now. A bare base that came as a
     GGUF file runs from that file; anything else is written once into the cache (merged in fp32, then
-    `gguf_type`), atomically, so that an interrupted first call leaves no half-written file behind."""
+    `gguf_type`), atomically, so that an interrupted first call leaves no half-written file behind; the cache
+    keeps the few files used last (inference.prune_ready)."""
     import torch
 
-    from instruct_cli.core import gguf_file
+    from instruct_cli.core import gguf_file, inference
 
     base_file = models.gguf_origin(source)
     if base_file is not None and source.adapter is None:
@@ -75,6 +76,7 @@ def gguf_for(source: models.ModelSource, tokenizer, gguf_type: str = CACHED_TYPE
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+    inference.prune_ready(keep=path)  # the least recently used files beyond a few go, as ready weights do
     return path, True
 
 

@@ -304,11 +304,18 @@ def load_base_model(
             with artifacts.atomic_folder(prequantized) as tmp:
                 model.save_pretrained(tmp)
     if bnb is None:
-        model.to(device)
-        if device.type == "cpu":
-            cpu_linear.route_frozen_linears(model)
+        to_device(model, device)
     disable_bnb_cpu_repack(model)
     model.eval()
+    return model
+
+
+def to_device(model, device: torch.device):
+    """Move an unquantised model to `device`; on a CPU its plain Linear layers then multiply through oneDNN
+    while frozen (core/cpu_linear.py). Every load of unquantised weights goes through here."""
+    model.to(device)
+    if device.type == "cpu":
+        cpu_linear.route_frozen_linears(model)
     return model
 
 

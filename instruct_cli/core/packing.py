@@ -17,7 +17,7 @@ decides which sequences share a row. `shared_bins` does both at once (ppo's pass
 rows of bounded width, each row's sequences sharing whatever prefix they have in common (at least the chat
 template's system prompt, often).
 
-Owns: `shared_prefix_length`, `packed_length`, `row_layout`, `pack`, `bins`, `shared_bins`, `flat_columns`
+Owns: `shared_prefix_length`, `packed_length`, `row_layout`, `pack`, `bins`, `shared_bins`, `first_fit`, `flat_columns`
 (where each token of each sequence is, for per-token log-probs), `attention_mask` and `supports` (which
 attention implementations take the 4-D mask). May use: nothing else of the core.
 """
@@ -105,42 +105,35 @@ def bins(lengths: list[int], capacity: int) -> list[list[int]]:
     """Indices of `lengths` grouped into bins whose lengths add up to at most `capacity` (first-fit
     decreasing; an item longer than `capacity` gets a bin of its own). Ties are broken by index, so the same
     lengths always give the same bins."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    groups: list[list[int]] = []
-    room: list[int] = []
-    for index in order:
-        fit = next((b for b, free in enumerate(room) if lengths[index] <= free), None)
-        if fit is None:
-            groups.append([index])
-            room.append(capacity - lengths[index])
-        else:
-            groups[fit].append(index)
-            room[fit] -= lengths[index]
-    return groups
+    return first_fit(lengths, capacity, lambda members: sum(lengths[i] for i in members))
 
 
 ROW_WIDTH = 256
-"""The width a `shared_bins` row may reach even when the padded batch is narrower. The 4-D mask makes the
-attention compute every pair of positions in a row; at 256 positions that costs under a tenth of the linear
-layers' arithmetic per token for the smallest model this tool trains (SmolLM2-135M: 2.3k x 256 against 7.1M
-FLOPs per token and layer), and less for larger ones."""
+"""The width a `shared_bins` row may reach (ppo) even when the padded batch is narrower. The 4-D mask makes
+the attention compute every pair of positions in a row; at 256 positions that costs under a tenth of the
+linear layers' arithmetic per token for the smallest model this tool trains (SmolLM2-135M: 2.3k x 256
+against 7.1M FLOPs per token and layer), and less for larger ones."""
 
 
 def shared_bins(sequences: list[list[int]], capacity: int) -> list[list[int]]:
-    """Indices of `sequences` grouped into rows of at most `capacity` packed positions (`packed_length`: each
-    row's sequences share their longest common prefix), first-fit decreasing; a sequence longer than
-    `capacity` gets a row of its own. Ties are broken by index, so the same sequences in the same order always
-    give the same rows."""
-    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
-    rows: list[list[int]] = []
-    for index in order:
-        fits = (row for row in rows if packed_length([sequences[i] for i in [*row, index]]) <= capacity)
-        row = next(fits, None)
-        if row is None:
-            rows.append([index])
+    """`bins` of sequences whose rows share their longest common prefix: a row's size is its
+    `packed_length`, so rows of sequences that begin alike (the chat template's system prompt) hold more."""
+    return first_fit(
+        [len(s) for s in sequences], capacity, lambda members: packed_length([sequences[i] for i in members])
+    )
+
+
+def first_fit(lengths: list[int], capacity: int, size) -> list[list[int]]:
+    """First-fit decreasing: items taken longest first (ties by index), each into the first bin whose
+    `size(members + [item])` stays within `capacity`, else into a new bin."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fit = next((group for group in groups if size([*group, index]) <= capacity), None)
+        if fit is None:
+            groups.append([index])
         else:
-            row.append(index)
-    return rows
+            fit.append(index)
+    return groups
 
 
 def attention_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:

@@ -138,9 +138,7 @@ def run(config: PPOConfig) -> Path:
         if config.merged_rollouts and blocker:
             info(f"Rollouts sample with the policy adapter unmerged (slower): {blocker}")
         if config.packing and not packs(roles, config):
-            info(
-                "The reward, log-prob and value passes run padded (slower): the model's attention takes no packed rows"
-            )
+            info("The log-prob and value passes run padded (slower): the model takes no packed rows")
         prompts = Prompts(train_prompts, encoded, eval_prompts, function_reward)
         metrics = train(run_folder, roles, tokenizer, prompts, config, controller, trainable, checkpoint, start, ptx)
         if accelerator.is_main_process:

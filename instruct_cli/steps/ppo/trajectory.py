@@ -196,33 +196,36 @@ def packs_groups(roles: Roles, config: PPOConfig) -> bool:
     return k > 1 and config.minibatch_size % k == 0 and packs(roles, config)
 
 
+def packed_group(roles: Roles, config: PPOConfig) -> int:
+    """How many consecutive rollouts the log-prob and value passes keep together as one packed row: K when
+    `packs_groups`, else 1 (rollouts side by side as `shared_bins` fits them). The trajectory and the update
+    both lay out their minibatches by it, so that the first importance ratio is exactly 1."""
+    return group_size(config) if packs_groups(roles, config) else 1
+
+
 def pack_rows(query, query_mask, response, response_mask, group: int = 1) -> PackedRows:
     """The chunk's rollouts as packed rows: each run of `group` (> 1) consecutive rollouts (one prompt's
     responses) one row; otherwise as `packing.shared_bins` fits them into rows no wider than the padded batch
     or packing.ROW_WIDTH. The same rollouts in the same order always give the same rows."""
     lengths = response_mask.sum(1).long().tolist()
-    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(query, query_mask)]
-    sequences = [prompt + ids[:n].tolist() for prompt, ids, n in zip(prompts, response, lengths)]
+    prompts = [[t for t, keep in zip(ids, mask) if keep] for ids, mask in zip(query.tolist(), query_mask.tolist())]
+    sequences = [prompt + ids[:n] for prompt, ids, n in zip(prompts, response.tolist(), lengths)]
     if group > 1:
         rows = [list(range(first, min(first + group, len(sequences)))) for first in range(0, len(sequences), group)]
     else:
         rows = packing.shared_bins(sequences, max(query.shape[1] + response.shape[1], packing.ROW_WIDTH))
-    groups = [[sequences[i] for i in row] for row in rows]
-    batch = packing.pack(groups, 0, query.device)  # the pad id is never read: padding is masked out
-    width, used = batch["input_ids"].shape[1], (batch["segments"] >= 0).sum(1).tolist()
-    offsets = [sum(used[:row]) for row in range(len(used))]
-    where = [offsets[flat // width] + flat % width for flat in range(len(used) * width)]  # padded -> concatenated
-    steps, sources, targets, ends = response.shape[1], [], [], [0] * len(sequences)
-    order = [i for row in rows for i in row]
-    for index, columns, end in zip(order, packing.flat_columns(groups), batch["ends"].tolist()):
-        # the state that predicts response token j of a sequence is at its position len(prompt) + j - 1
-        first = len(prompts[index]) - 1
-        sources += [where[column] for column in columns[first : first + lengths[index]]]
-        targets += range(index * steps, index * steps + lengths[index])
-        ends[index] = where[end]
     as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=query.device)
-    keys = ("input_ids", "position_ids", "segments")
-    packed_rows = [tuple(batch[key][row : row + 1, :n] for key in keys) for row, n in enumerate(used)]
+    steps, packed_rows, sources, targets, ends, offset = response.shape[1], [], [], [], [0] * len(sequences), 0
+    for row in rows:
+        ids, positions, segments, columns = packing.row_layout([sequences[i] for i in row])
+        packed_rows.append((as_tensor([ids]), as_tensor([positions]), as_tensor([segments])))
+        for index, own in zip(row, columns):
+            # the state that predicts response token j of a sequence is at its position len(prompt) + j - 1
+            first = len(prompts[index]) - 1
+            sources += [offset + column for column in own[first : first + lengths[index]]]
+            targets += range(index * steps, index * steps + lengths[index])
+            ends[index] = offset + own[-1]
+        offset += len(ids)
     return PackedRows(packed_rows, as_tensor(sources), as_tensor(targets), as_tensor(ends))
 
 
@@ -352,7 +355,7 @@ def make_trajectory(
         # log-probs, entropy and values in the update's first minibatches (see `minibatch_rows`): full-vocabulary
         # logits for the whole rollout batch at once would be the largest tensor of the run (B x T x vocab)
         logprobs, ref_logprobs, values, entropies = (torch.zeros_like(mask) for _ in range(4))
-        group = group_size(config) if packs_groups(roles, config) else 1
+        group = packed_group(roles, config)
         for rows in minibatch_rows(config, iteration, len(query), accelerator, group)[0]:
             if len(rows) == 0:  # a minibatch of other processes' rollouts only
                 continue

@@ -53,8 +53,7 @@ def update(
     parameters = roles.trainable_parameters()
     total = distributed.summer(accelerator)
     # packed groups: minibatches of whole groups of K rows, shuffled as groups (K = 1: rows, as always)
-    group = trajectory_steps.group_size(config) if trajectory_steps.packs_groups(roles, config) else 1
-    packs = trajectory_steps.packs(roles, config)
+    group = trajectory_steps.packed_group(roles, config)
     local = trajectory.response.shape[0]
     steps: list[dict[str, float]] = []
     for epoch in trajectory_steps.minibatch_rows(config, iteration, local, accelerator, group):
@@ -62,9 +61,7 @@ def update(
             mine = mine.to(trajectory.response.device)
             token_count = total(trajectory.response_mask[mine].sum())
             ptx_batch = ptx_batches(len(steps)) if ptx_batches is not None else None
-            stats = update_minibatch(
-                roles, trajectory.rows(mine), config, accelerator, token_count, ptx_batch, beta, group, packs
-            )
+            stats = update_minibatch(roles, trajectory.rows(mine), config, accelerator, token_count, ptx_batch, beta)
             stats = distributed.sum_stats(accelerator, stats)
             distributed.sum_gradients(accelerator, parameters)
             stats["policy/grad_norm"] = float(accelerator.clip_grad_norm_(parameters, config.max_grad_norm))
@@ -87,13 +84,10 @@ def update_minibatch(
     token_count: torch.Tensor | None = None,
     ptx_batch: dict | None = None,
     beta: float = 0.0,
-    group: int = 1,
-    packs: bool = False,
 ) -> dict[str, float]:
     """Backpropagate the policy loss (with its adapter active), then the value loss (with its own), if there
-    is a value role. `beta` weighs the k3 KL term of --kl-penalty loss; `packs`: run the batch as packed rows
-    (trajectory.pack_rows), as the trajectory ran it; `group` > 1: the batch is whole groups of that many
-    responses to one prompt, one packed row each.
+    is a value role. `beta` weighs the k3 KL term of --kl-penalty loss. The batch runs padded or packed
+    (trajectory.pack_rows, trajectory.packed_group) exactly as the trajectory ran it.
 
     `token_count` is the minibatch's real tokens on all processes (None: this batch's own): the losses are
     this process's shares of the minibatch's means. A process may hold no rollout of a minibatch; it then
@@ -108,7 +102,8 @@ def update_minibatch(
     share = 1.0 / accelerator.num_processes  # of the ptx loss, a mean over processes
     if len(batch.response) > 0:
         chunk = (batch.query, batch.query_mask, batch.response, batch.response_mask)
-        packed = trajectory_steps.pack_rows(*chunk, group) if packs else None
+        group = trajectory_steps.packed_group(roles, config)
+        packed = trajectory_steps.pack_rows(*chunk, group) if trajectory_steps.packs(roles, config) else None
         with accelerator.autocast():
             new_logprobs, _ = trajectory_steps.response_logprobs(roles, POLICY, *chunk, config.temperature, packed)
             pg_loss, pg_stats = rl.policy_loss(
