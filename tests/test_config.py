@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from instruct_cli.core import config as cfg
-from instruct_cli.core import recipes
+from instruct_cli.core import recipes, settings
 from instruct_cli.core.errors import UserError
 
 
@@ -57,7 +57,7 @@ def test_recipe_errors(tmp_path):
 
 def test_every_field_is_documented():
     for cls in (cfg.GenerateConfig, cfg.PrepareDataConfig):
-        docs = cfg.field_docs(cls)
+        docs = settings.field_docs(cls)
         for field in cls.__dataclass_fields__:
             assert docs.get(field), f"{cls.__name__}.{field} has no docstring"
 

@@ -1,5 +1,6 @@
-"""The typer app and what every command shares: option helpers and the handler that turns a UserError
-into a one-paragraph message (exit 2) and Ctrl-C into exit 130. May use: core (config, console, errors).
+"""The typer app and what every command shares: the handler that turns a UserError into a one-paragraph
+message (exit 2) and Ctrl-C into exit 130. (Flags built from configs: options.py.) May use: core (console,
+errors).
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
 
 from instruct_cli import __version__
-from instruct_cli.core import config as cfg
 from instruct_cli.core.console import console, error
 from instruct_cli.core.errors import UserError
 
@@ -32,19 +31,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-RecipeOption = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--recipe", help="Recipe YAML; this step reads its section. Flags given on the command line override it."
-    ),
-]
 ForceOption = Annotated[Optional[bool], typer.Option("--force", help="Replace an existing output folder.")]
-
-
-def _opt(cls: type, name: str, *flags: str, **kwargs):
-    """A typer option whose help is the config field's docstring."""
-    flag = flags or ("--" + name.replace("_", "-"),)
-    return typer.Option(*flag, help=cfg.doc(cls, name), show_default=False, **kwargs)
+"""--force of the commands whose flags are not a config's (export)."""
 
 
 def handles_user_errors(command: Callable) -> Callable:

@@ -11,31 +11,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from instruct_cli.cli.app import ForceOption, RecipeOption, _opt, app, handles_user_errors
+from instruct_cli.cli.app import app, handles_user_errors
+from instruct_cli.cli.options import config_command
 from instruct_cli.core import config as cfg
-from instruct_cli.core import recipes
-from instruct_cli.core.errors import UserError
-
-# ------------------------------------------------------------------------------------------ prepare-data
-P = cfg.PrepareDataConfig
+from instruct_cli.core.step_table import STEPS
 
 
 @app.command("prepare-data")
 @handles_user_errors
-def prepare_data(
-    inputs: Annotated[Optional[list[Path]], _opt(P, "inputs", "--input", "-i")] = None,
-    out: Annotated[Optional[Path], _opt(P, "out", "--out", "-o")] = None,
-    format: Annotated[Optional[str], _opt(P, "format")] = None,
-    task: Annotated[Optional[str], _opt(P, "task")] = None,
-    eval_fraction: Annotated[Optional[float], _opt(P, "eval_fraction")] = None,
-    seed: Annotated[Optional[int], _opt(P, "seed")] = None,
-    system: Annotated[Optional[str], _opt(P, "system")] = None,
-    max_tokens: Annotated[Optional[int], _opt(P, "max_tokens")] = None,
-    model: Annotated[Optional[str], _opt(P, "model")] = None,
-    strict: Annotated[Optional[bool], _opt(P, "strict")] = None,
-    force: ForceOption = None,
-    recipe: RecipeOption = None,
-) -> None:
+@config_command(cfg.PrepareDataConfig, "prepare-data", per_entry=("inputs", "out"))
+def prepare_data(configs: list[cfg.PrepareDataConfig]) -> None:
     """Turn raw files into a data folder of canonical JSONL splits and a manifest.
 
     Reads JSON, JSONL, CSV, Parquet, plain text and `datasets.save_to_disk` folders in the alpaca, ShareGPT,
@@ -52,29 +37,8 @@ def prepare_data(
     """
     from instruct_cli.steps import prepare_data as data
 
-    flags = dict(
-        inputs=inputs,
-        out=out,
-        format=format,
-        task=task,
-        eval_fraction=eval_fraction,
-        seed=seed,
-        system=system,
-        max_tokens=max_tokens,
-        model=model,
-        strict=strict,
-        force=force,
-    )
-    entries = len(recipes.recipe_entries(recipe, "prepare-data", P)) if recipe else 1
-    if entries > 1 and (inputs or out):
-        raise UserError(
-            f"The recipe's prepare-data section lists {entries} data sets; --input and --out cannot "
-            "apply to all of them",
-            where="--recipe",
-            fix="Drop --input/--out, or edit the recipe",
-        )
-    for entry in range(entries):  # a recipe may list several data sets (sft, prefs, prompts)
-        data.run(recipes.build_config(P, "prepare-data", recipe, flags, entry=entry if recipe else None))
+    for config in configs:  # a recipe may list several data sets (sft, prefs, prompts)
+        data.run(config)
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -132,15 +96,7 @@ def recipe_steps():
         evaluate.show(evaluate.load_report(folder), folder)
 
     return pipeline.StepFunctions(
-        run={
-            "prepare-data": step("prepare_data"),
-            "sft": step("sft"),
-            "rm": step("rm"),
-            "ppo": step("ppo"),
-            "dpo": step("dpo"),
-            "eval": step("evaluate"),
-        },
-        show_report=show_report,
+        run={name: step(entry.module) for name, entry in STEPS.items()}, show_report=show_report
     )
 
 

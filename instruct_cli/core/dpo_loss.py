@@ -23,7 +23,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo")
+from instruct_cli.core.methods import DPO_LOSSES
+
+LOSS_TYPES = tuple(DPO_LOSSES)
 
 
 class PairTerms(NamedTuple):
@@ -40,7 +42,7 @@ class PairTerms(NamedTuple):
 def compared_logps(logp_sums: torch.Tensor, token_counts: torch.Tensor, loss_type: str) -> torch.Tensor:
     """The sequence log-prob a loss compares: the sum over response tokens (sigmoid), or its mean per token
     (ipo; see the module docstring)."""
-    if loss_type == "ipo":
+    if DPO_LOSSES[loss_type].length_normalised:
         return logp_sums / token_counts.clamp(min=1).to(logp_sums.dtype)
     return logp_sums
 
@@ -61,11 +63,22 @@ def pair_losses(
     chosen_ratio = (policy_chosen_logps - ref_chosen_logps).float()
     rejected_ratio = (policy_rejected_logps - ref_rejected_logps).float()
     x = chosen_ratio - rejected_ratio
-    if loss_type == "ipo":
-        losses = (x - 1.0 / (2.0 * beta)) ** 2
-    else:
-        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * x) - label_smoothing * F.logsigmoid(-beta * x)
+    losses = LOSS_FUNCTIONS[loss_type](x, beta, label_smoothing)
     return PairTerms(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def sigmoid_losses(x: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """DPO: -log sigmoid(beta x); with label smoothing eps, conservative DPO (see the module docstring)."""
+    return -(1.0 - label_smoothing) * F.logsigmoid(beta * x) - label_smoothing * F.logsigmoid(-beta * x)
+
+
+def ipo_losses(x: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """IPO: (x - 1 / (2 beta))^2."""
+    return (x - 1.0 / (2.0 * beta)) ** 2
+
+
+LOSS_FUNCTIONS = {"sigmoid": sigmoid_losses, "ipo": ipo_losses}
+"""Per-pair loss of each DPO loss (methods.DPO_LOSSES says what else each one needs)."""
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

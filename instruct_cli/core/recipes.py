@@ -21,7 +21,9 @@ from typing import Any, Literal
 import yaml
 
 from instruct_cli.core import config as cfg
+from instruct_cli.core import settings
 from instruct_cli.core.errors import UserError
+from instruct_cli.core.step_table import STEPS
 
 
 def build_config(cls: type, step: str, recipe: Path | None, flags: dict[str, Any], entry: int | None = None):
@@ -46,6 +48,26 @@ def build_config(cls: type, step: str, recipe: Path | None, flags: dict[str, Any
     return make_config(cls, values, source=str(recipe) if recipe and not given else source)
 
 
+def build_configs(
+    cls: type, step: str, recipe: Path | None, flags: dict[str, Any], per_entry: tuple[str, ...] = ()
+) -> list:
+    """One resolved config per entry of the recipe's section (prepare-data may list several data sets), or
+    the one config of the flags when there is no recipe. `per_entry` names the flags that differ from entry to
+    entry (inputs, out): given with a section of several entries, they could not apply to all of them."""
+    if recipe is None:
+        return [build_config(cls, step, None, flags)]
+    count = len(recipe_entries(Path(recipe), step, cls))
+    given = [name for name in per_entry if flags.get(name) is not None]
+    if count > 1 and given:
+        spelled = " and ".join(settings.flag_name(field) for field in dataclasses.fields(cls) if field.name in given)
+        raise UserError(
+            f"The recipe's {step} section lists {count} entries; {spelled} cannot apply to all of them",
+            where="--recipe",
+            fix=f"Drop {spelled}, or edit the recipe",
+        )
+    return [build_config(cls, step, recipe, flags, entry=entry) for entry in range(count)]
+
+
 def make_config(cls: type, values: dict[str, Any], source: str):
     """Check `values` against the fields of `cls` (names, types, allowed values) and build the dataclass."""
     hints = typing.get_type_hints(cls)
@@ -56,7 +78,7 @@ def make_config(cls: type, values: dict[str, Any], source: str):
             raise unknown_key_error(key, known, source)
         checked[key] = coerce(value, hints[key], key, source)
     config = cls(**checked)
-    cfg.validate(config, source)
+    settings.validate(config, source)
     return config
 
 
@@ -230,23 +252,9 @@ def _relative_to(base: Path, value: Any, annotation: Any, name: str, outputs: se
     return value
 
 
-STEP_NAMES = ("prepare-data", "sft", "rm", "ppo", "dpo", "eval")
-
-
-RESUMABLE = ("sft", "rm", "ppo", "dpo")
-
-
+STEP_NAMES = tuple(STEPS)
+"""The sections `instruct run` runs, in pipeline order (the steps table's rows)."""
 OTHER_SECTIONS = ("label", "generate", "chat")  # sections for commands `run` does not run (read with --recipe)
-
-
-INPUT_FIELDS = {
-    "prepare-data": ("inputs",),
-    "sft": ("model", "data"),
-    "rm": ("model", "data"),
-    "ppo": ("sft", "reward", "data"),
-    "dpo": ("model", "data"),
-    "eval": ("models", "reward", "data"),
-}
 
 
 @dataclass
@@ -304,14 +312,7 @@ def read_tasks(recipe_path: Path) -> list[Task]:
 
 def step_config_class(step: str) -> type:
     """The config dataclass of a step (without importing the step's heavy module)."""
-    return {
-        "prepare-data": cfg.PrepareDataConfig,
-        "sft": cfg.SFTConfig,
-        "rm": cfg.RMConfig,
-        "ppo": cfg.PPOConfig,
-        "dpo": cfg.DPOConfig,
-        "eval": getattr(cfg, "EvalConfig", None),
-    }[step]
+    return STEPS[step].config
 
 
 def check_order(tasks: list[Task], recipe_path: Path) -> None:
@@ -319,7 +320,7 @@ def check_order(tasks: list[Task], recipe_path: Path) -> None:
     of the steps could make their inputs first)."""
     for position, task in enumerate(tasks):
         later = {Path(t.config.out).resolve(): t for t in tasks[position:]}
-        for key in INPUT_FIELDS[task.step]:
+        for key in STEPS[task.step].inputs:
             value = getattr(task.config, key, None)
             for item in value if isinstance(value, list) else [value]:
                 if item is None or Path(str(item)).resolve() not in later:

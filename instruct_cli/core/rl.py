@@ -131,6 +131,10 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -
     return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)).reshape(-1)
 
 
+GROUP_ADVANTAGES = {"rloo": rloo_advantages, "grpo": grpo_advantages}
+"""The per-response advantages of each critic-free estimator (methods.ADVANTAGE_ESTIMATORS)."""
+
+
 def k3_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token KL(policy || reference) estimate k3 = exp(r) - r - 1 with r = logp_ref - logp_policy
     (Schulman 2020; GRPO's KL loss): never negative, unbiased, low variance. (B, T) -> (B, T)."""

@@ -27,6 +27,7 @@ from instruct_cli.core import artifacts, models, recipes
 from instruct_cli.core import config as cfg
 from instruct_cli.core.console import console, display_path, info, print_table
 from instruct_cli.core.errors import UserError
+from instruct_cli.core.step_table import STEPS
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def decide(task: recipes.Task, rebuilt: set[Path], force: bool) -> tuple[str, st
     if manifest.get("status") == artifacts.STATUS_RUNNING and artifacts.lock_holder(task.out) is not None:
         raise artifacts.busy_error(task.out)
     if manifest.get("status") != artifacts.STATUS_COMPLETE:
-        if task.step in recipes.RESUMABLE and same_config and not force:
+        if STEPS[task.step].resumable and same_config and not force:
             return "resume", f"the last run stopped ({manifest.get('status')})"
         return "rerun", f"the last run did not finish ({manifest.get('status')})"
     if force:
@@ -178,13 +179,7 @@ def headline(task: recipes.Task) -> str:
     if task.step == "prepare-data":
         counts = manifest.get("counts") or {}
         return f"{counts.get('train', '?')} train / {counts.get('eval', '?')} eval rows"
-    wanted = {
-        "sft": ("eval/loss", "loss/train"),
-        "rm": ("eval/accuracy", "train/accuracy"),
-        "ppo": ("eval/reward", "objective/score"),
-        "dpo": ("eval/accuracy", "train/accuracy"),
-        "eval": (),
-    }[task.step]
+    wanted = STEPS[task.step].headline
     for key in wanted:
         if key in metrics:
             return f"{key} {metrics[key]:.4g}"
@@ -202,7 +197,7 @@ def show_plan(tasks: list[recipes.Task]) -> None:
     rows = []
     for task in tasks:
         inputs = []
-        for key in recipes.INPUT_FIELDS[task.step]:
+        for key in STEPS[task.step].inputs:
             value = getattr(task.config, key, None)
             inputs += [display_path(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
         rows.append([task.label, "\n".join(inputs), display_path(task.out), task.action, task.reason])
