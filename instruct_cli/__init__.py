@@ -6,6 +6,10 @@ Three layers, each importing only the ones below it (checked by import-linter, s
     steps/   one module or small package per command; a step never imports another step
     core/    what the steps share: configs and recipes, run folders, models, chat encoding, sampling,
              the training loop, RL maths, heads
+
+The version lives in version.py (re-exported here as `instruct_cli.__version__`).
 """
 
-__version__ = "0.1.0"
+from instruct_cli.version import __version__
+
+__all__ = ["__version__"]

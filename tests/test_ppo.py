@@ -231,11 +231,11 @@ def test_resume_after_interrupt_equals_uninterrupted(pipeline, tmp_path, monkeyp
             raise KeyboardInterrupt
         return real_update(*args, **kwargs)
 
-    monkeypatch.setattr(ppo, "update", interrupting_update)
+    monkeypatch.setattr(ppo.loop, "update", interrupting_update)
     with pytest.raises(KeyboardInterrupt):
         ppo.run(ppo_config(pipeline, tmp_path / "resumed", **settings))
     assert artifacts.read_manifest(tmp_path / "resumed")["status"] == "interrupted"
-    monkeypatch.setattr(ppo, "update", real_update)
+    monkeypatch.setattr(ppo.loop, "update", real_update)
     resumed = ppo.run(ppo_config(pipeline, tmp_path / "resumed", resume=True, **settings))
 
     for folder in ("adapter", "value"):

@@ -112,7 +112,7 @@ def test_groups_are_k_consecutive_rows_of_one_prompt(pipeline, tmp_path, monkeyp
         seen.append(batch.query)
         return real(roles, batch, config, beta, accelerator, function_reward, prompts, iteration)
 
-    monkeypatch.setattr(ppo, "make_trajectory", spy)
+    monkeypatch.setattr(ppo.loop, "make_trajectory", spy)
     ppo.run(config_for(pipeline, tmp_path / "g", advantage="rloo", samples_per_prompt=4, iterations=1))
     query = seen[0]
     assert query.shape[0] == 16
@@ -156,7 +156,7 @@ def test_reward_function_is_added_to_the_reward_model(pipeline, tmp_path, monkey
         seen["fn"] = function_reward(prompts, batch)
         return trajectory, stats
 
-    monkeypatch.setattr(ppo, "make_trajectory", spy)
+    monkeypatch.setattr(ppo.loop, "make_trajectory", spy)
     ppo.run(
         config_for(pipeline, tmp_path / "both", reward_fn=f"{EXAMPLES}:brevity", reward_fn_weight=0.5, iterations=1)
     )

@@ -2,7 +2,10 @@
 
 errors        UserError: the one-paragraph message (what, where, what to do)
 console       progress bars, tables, info/warn/error lines
-config        one dataclass per step; each field's docstring is its flag's help; range checks
+settings      how one setting is declared (type, default, docstring, range, flag spelling) and checked
+config        one dataclass per step, a field per setting
+methods       tables of the variation points: advantage estimators, DPO losses (no torch)
+step_table    the table of steps: config, module, inputs, outputs, policy or not, headline metrics
 recipes       recipe files and flags -> validated configs; the recipe's steps in order
 artifacts     run folders: manifest, atomic writes, metrics.jsonl, content hashes
 trackers      --report-to: metrics.jsonl rows also sent to TensorBoard, wandb, mlflow (accelerate's trackers)
@@ -20,8 +23,9 @@ packing       packed rows, 4-D mask: a prompt and its K responses (rm, dpo, ppo,
               (sft), or both, sharing what prefix they have in common (ppo's passes)
 lm            the next-token loss on labelled tokens (sft, ppo-ptx, eval perplexity); log-probs per sequence
 preferences   preference rows as reward-model batches; pairwise loss; loading an RM run
-dpo_loss      the maths of DPO, IPO and cDPO on sequence log-probs: pair losses, implicit rewards
-training      the training loop of sft, rm and dpo: batching, accumulation, checkpoints, resume
+dpo_loss      the maths of the DPO losses on sequence log-probs: pair losses, implicit rewards
+training      how every training step starts (flags, --resume, accelerator, run folder) and the training
+              loop of sft, rm and dpo: batching, accumulation, checkpoints, resume
 checkpoints   stop signals (Ctrl-C, SIGTERM), checkpoint writing and restoring, per-process RNG
 distributed   sums and gathers over the processes of a data-parallel run
 rl            the maths of PPO on tensors: GAE, whitening, clipped losses, KL control; RLOO/GRPO, k3 KL

@@ -27,6 +27,10 @@ class AdvantageEstimator:
     min_k: int
     """Fewest responses per prompt it can work with."""
 
+    def group_size(self, samples_per_prompt: int | None) -> int:
+        """K, the responses sampled per prompt: the one given, else this estimator's default."""
+        return samples_per_prompt or self.default_k
+
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
     estimator.name: estimator

@@ -1,8 +1,14 @@
-"""The training loop shared by `sft` and `rm`: batching, accumulation, schedule, eval, checkpoints, resume.
+"""The training loop shared by `sft`, `rm` and `dpo`: batching, accumulation, schedule, eval, checkpoints,
+resume; and how every training step (ppo too) starts.
+
+Start-up, the same order in every step: `already_done` (the flags the step needs, then --resume of an output
+that is already complete), the step's own reading and checking of its inputs, then `start` (the accelerator,
+the device and the run folder, opened by `open_run`), so a bad input never leaves a folder behind.
 
 A step supplies what is specific to it — how to encode its rows, the loss of a batch, how to evaluate —
-and `fit` does the rest the same way for both. The loop is built on `accelerate.Accelerator`, so
-`accelerate launch --num_processes N` runs it data-parallel with no code of our own.
+and `fit` does the rest the same way for each, on a `Schedule` taken from the step's config. The loop is
+built on `accelerate.Accelerator`, so `accelerate launch --num_processes N` runs it data-parallel with no
+code of our own.
 
 Resume is exact: the data order of each epoch is a pure function of (seed, epoch), and checkpoints are
 written at step boundaries only, with every process's random state (checkpoints.py, which also owns how a
@@ -18,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -147,24 +153,56 @@ def nothing_to_resume(config, kind: str) -> bool:
     return False
 
 
-def open_run(config, kind: str, accelerator, source, parents: dict | None = None) -> RunFolder:
+def already_done(config, kind: str, check_flags: Callable[[Any], None] = require_data_and_out) -> bool:
+    """The first start-up checks of every training step, in this order: the flags it needs (`check_flags`;
+    --data and --out by default), then --resume of an output that is already complete. True: there is
+    nothing to do (and it said so)."""
+    check_flags(config)
+    return nothing_to_resume(config, kind)
+
+
+class Start(NamedTuple):
+    """What `start` gives a training step: its accelerator, the device it trains on and its open run folder."""
+
+    accelerator: Any
+    device: Any
+    run_folder: RunFolder
+
+
+def start(
+    config, kind: str, source: models.ModelSource, inputs: dict | None = None, extra: dict | None = None
+) -> Start:
+    """The last start-up step of every training step, once its inputs are read and checked: the accelerator
+    (seeded, with the precision asked for), the device, and the run folder (`open_run`)."""
+    accelerator = make_accelerator(config.seed, config.precision, config.device)
+    device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
+    return Start(accelerator, device, open_run(config, kind, accelerator, source, inputs, extra))
+
+
+def open_run(
+    config, kind: str, accelerator, source: models.ModelSource, inputs: dict | None = None, extra: dict | None = None
+) -> RunFolder:
     """Open the step's run folder on the main process, with the experiment trackers of --report-to; the other
-    processes follow once it exists."""
+    processes follow once it exists. Every training step (sft, rm, dpo, ppo) opens its folder here.
+
+    The manifest names the run's parents, `inputs` (name -> folder, each recorded with its content hash on
+    the main process; by default --data, and --model when it is a run folder), and its base model
+    (`source`'s) and quantisation; `extra` adds fields or replaces those (ppo names the base model its SFT
+    run recorded, and its reward function)."""
     from instruct_cli.core.config import to_recipe_dict
 
     trackers.require_installed(config.report_to)  # before the folder exists: a bad input leaves nothing behind
     if accelerator.is_main_process:
-        inputs = {"data": artifacts.parent_record(config.data), **(parents or {})}
-        if source.adapter is not None:
-            inputs["model"] = artifacts.parent_record(Path(config.model))
+        if inputs is None:
+            inputs = {"data": config.data, **({"model": Path(config.model)} if source.adapter is not None else {})}
         run = RunFolder.open(
             config.out,
             kind,
             to_recipe_dict(config),
             force=config.force,
             resume=config.resume,
-            parents=inputs,
-            extra={"base_model": source.record(), "quantization": config.quantization},
+            parents={name: artifacts.parent_record(folder) for name, folder in inputs.items()},
+            extra={"base_model": source.record(), "quantization": config.quantization, **(extra or {})},
         )
         trackers.attach(run, config.report_to)
     accelerator.wait_for_everyone()
@@ -229,6 +267,28 @@ def right_pad(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------- the loop
+@dataclass(frozen=True)
+class Schedule:
+    """How long `fit` trains, when it evaluates and saves, and which adapter it keeps: the settings sft, rm
+    and dpo take from their config the same way (`Schedule.of`)."""
+
+    total_steps: int
+    grad_accum: int
+    max_grad_norm: float
+    eval_every: int
+    save_every: int
+    keep: str
+    """Which adapter is kept: "best" (the lowest eval loss) or "last"; `fit` keeps the last whenever there is
+    nothing to evaluate on."""
+
+    @classmethod
+    def of(cls, config, total_steps: int) -> Schedule:
+        """A training step's schedule: `total_steps` optimizer steps, the rest from its config's flags."""
+        return cls(
+            total_steps, config.grad_accum, config.max_grad_norm, config.eval_every, config.save_every, config.keep
+        )
+
+
 @dataclass
 class FitResult:
     """What `fit` reports back: the final metrics and the adapter that was kept."""
@@ -241,24 +301,21 @@ class FitResult:
 def fit(
     run: RunFolder,
     trainable: Trainable,
+    schedule: Schedule,
     *,
     batches_for_epoch: Callable[[int], list[Batch]],
     loss_fn: LossFn,
-    evaluate: Callable[[Any], dict[str, float]],
+    evaluate: Callable[[Any], dict[str, float]] | None,
     save_adapter: Callable[[Any, Path], None],
-    total_steps: int,
-    grad_accum: int,
-    max_grad_norm: float,
-    eval_every: int,
-    save_every: int,
-    keep: str,
-    eval_key: str,
     description: str,
     weight_of: Callable[[Batch], float] | None = None,
+    eval_key: str = "eval/loss",
 ) -> FitResult:
-    """Train for `total_steps` optimizer steps; evaluate every `eval_every`; checkpoint every `save_every`.
+    """Train for `schedule.total_steps` optimizer steps; evaluate every `eval_every`; checkpoint every
+    `save_every`.
 
     `batches_for_epoch(e)` returns this process's micro-batches of epoch e, always in the same order.
+    `evaluate(model)` gives the eval metrics, None when there is no eval split (the last adapter is kept).
     `eval_key` is the eval metric to minimise when `keep` is "best". `weight_of(batch)` is how many items
     the batch's loss is a mean over (e.g. labelled tokens); given, each step's loss is the exact mean over
     all items of all micro-batches on all processes, so N processes train like one with an N times larger batch.
@@ -269,6 +326,9 @@ def fit(
         trainable.scheduler,
         trainable.accelerator,
     )
+    total_steps, grad_accum, max_grad_norm = schedule.total_steps, schedule.grad_accum, schedule.max_grad_norm
+    eval_every, save_every = schedule.eval_every, schedule.save_every
+    keep = schedule.keep if evaluate is not None else "last"
     checkpoint = Checkpointer(run, trainable)
     step, best = checkpoint.restore() if run.resuming else (0, math.inf)
     if run.resuming:
@@ -308,7 +368,7 @@ def fit(
             metrics["time/step"] = time.perf_counter() - step_began
             if step % eval_every == 0 or step == total_steps:
                 evaluating = time.perf_counter()
-                metrics.update(evaluate(model))
+                metrics.update(evaluate(model) if evaluate is not None else {})
                 metrics["time/eval"] = time.perf_counter() - evaluating
                 model.train()
                 if keep == "best" and metrics[eval_key] < best:

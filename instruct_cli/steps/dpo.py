@@ -215,9 +215,8 @@ def check_source(source: models.ModelSource, spec) -> None:
 
 def run(config: DPOConfig) -> Path:
     """Train a DPO policy on the data folder's prefs split; write the run folder; return its path."""
-    if training.nothing_to_resume(config, "dpo"):
+    if training.already_done(config, "dpo"):
         return Path(config.out)
-    training.require_data_and_out(config)
     train_rows = data_folders.read_split(config.data, "prefs.train")
     eval_rows = data_folders.read_split(config.data, "prefs.eval")
     source = models.resolve_model(config.model)
@@ -229,9 +228,7 @@ def run(config: DPOConfig) -> Path:
     if cut:
         warn(f"{cut} training responses were cut to --max-length {config.max_length} tokens (from the prompt side)")
     preferences.require_pairs(train_set, f"{config.data}/prefs.train.jsonl")
-    accelerator = training.make_accelerator(config.seed, config.precision, config.device)
-    device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
-    run_folder = training.open_run(config, "dpo", accelerator, source)
+    accelerator, device, run_folder = training.start(config, "dpo", source)
     with run_folder.recording():
         # 2. the policy: base + a trainable copy of the starting adapter (or a fresh, zero LoRA)
         policy, _ = training.load_trainable_policy(config, source, device, tokenizer)
@@ -263,17 +260,11 @@ def run(config: DPOConfig) -> Path:
         result = training.fit(
             run_folder,
             trainable,
+            training.Schedule.of(config, total_steps),
             batches_for_epoch=batches_for_epoch,
             loss_fn=partial(dpo_batch_loss, config=config),
-            evaluate=(lambda m: evaluate(m, eval_batches, config, accelerator)) if eval_batches else (lambda m: {}),
+            evaluate=(lambda m: evaluate(m, eval_batches, config, accelerator)) if eval_batches else None,
             save_adapter=save_adapter,
-            total_steps=total_steps,
-            grad_accum=config.grad_accum,
-            max_grad_norm=config.max_grad_norm,
-            eval_every=config.eval_every,
-            save_every=config.save_every,
-            keep=config.keep if eval_batches else "last",
-            eval_key="eval/loss",
             description="dpo",
             weight_of=preferences.prompts_in,
         )

@@ -64,9 +64,8 @@ def load_trainable_reward_model(config: RMConfig, source: models.ModelSource, de
 # ------------------------------------------------------------------------------------------------- run
 def run(config: RMConfig) -> Path:
     """Train a reward model on the data folder's prefs split; write the run folder; return its path."""
-    if training.nothing_to_resume(config, "rm"):
+    if training.already_done(config, "rm"):
         return Path(config.out)
-    training.require_data_and_out(config)
     train_rows = read_prefs(config.data, "prefs.train")
     eval_rows = read_prefs(config.data, "prefs.eval")
     source = models.resolve_model(config.model)
@@ -80,9 +79,7 @@ def run(config: RMConfig) -> Path:
     if cut:
         warn(f"{cut} training responses were cut to --max-length {config.max_length} tokens (from the prompt side)")
     preferences.require_pairs(train_set, f"{config.data}/prefs.train.jsonl")
-    accelerator = training.make_accelerator(config.seed, config.precision, config.device)
-    device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
-    run_folder = training.open_run(config, "rm", accelerator, source)
+    accelerator, device, run_folder = training.start(config, "rm", source)
     with run_folder.recording():
         # 2. model: base + LoRA (from the SFT adapter if given) + a fresh scalar head
         model, _ = load_trainable_reward_model(config, source, device, tokenizer)
@@ -109,19 +106,11 @@ def run(config: RMConfig) -> Path:
         result = training.fit(
             run_folder,
             trainable,
+            training.Schedule.of(config, total_steps),
             batches_for_epoch=batches_for_epoch,
             loss_fn=partial(rm_loss, margin=config.margin),
-            evaluate=(lambda m: preferences.evaluate(m, eval_batches, config.margin))
-            if eval_batches
-            else (lambda m: {}),
+            evaluate=(lambda m: preferences.evaluate(m, eval_batches, config.margin)) if eval_batches else None,
             save_adapter=heads.save_adapter,
-            total_steps=total_steps,
-            grad_accum=config.grad_accum,
-            max_grad_norm=config.max_grad_norm,
-            eval_every=config.eval_every,
-            save_every=config.save_every,
-            keep=config.keep if eval_batches else "last",
-            eval_key="eval/loss",
             description="rm",
             weight_of=prompts_in,
         )

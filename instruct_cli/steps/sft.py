@@ -27,8 +27,7 @@ def save_adapter(model, folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------- run
 def run(config: SFTConfig) -> Path:
     """Fine-tune `config.model` on the data folder's sft split; write the run folder; return its path."""
-    training.require_data_and_out(config)
-    if training.nothing_to_resume(config, "sft"):
+    if training.already_done(config, "sft"):
         return Path(config.out)
     train_rows = data_folders.read_split(config.data, "sft.train")
     eval_rows = data_folders.read_split(config.data, "sft.eval")
@@ -47,9 +46,7 @@ def run(config: SFTConfig) -> Path:
             where=str(config.data),
             fix="Check that the conversations end with assistant messages",
         )
-    accelerator = training.make_accelerator(config.seed, config.precision, config.device)
-    device = accelerator.device if config.device == "auto" else models.pick_device(config.device)
-    run_folder = training.open_run(config, "sft", accelerator, source)
+    accelerator, device, run_folder = training.start(config, "sft", source)
     with run_folder.recording():
         model, _ = training.load_trainable_policy(config, source, device, tokenizer)
         loss_model = lm.NextTokenLoss(model)
@@ -76,17 +73,11 @@ def run(config: SFTConfig) -> Path:
         result = training.fit(
             run_folder,
             trainable,
+            training.Schedule.of(config, total_steps),
             batches_for_epoch=batches_for_epoch,
             loss_fn=lm.sft_loss,
-            evaluate=(lambda m: lm.evaluate(m, eval_batches)) if eval_batches else (lambda m: {}),
+            evaluate=(lambda m: lm.evaluate(m, eval_batches)) if eval_batches else None,
             save_adapter=save_adapter,
-            total_steps=total_steps,
-            grad_accum=config.grad_accum,
-            max_grad_norm=config.max_grad_norm,
-            eval_every=config.eval_every,
-            save_every=config.save_every,
-            keep=config.keep if eval_batches else "last",
-            eval_key="eval/loss",
             description="sft",
             weight_of=lm.labelled_tokens,
         )

@@ -34,31 +34,14 @@ The package, one concern a module (none imports this __init__, so there are no c
   plots      5. the PNG plots (matplotlib)
   html_report  5. report.html: the report as one self-contained web page (plots inline, answers filterable)
   compare    --compare of two reports
-  __init__   `run`, which calls them in that order, and `write_report`; it re-exports the names the cli,
-             tests and benchmarks use (`evaluate.run`, `evaluate.show`, `evaluate.win_rate`, ...)
+  runner     `run`, which calls them in that order, and `write_report`
+This __init__ only re-exports the names the cli, tests and benchmarks use (`evaluate.run`, `evaluate.show`,
+`evaluate.win_rate`, ...).
 Everything here may use instruct_cli.core; nothing here may use another step (import-linter contracts).
 """
 
-from __future__ import annotations
-
-from pathlib import Path
-
-from instruct_cli.core import artifacts, data_folders, models
-from instruct_cli.core.config import EvalConfig, to_recipe_dict
-from instruct_cli.core.console import info, warn
-from instruct_cli.steps.evaluate import measure
 from instruct_cli.steps.evaluate.compare import compare
-from instruct_cli.steps.evaluate.entries import (
-    Entry,
-    Samples,
-    check_config,
-    input_records,
-    pick_data,
-    read_generations,
-    read_prompts,
-    resolve_entries,
-    training_data,
-)
+from instruct_cli.steps.evaluate.entries import Entry, Samples, read_generations
 from instruct_cli.steps.evaluate.html_report import render_html
 from instruct_cli.steps.evaluate.measure import release_memory, response_logprobs, sample_responses
 from instruct_cli.steps.evaluate.plots import (
@@ -66,25 +49,9 @@ from instruct_cli.steps.evaluate.plots import (
     plot_training_curves,
     plot_win_rates,
     read_metrics,
-    runs_with_curves,
 )
-from instruct_cli.steps.evaluate.report import (
-    CURVES_PLOT,
-    REPORT_HTML,
-    REPORT_JSON,
-    REPORT_MD,
-    REWARD_PLOT,
-    SAMPLES,
-    WIN_PLOT,
-    headline_metrics,
-    load_report,
-    model_report,
-    render_markdown,
-    sample_rows,
-    show,
-    unfinished_report,
-    verdict,
-)
+from instruct_cli.steps.evaluate.report import load_report, show
+from instruct_cli.steps.evaluate.runner import run, write_report
 from instruct_cli.steps.evaluate.stats import bootstrap_interval, describe, distinct_n, outcomes, sequence_kl, win_rate
 
 __all__ = [
@@ -111,95 +78,3 @@ __all__ = [
     "win_rate",
     "write_report",
 ]
-
-
-def run(config: EvalConfig) -> Path:
-    """Evaluate `config.models` on held-out prompts and write the report folder; returns its path."""
-    # 1. resolve: models, references, prompts, data splits; all inputs checked before any model loads
-    check_config(config)
-    models.pick_device(config.device)
-    entries, baseline = resolve_entries(config)
-    rm_manifest = artifacts.require_complete(config.reward, "rm", flag="--reward")
-    if config.generations is not None:
-        prompts, given = read_generations(config.generations, entries, config.max_prompts)
-    else:
-        prompts, given = read_prompts(config), None
-    sft_run = next((e.reference for e in entries if e.reference is not None), None)
-    sft_folder = pick_data("sft", config.sft_data, "--sft-data", config.data, training_data(sft_run))
-    prefs_folder = pick_data("prefs", config.prefs_data, "--prefs-data", config.data, training_data(config.reward))
-    conversations = (
-        [row["messages"] for row in data_folders.read_split(sft_folder, "sft.eval")][: config.max_prompts]
-        if sft_folder
-        else []
-    )
-    pref_rows = data_folders.read_split(prefs_folder, "prefs.eval")[: config.max_prompts] if prefs_folder else []
-    if not conversations:
-        warn("Perplexity is not measured: no SFT eval split (pass --sft-data DIR)")
-    if not pref_rows:
-        warn("The reward model's accuracy is not measured: no preference eval split (pass --prefs-data DIR)")
-    run_folder = artifacts.RunFolder.open(
-        config.out,
-        "report",
-        to_recipe_dict(config),
-        force=config.force or unfinished_report(config.out),
-        parents=input_records(config, entries, sft_folder, prefs_folder),
-        extra={"base_model": rm_manifest.get("base_model"), "quantization": config.quantization},
-    )
-    info(
-        f"eval: {len(entries)} models on {len(prompts)} prompts (baseline {baseline.name}), reward model "
-        f"{config.reward}"
-    )
-    with run_folder.recording():
-        # 2. answer: one model at a time (each KL reference after the models measured against it)
-        for entry in measure.answering_order(entries):
-            measure.answer_and_measure(
-                entry, entries, prompts, given[entry.name] if given else None, conversations, config
-            )
-        # 3. KL: the references that were not among the models, one at a time
-        measure.measure_remaining_kl(entries, config)
-        # 4. score: the reward model
-        reward_model = measure.score_with_reward_model(
-            entries, prompts, pref_rows, f"{prefs_folder}/prefs.eval.jsonl", config
-        )
-        # 5. report: every file first, the manifest's complete status last
-        report = write_report(
-            Path(config.out), entries, baseline, prompts, reward_model, run_folder.manifest["parents"], config
-        )
-        run_folder.complete(headline_metrics(report), verdict=report["verdict"])
-    show(report, Path(config.out))
-    return Path(config.out)
-
-
-def write_report(
-    out: Path,
-    entries: list[Entry],
-    baseline: Entry,
-    prompts: list[list[dict]],
-    reward_model: dict,
-    inputs: dict,
-    config: EvalConfig,
-) -> dict:
-    """Write the plots, samples.jsonl, report.json, report.md and report.html into `out`; returns the report."""
-    report = {
-        "baseline": baseline.name,
-        "prompts": len(prompts),
-        "settings": to_recipe_dict(config),
-        "inputs": inputs,
-        "reward_model": reward_model,
-        "models": [model_report(entry, baseline, config) for entry in entries],
-        "plots": [],
-    }
-    plot_reward_distribution({entry.name: entry.rewards for entry in entries}, out / REWARD_PLOT)
-    report["plots"].append(REWARD_PLOT)
-    if any(model["win_rate"] for model in report["models"]):
-        plot_win_rates(report["models"], baseline.name, out / WIN_PLOT)
-        report["plots"].append(WIN_PLOT)
-    if plot_training_curves(runs_with_curves(entries, config.reward), out / CURVES_PLOT) is not None:
-        report["plots"].append(CURVES_PLOT)
-    report["verdict"] = verdict(report)
-    samples = sample_rows(prompts, entries)
-    artifacts.write_jsonl(out / SAMPLES, samples)
-    artifacts.atomic_write_json(out / REPORT_JSON, report)
-    artifacts.atomic_write_text(out / REPORT_MD, render_markdown(report, samples))
-    artifacts.atomic_write_text(out / REPORT_HTML, render_html(report, samples, out))
-    return report

@@ -17,6 +17,7 @@ from instruct_cli.core import artifacts, chat, data_folders, models
 from instruct_cli.core.config import EvalConfig
 from instruct_cli.core.console import display_path, warn
 from instruct_cli.core.errors import UserError
+from instruct_cli.core.step_table import POLICY_KINDS
 
 BASE = "base"
 
@@ -133,7 +134,7 @@ def is_run_folder(spec: str) -> bool:
 def run_entry(spec: str) -> Entry:
     """An sft, ppo or dpo run folder; a ppo or dpo run's KL reference is the SFT run it started from."""
     path = Path(spec)
-    manifest = artifacts.require_complete(path, ("sft", "ppo", "dpo"), flag="--models")
+    manifest = artifacts.require_complete(path, POLICY_KINDS, flag="--models")
     name = display_path(spec)
     if manifest["kind"] == "sft":
         return Entry(name, spec, "sft", path, reference=path)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from instruct_cli.core import config as cfg
+from instruct_cli.core.methods import ADVANTAGE_ESTIMATORS
 
 from .gpus import GiB
 from .memory import (
@@ -207,7 +208,10 @@ def estimate_ppo(
     prec = precision(device, config.quantization, training=True)
     plain = replace(prec, autocast=False)  # steps 1-4 run outside autocast
     policy, value = replace(policy, dropout=0.0), replace(value, dropout=0.0)  # PPO turns dropout off
-    has_value, has_reward = config.advantage == "gae", config.reward is not None or config.reward_fn is None
+    has_value, has_reward = (
+        ADVANTAGE_ESTIMATORS[config.advantage].needs_critic,
+        config.reward is not None or config.reward_fn is None,
+    )
     value_lora = value if has_reward else policy
     out = _static(
         "ppo",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from instruct_cli.core import config as cfg
+from instruct_cli.core.step_table import RUN_KINDS
 
 from .estimate import StepPlan, estimate_step, judge
 from .shapes import Lora, ModelShape, lora_for, read_model_shape
@@ -40,7 +41,7 @@ def _model_of(task: Any, tasks: list[Any], seen: int = 0) -> str:
     if reference is None:
         return cfg.BUILTIN_MODEL
     for other in tasks:
-        if other is not task and other.step in ("sft", "rm", "ppo", "dpo") and _same_path(other.config.out, reference):
+        if other is not task and other.step in RUN_KINDS and _same_path(other.config.out, reference):
             return _model_of(other, tasks, seen + 1) if seen < 8 else cfg.BUILTIN_MODEL
     manifest = Path(str(reference)) / "manifest.json"
     if manifest.is_file():

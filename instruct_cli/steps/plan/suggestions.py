@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable
 
+from instruct_cli.core.methods import ADVANTAGE_ESTIMATORS
+
 from .estimate import StepPlan, usable_memory
 from .gpus import gib
 
@@ -44,7 +46,7 @@ def candidate_changes(step: str, config: Any) -> list[tuple[str, Callable[[Any],
     elif step == "ppo":
         for size in _halvings(config.minibatch_size):
             changes.append((f"minibatch_size: {size}", lambda c, n=size: replace(c, minibatch_size=n)))
-        group = config.samples_per_prompt or (1 if config.advantage == "gae" else 4)  # K responses per prompt
+        group = ADVANTAGE_ESTIMATORS[config.advantage].group_size(config.samples_per_prompt)
         for size in _halvings(config.rollout_batch_size, max(config.minibatch_size, group, 1)):
             if size % group:
                 continue

@@ -22,6 +22,7 @@ from torch import nn
 from instruct_cli.core import artifacts, heads, lora_merge, models, training
 from instruct_cli.core.config import PPOConfig
 from instruct_cli.core.errors import UserError
+from instruct_cli.core.methods import ADVANTAGE_ESTIMATORS
 
 POLICY, REFERENCE, VALUE, REWARD = "policy", "reference", "value", "reward"
 
@@ -118,7 +119,8 @@ def load_roles(
         model.load_adapter(rm_adapter, adapter_name=REWARD, is_trainable=False)
         norm = rm_manifest.get("reward_normalization") or norm
         reward_head = heads.load_head(rm_adapter).to(device)
-    if config.advantage == "gae" and rm_manifest is not None:
+    needs_critic = ADVANTAGE_ESTIMATORS[config.advantage].needs_critic
+    if needs_critic and rm_manifest is not None:
         model.load_adapter(rm_adapter, adapter_name=VALUE, is_trainable=True)
         value_head = heads.load_head(rm_adapter).to(device)
         # The value head starts as the RM's head in the units of the (normalised) rewards it must predict.
@@ -127,7 +129,7 @@ def load_roles(
         with torch.no_grad():
             value_head.bias.mul_(norm["gain"]).add_(norm["bias"])
             value_head.weight.mul_(norm["gain"])
-    elif config.advantage == "gae":  # a reward function alone: the value function starts from the SFT model
+    elif needs_critic:  # a reward function alone: the value function starts from the SFT model
         model.load_adapter(sft_adapter, adapter_name=VALUE, is_trainable=True)
         value_head = heads.ScalarHead(heads.hidden_size_of(model)).to(device)
         with torch.no_grad():

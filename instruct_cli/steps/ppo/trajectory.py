@@ -30,6 +30,7 @@ import torch
 
 from instruct_cli.core import distributed, heads, lm, lora_merge, packing, rl, sampling
 from instruct_cli.core.config import PPOConfig
+from instruct_cli.core.methods import ADVANTAGE_ESTIMATORS
 from instruct_cli.core.reward_functions import RewardFunction
 from instruct_cli.steps.ppo.roles import POLICY, REFERENCE, REWARD, VALUE, Roles
 
@@ -326,8 +327,8 @@ def minibatch_rows(
 
 
 def group_size(config: PPOConfig) -> int:
-    """K, the responses sampled per prompt: --samples-per-prompt, else 1 for gae and 4 for rloo/grpo."""
-    return config.samples_per_prompt or (1 if config.advantage == "gae" else 4)
+    """K, the responses sampled per prompt: --samples-per-prompt, else the estimator's default."""
+    return ADVANTAGE_ESTIMATORS[config.advantage].group_size(config.samples_per_prompt)
 
 
 @torch.no_grad()
@@ -393,12 +394,11 @@ def advantages_of(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 4: (advantages, returns, kl), all (B, T). The KL is in the reward unless --kl-penalty loss."""
     beta_in_reward = beta if config.kl_penalty == "reward" else 0.0
-    if config.advantage == "gae":
+    if ADVANTAGE_ESTIMATORS[config.advantage].needs_critic:
         rewards, kl = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, beta_in_reward)
         advantages, returns = rl.gae(rewards, values, mask, config.gamma, config.lam)
         return rl.whiten(advantages, mask, total=total), returns, kl
     kl = (logprobs - ref_logprobs) * mask
     rewards = rl.sequence_rewards(scores, kl, beta_in_reward)
-    per_response = {"rloo": rl.rloo_advantages, "grpo": rl.grpo_advantages}[config.advantage]
-    advantages = per_response(rewards, group_size(config)).unsqueeze(1) * mask
+    advantages = rl.GROUP_ADVANTAGES[config.advantage](rewards, group_size(config)).unsqueeze(1) * mask
     return advantages, torch.zeros_like(advantages), kl

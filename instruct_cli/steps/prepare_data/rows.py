@@ -1,0 +1,92 @@
+"""prepare-data's canonical rows: a record as a row of the task asked for, the system message put first, why a
+row is dropped, the conversations its token length is measured on; the train/eval split and the length
+statistics of the manifest."""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+from instruct_cli.core.preferences import ranking_pairs
+from instruct_cli.steps.prepare_data.formats import Malformed
+
+
+def as_task(kind: str, record: dict, task: str) -> dict:
+    """A record of `kind` as a row of `task` (e.g. preference -> its chosen conversation for sft)."""
+    if kind == task:
+        return record
+    if task == "prompts":
+        return {"prompt": record["messages"][:-1] if kind == "sft" else record["prompt"]}
+    if task == "sft" and kind == "prefs":
+        best = record["chosen"] if "chosen" in record else record["responses"][record["ranking"][0]]
+        return {"messages": record["prompt"] + best}
+    raise Malformed(f"a {kind} row cannot be used for the {task} task")
+
+
+def add_system(row: dict, system: str) -> dict:
+    """Put `system` first in a row's conversation when it has no system message."""
+    key = "messages" if "messages" in row else "prompt"
+    if row[key] and row[key][0]["role"] != "system":
+        row = {**row, key: [{"role": "system", "content": system}] + row[key]}
+    return row
+
+
+def check_row(row: dict, task: str) -> str | None:
+    """Why a canonical row must be dropped ('empty', 'malformed' or 'all_ties'), or None when it is fine."""
+    conversations = (
+        [row["messages"]]
+        if task == "sft"
+        else [row["prompt"]]
+        if task == "prompts"
+        else [row["prompt"]] + ([row["chosen"], row["rejected"]] if "chosen" in row else row["responses"])
+    )
+    if any(not conv or any(not m["content"].strip() for m in conv) for conv in conversations):
+        return "empty"
+    prompt = row["messages"][:-1] if task == "sft" else row["prompt"]
+    if not prompt or prompt[-1]["role"] != "user":
+        return "malformed"
+    if task == "sft" and row["messages"][-1]["role"] != "assistant":
+        return "malformed"
+    if task == "prefs" and "chosen" in row:
+        if any(m["role"] != "assistant" for m in row["chosen"] + row["rejected"]):
+            return "malformed"
+        if row["chosen"] == row["rejected"]:
+            return "malformed"
+    if task == "prefs" and "ranking" in row and not ranking_pairs(row["ranking"], row.get("ties") or []):
+        return "all_ties"  # every response judged equal: no preference to learn
+    return None
+
+
+def conversations_of(row: dict, task: str) -> list[list[dict]]:
+    """The full conversations a row renders to (what its token length is measured on)."""
+    if task == "sft":
+        return [row["messages"]]
+    if task == "prompts":
+        return [row["prompt"]]
+    responses = [row["chosen"], row["rejected"]] if "chosen" in row else row["responses"]
+    return [row["prompt"] + response for response in responses]
+
+
+def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval): a seeded shuffle; eval gets round(n * fraction) rows, at least 1 when n >= 2."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = round(len(rows) * eval_fraction)
+    if eval_fraction > 0 and len(rows) >= 2:
+        n_eval = min(max(n_eval, 1), len(rows) - 1)
+    held = set(order[:n_eval])
+    return ([rows[i] for i in range(len(rows)) if i not in held], [rows[i] for i in range(len(rows)) if i in held])
+
+
+def length_stats(lengths: list[int]) -> dict:
+    """min / mean / median / p95 / max of token lengths."""
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+    return {
+        "min": ordered[0],
+        "mean": round(statistics.fmean(ordered), 1),
+        "median": statistics.median(ordered),
+        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "max": ordered[-1],
+    }

@@ -1,0 +1,222 @@
+"""prepare-data's `run`, stage by stage: check the flags, read and convert every row (formats.py), turn the
+records into one task and drop bad rows (rows.py), measure token lengths under the model's chat template,
+then split and write the folder, its manifest last."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from instruct_cli.core import artifacts
+from instruct_cli.core.config import PrepareDataConfig, to_recipe_dict
+from instruct_cli.core.console import info, progress, summary_table, warn
+from instruct_cli.core.errors import UserError
+from instruct_cli.steps.prepare_data.formats import Malformed, convert, detect_format, read_source
+from instruct_cli.steps.prepare_data.rows import (
+    add_system,
+    as_task,
+    check_row,
+    conversations_of,
+    length_stats,
+    split_rows,
+)
+
+Converted = list[tuple[str, dict, str]]
+"""Every row read and converted: (its kind, sft / prefs / prompts; the canonical record; where it came from)."""
+
+
+# ------------------------------------------------------------------------------------------------- run
+def run(config: PrepareDataConfig) -> Path:
+    """Read every input, convert to the task's canonical rows, drop and count bad ones, split, write the folder."""
+    existing = check_config(config)
+    dropped: Counter = Counter()
+    # 1-2. read and convert every row, remembering its kind (sft / prefs / prompts)
+    converted, sources = read_inputs(config, dropped)
+    # 3. one task for the folder, its rows checked and deduplicated
+    task, rows = task_rows(converted, config, dropped)
+    # token lengths under the model's chat template (and --max-tokens)
+    kept, lengths, tokenizer_reference = measure_tokens(rows, task, config, dropped)
+    # 4. split and write; the manifest is written last, so an interrupted run never looks complete
+    train, held_out = split_rows(kept, config.eval_fraction, config.seed)
+    folder = artifacts.RunFolder.open(
+        config.out,
+        "data",
+        to_recipe_dict(config),
+        force=config.force or existing is not None,
+        extra={"task": task, "tokenizer": tokenizer_reference},
+    )
+    with folder.recording():
+        files = {}
+        for split, split_rows_ in (("train", train), ("eval", held_out)):
+            name = f"{task}.{split}.jsonl"
+            artifacts.write_jsonl(Path(config.out) / name, split_rows_)
+            files[f"{task}.{split}"] = name
+        counts = {"train": len(train), "eval": len(held_out)}
+        folder.complete(
+            sources=sources,
+            files=files,
+            counts=counts,
+            dropped=dict(dropped),
+            seed=config.seed,
+            token_lengths=length_stats(lengths),
+        )
+    summary_table(
+        "prepare-data",
+        {
+            "output": str(config.out),
+            "task": task,
+            "format": ", ".join(sorted({s["format"] for s in sources})),
+            "train / eval rows": f"{len(train)} / {len(held_out)}",
+            "dropped": ", ".join(f"{n} {r}" for r, n in sorted(dropped.items())) or "none",
+            "tokens (mean / max)": f"{length_stats(lengths)['mean']} / {length_stats(lengths)['max']}",
+        },
+    )
+    if len(held_out) == 0 and config.eval_fraction > 0:
+        info("Only one row: the eval split is empty")
+    return Path(config.out)
+
+
+def check_config(config: PrepareDataConfig) -> dict | None:
+    """The flags prepare-data needs, the inputs exist, and --out is not a complete output (unless --force);
+    returns the manifest already at --out, if any."""
+    if not config.inputs:
+        raise UserError("No input files", where="--input", fix="Pass one or more files with -i FILE")
+    if config.out is None:
+        raise UserError("No output folder", where="--out", fix="Pass the data folder to write with --out DIR")
+    for path in config.inputs:
+        if not Path(path).exists():
+            raise UserError("The input does not exist", where=str(path), fix="Check the --input path")
+    existing = artifacts.read_manifest(config.out) if Path(config.out).is_dir() else None
+    if existing is not None and existing.get("status") == "complete" and not config.force:
+        raise UserError(
+            f"{config.out} already holds a complete {existing.get('kind')} output",
+            where="--out",
+            fix="Pass --force to replace it, or choose another --out",
+        )
+    return existing
+
+
+# ------------------------------------------------------------------------------------------- 1-2. read
+def read_inputs(config: PrepareDataConfig, dropped: Counter) -> tuple[Converted, list[dict]]:
+    """Every row of every input converted to a canonical record; returns them and the manifest's record of
+    each input (path, sha256, format, rows). Flagged and malformed rows are counted in `dropped`."""
+    converted: Converted = []
+    sources = []
+    for path in map(Path, config.inputs):
+        fmt = None if config.format == "auto" else config.format
+        rows_read = 0
+        for raw, where in read_source(path):
+            rows_read += 1
+            if isinstance(raw, dict) and (raw.get("flagged") or raw.get("skipped")):
+                dropped["flagged"] += 1  # a labeler marked it unusable (instruct label)
+                continue
+            try:
+                if isinstance(raw, Malformed):  # a line that is not JSON
+                    raise raw
+                fmt = fmt or detect_format(raw)
+                if fmt is None:
+                    raise Malformed(
+                        "no known format fits its fields"
+                        + (f" ({', '.join(sorted(raw))})" if isinstance(raw, dict) else "")
+                    )
+                kind, record = convert(raw, fmt)
+                converted.append((kind, record, where))
+            except Malformed as exc:
+                if config.strict:
+                    raise UserError(
+                        f"Malformed row: {exc}",
+                        where=where,
+                        fix="Fix the row, force another --format, or drop --strict to skip such rows",
+                    ) from None
+                dropped["malformed"] += 1
+        if rows_read == 0:
+            raise UserError("The input has no rows", where=str(path), fix="Check that this is the right file")
+        sources.append(
+            {
+                "path": str(path),
+                "sha256": artifacts.sha256_file(path) if path.is_file() else artifacts.sha256_folder(path),
+                "format": fmt or "unknown",
+                "rows": rows_read,
+            }
+        )
+    if not converted:
+        raise UserError(
+            f"No row of the input could be read ({dropped['malformed']} malformed)",
+            where=", ".join(map(str, config.inputs)),
+            fix="Check the file's format (see `instruct prepare-data --help`) or force one with --format",
+        )
+    return converted, sources
+
+
+# ---------------------------------------------------------------------------------------------- 3. task
+def task_rows(converted: Converted, config: PrepareDataConfig, dropped: Counter) -> tuple[str, list[dict]]:
+    """The folder's task (the one asked for, or the kind most rows have) and its rows: each record as a row
+    of the task, with --system, checked and deduplicated; dropped rows are counted in `dropped`."""
+    kinds = Counter(kind for kind, _, _ in converted)
+    task = config.task if config.task != "auto" else kinds.most_common(1)[0][0]
+    if config.task == "auto" and len(kinds) > 1:
+        warn(
+            f"The inputs mix {', '.join(f'{n} {k}' for k, n in kinds.items())} rows; writing the {task} task "
+            "(pass --task to choose)"
+        )
+    rows, seen = [], set()
+    for kind, record, where in converted:
+        try:
+            row = as_task(kind, record, task)
+            row = add_system(row, config.system) if config.system else row
+            reason = check_row(row, task)
+        except Malformed as exc:
+            if config.strict:
+                raise UserError(
+                    f"Row cannot be used: {exc}",
+                    where=where,
+                    fix="Choose the --task these rows are for, or prepare them apart",
+                ) from None
+            reason = "malformed"
+        if reason is None and json.dumps(row, sort_keys=True) in seen:
+            reason = "duplicate"
+        if reason is not None:
+            if config.strict and reason != "duplicate":
+                raise UserError(f"Row is {reason}", where=where, fix="Fix the row, or drop --strict to skip it")
+            dropped[reason] += 1
+            continue
+        seen.add(json.dumps(row, sort_keys=True))
+        rows.append(row)
+    return task, rows
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+def measure_tokens(
+    rows: list[dict], task: str, config: PrepareDataConfig, dropped: Counter
+) -> tuple[list[dict], list[int], str]:
+    """The rows within --max-tokens under the model's chat template, their token lengths, and the reference of
+    the tokenizer that measured them (the manifest's); rows too long are counted in `dropped`."""
+    from instruct_cli.core import models
+    from instruct_cli.core.chat import template_ids
+
+    source = models.resolve_model(config.model, flag="--model")
+    tokenizer = models.load_tokenizer(source)
+    if not tokenizer.chat_template:
+        raise UserError(
+            "The model's tokenizer has no chat template, so token lengths cannot be measured",
+            where="--model",
+            fix="Use an instruct/chat model, whose tokenizer has a chat template",
+        )
+    kept, lengths = [], []
+    with progress("prepare-data: measuring tokens", total=len(rows)) as bar:
+        for row in rows:
+            length = max(len(template_ids(tokenizer, conv)) for conv in conversations_of(row, task))
+            bar.advance()
+            if config.max_tokens is not None and length > config.max_tokens:
+                dropped["too_long"] += 1
+                continue
+            kept.append(row)
+            lengths.append(length)
+    if not kept:
+        raise UserError(
+            f"Every row was dropped ({', '.join(f'{n} {r}' for r, n in dropped.items())})",
+            where=", ".join(map(str, config.inputs)),
+            fix="Check the inputs, --task and --max-tokens",
+        )
+    return kept, lengths, source.reference
