@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import print_table  # noqa: E402
+from common import print_machine_header, print_table  # noqa: E402
 
 PROMPTS = [
     "Write a long story about a dragon who learns to cook.",
@@ -287,6 +287,7 @@ def main() -> int:
         args.paths = [p for p in PATHS if p != "llama.cpp" or llama_engine.available()]
     if args.threads:
         torch.set_num_threads(args.threads)
+    print_machine_header()
     print(
         f"[bench] {args.model}, {args.new_tokens} new tokens, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
