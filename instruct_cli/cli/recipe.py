@@ -145,7 +145,7 @@ def plan_(
         bool,
         typer.Option(
             "--table",
-            help="Print the README's markdown table of which steps fit on "
+            help="Print the markdown table (docs/commands/plan.md) of which steps fit on "
             "8/12/16/24 GB for common model sizes, and exit.",
         ),
     ] = False,

@@ -71,7 +71,7 @@ The package, one concern a module (each imports only those above it; the core, n
     estimate.py     Breakdown and Moment, estimate_sft/rm/ppo/eval and estimate_step, StepPlan, judge/Verdict
     suggestions.py  the config changes that make a step fit (candidate_changes, suggest)
     recipe.py       the steps, models and adapters of a recipe; plan_recipe
-    render.py       the printed breakdown (show) and the README's fit table (fit_table)
+    render.py       the printed breakdown (show) and the fit table of docs/commands/plan.md (fit_table)
     runner.py       `run`: the command (--table, --json or the printed plan of a recipe)
 This __init__ only re-exports the names tests, benchmarks and the cli use as plan.X (and the types a
 StepPlan holds); the rest is imported from the module that owns it.

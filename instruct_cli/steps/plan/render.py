@@ -1,5 +1,5 @@
 """What `instruct plan` prints: the per-step breakdown table with verdicts and suggestions (`show`), and the
-README's markdown table of common model sizes against card sizes (`fit_table`, `TABLE_MODELS`, `TABLE_GPUS`).
+the markdown table (docs/commands/plan.md) of common model sizes against card sizes (`fit_table`, `TABLE_MODELS`, `TABLE_GPUS`).
 
 Uses the core's console (and rich), and `gpus`, `shapes`, `estimate` and `recipe` (the default steps).
 """
@@ -135,7 +135,7 @@ def show(
 
 def fit_table(models: dict[str, str] | None = None, gpus: Iterable[int] = TABLE_GPUS, device: str = "cuda") -> str:
     """A markdown table: for common model sizes at the default step settings (nf4), which steps fit on each
-    card size, and each step's peak. The README's table is this output (`instruct plan --table`)."""
+    card size, and each step's peak. docs/commands/plan.md's table is this output (`instruct plan --table`)."""
     models = models or TABLE_MODELS
     gpus = list(gpus)
     steps = [step for step, _ in DEFAULT_STEPS]

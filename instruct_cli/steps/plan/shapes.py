@@ -117,7 +117,7 @@ class ModelShape:
         )
 
 
-# Configs of common models, built in so that the README table (and tests) need no download.
+# Configs of common models, built in so that the fit table of docs/commands/plan.md (and tests) need no download.
 REFERENCE_MODELS: dict[str, dict] = {
     "Qwen/Qwen2.5-0.5B-Instruct": dict(
         model_type="qwen2",
