@@ -190,7 +190,7 @@ def bench_ppo(folder: Path, args, quantization: str, checkpointing: bool, shape,
         model.load_adapter(str(sft_dir), adapter_name=ppo.REFERENCE, is_trainable=False)
         model.load_adapter(str(rm_dir), adapter_name=ppo.VALUE, is_trainable=True)
         model.load_adapter(str(rm_dir), adapter_name=ppo.REWARD, is_trainable=False)
-    ppo.disable_dropout(model)
+    models.disable_dropout(model)
     roles = ppo.Roles(
         model, heads.load_head(rm_dir).to(torch_device), heads.load_head(rm_dir).to(torch_device), 1.0, 0.0
     )

@@ -66,7 +66,6 @@ def load_separate(config, device, model_ref: str):
     from peft import PeftModel
 
     from instruct_cli.core import artifacts, heads, models, training
-    from instruct_cli.steps import ppo
 
     source = models.resolve_model(str(config.sft), flag="--sft")
     rm_manifest = artifacts.require_complete(config.reward, "rm", flag="--reward")
@@ -80,7 +79,7 @@ def load_separate(config, device, model_ref: str):
             base = training.prepare_for_training(base, config.quantization, config.gradient_checkpointing)
         adapter = sft_adapter if role in ("policy", "reference") else rm_adapter
         model = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
-        ppo.disable_dropout(model)
+        models.disable_dropout(model)
         if not trainable:
             model.eval()
         role_models[role] = model

@@ -36,8 +36,11 @@ WEIGHTS = torch.tensor([1.0, 0.5])
     "loss_type, smoothing, expected",
     [
         ("sigmoid", 0.0, [nll(0.5), nll(-0.25)]),  # beta * x = 0.5, -0.25
-        ("sigmoid", 0.1, [0.9 * nll(0.5) + 0.1 * nll(-0.5), 0.9 * nll(-0.25) + 0.1 * nll(0.25)]),
+        ("sigmoid", 0.1, [nll(0.5), nll(-0.25)]),  # TRL 1.x: label smoothing does not change sigmoid
         ("ipo", 0.0, [(1.0 - 1.0) ** 2, (-0.5 - 1.0) ** 2]),  # target 1 / (2 beta) = 1
+        # robust: ((1 - e) nll(bx) - e nll(-bx)) / (1 - 2e)
+        ("robust", 0.1, [(0.9 * nll(0.5) - 0.1 * nll(-0.5)) / 0.8, (0.9 * nll(-0.25) - 0.1 * nll(0.25)) / 0.8]),
+        ("hinge", 0.0, [1 - 0.5, 1 + 0.25]),  # max(0, 1 - beta x)
     ],
 )
 def test_losses_match_hand_computed_values(loss_type, smoothing, expected):
@@ -54,13 +57,27 @@ def test_losses_match_hand_computed_values(loss_type, smoothing, expected):
     weighted = dpo_loss.weighted_mean(terms.losses, WEIGHTS)
     assert weighted.item() == pytest.approx((expected[0] + 0.5 * expected[1]) / 1.5, abs=1e-6)
     # implicit rewards beta * (log pi - log ref): chosen 0.25, 0; rejected -0.25, 0.25
-    assert terms.chosen_rewards.tolist() == pytest.approx([0.25, 0.0])
+    assert terms.chosen_rewards.tolist() == pytest.approx([0.25, 0.0])  # the same for every loss
     assert terms.rejected_rewards.tolist() == pytest.approx([-0.25, 0.25])
     stats = dpo_loss.reward_stats(terms, WEIGHTS)
     assert stats["accuracy"] == pytest.approx(1 / 1.5)  # the first pair (weight 1) of 1.5
     assert stats["margin"] == pytest.approx((0.5 - 0.5 * 0.25) / 1.5)
     with pytest.raises(ValueError):
-        dpo_loss.pair_losses(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, 0.5, "hinge")
+        dpo_loss.pair_losses(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, 0.5, "exo_pair")
+
+
+def test_ipo_loss_compares_per_token_means_but_rewards_and_accuracy_read_the_sums():
+    """TRL's IPO: x from mean log-ratios per token; implicit rewards, accuracy and margin from beta x the summed
+    log-ratios. A 10-token chosen at +0.1 per token against a 40-token rejected at +0.05 per token: the sums are
+    1.0 against 2.0, so the rejected answer has the larger implicit reward (accuracy 0), though per token the
+    chosen one moved more."""
+    zero = torch.zeros(1)
+    terms = dpo_loss.pair_losses(
+        torch.tensor([1.0]), torch.tensor([2.0]), zero, zero, 0.1, "ipo", 0.0, torch.tensor([10]), torch.tensor([40])
+    )
+    assert terms.losses.item() == pytest.approx((0.1 - 0.05 - 1 / (2 * 0.1)) ** 2, abs=1e-5)
+    assert terms.chosen_rewards.item() == pytest.approx(0.1) and terms.rejected_rewards.item() == pytest.approx(0.2)
+    assert dpo_loss.reward_stats(terms)["accuracy"] == 0.0
 
 
 class FixedLogProbs(torch.nn.Module):
@@ -348,9 +365,10 @@ def test_bad_inputs_are_user_errors(runs, tmp_path):
         (base + ["--data", str(runs["sft-data"])], "needs prefs data"),
         (base + prefs + ["--beta", "0"], "`beta` must be greater than 0"),
         (base + prefs + ["--beta", "-1"], "`beta` must be greater than 0"),
-        (base + prefs + ["--loss", "hinge"], "`loss` must be one of sigmoid, ipo"),
-        (base + prefs + ["--label-smoothing", "0.5"], "below 0.5"),
-        (base + prefs + ["--loss", "ipo", "--label-smoothing", "0.1"], "sigmoid (DPO) loss only"),
+        (base + prefs + ["--loss", "exo"], "`loss` must be one of sigmoid, ipo, robust, hinge"),
+        (base + prefs + ["--loss", "robust", "--label-smoothing", "0.5"], "below 0.5"),
+        (base + prefs + ["--loss", "ipo", "--label-smoothing", "0.1"], "robust (rDPO) loss only"),
+        (base + prefs + ["--label-smoothing", "0.1"], "robust (rDPO) loss only, not to sigmoid"),
         (base, "--data"),
         (["dpo", "--model", str(fake_rm), "--out", str(tmp_path / "x"), *prefs], "is a reward model"),
     ]

@@ -94,7 +94,7 @@ def dpo(config: cfg.DPOConfig) -> None:
 
       instruct dpo --model runs/sft --data data/prefs --out runs/ipo --loss ipo --beta 0.5
 
-      instruct dpo --model runs/sft --data data/prefs --out runs/cdpo --label-smoothing 0.1 --epochs 2
+      instruct dpo --model runs/sft --data data/prefs --out runs/rdpo --loss robust --label-smoothing 0.1
 
       instruct dpo --model runs/sft --data data/prefs --out runs/dpo --resume
     """

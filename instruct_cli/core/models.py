@@ -404,3 +404,13 @@ def load_for_inference(spec: str, quantization: str = "nf4", device: str = "auto
         model = PeftModel.from_pretrained(model, str(source.adapter), is_trainable=False)
         model.eval()
     return model, tokenizer, source
+
+
+def disable_dropout(model) -> None:
+    """Turn every dropout of `model` off, the LoRA adapters' included (PPO always; DPO by default): its
+    log-probs are then a function of the weights alone, as those of the reference and the rollouts are."""
+    import torch.nn as nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0

@@ -350,6 +350,7 @@ def fit(
             if not math.isfinite(step_metrics["loss"]):
                 raise Diverged(step + 1, step_metrics["loss"], checkpoint.latest())
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step used (logged as TRL logs it)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -359,7 +360,7 @@ def fit(
             rate = tokens_seen / max(time.time() - started, 1e-6)
             metrics = {
                 "loss/train": step_metrics.pop("loss"),
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": step_lr,
                 "train/grad_norm": float(grad_norm),
                 "train/tokens": step_tokens,
                 "train/tokens_per_s": rate,

@@ -162,11 +162,17 @@ def compute_reference(
 # ------------------------------------------------------------------------------------------------ losses
 def pair_terms(logp_sums: torch.Tensor, token_counts: torch.Tensor, batch: training.Batch, config: DPOConfig):
     """The per-pair losses and implicit rewards of a batch, from the policy's summed answer log-probs."""
-    policy = dpo_loss.compared_logps(logp_sums, token_counts, config.loss)
-    reference = dpo_loss.compared_logps(batch["reference_logps"], token_counts, config.loss)
-    b, w = batch["better"], batch["worse"]
+    reference, b, w = batch["reference_logps"], batch["better"], batch["worse"]
     return dpo_loss.pair_losses(
-        policy[b], policy[w], reference[b], reference[w], config.beta, config.loss, config.label_smoothing
+        logp_sums[b],
+        logp_sums[w],
+        reference[b],
+        reference[w],
+        config.beta,
+        config.loss,
+        config.label_smoothing,
+        token_counts[b],
+        token_counts[w],
     )
 
 
@@ -232,6 +238,8 @@ def run(config: DPOConfig) -> Path:
     with run_folder.recording():
         # 2. the policy: base + a trainable copy of the starting adapter (or a fresh, zero LoRA)
         policy, _ = training.load_trainable_policy(config, source, device, tokenizer)
+        if config.disable_dropout:  # as TRL: the log-ratios to the reference are 0 at step 1, the loss log 2
+            models.disable_dropout(policy)
         # 3. the reference: every response's log-prob under that starting model, once (also on --resume,
         # before fit restores the checkpoint's weights)
         responses = sum(len(group.responses) for group in train_set + eval_set)

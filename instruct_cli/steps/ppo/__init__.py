@@ -29,7 +29,6 @@ from instruct_cli.steps.ppo.roles import (
     VALUE,
     Roles,
     check_runs,
-    disable_dropout,
     load_roles,
     save_outputs,
 )
@@ -46,7 +45,6 @@ __all__ = [
     "Trajectory",
     "check_config",
     "check_runs",
-    "disable_dropout",
     "evaluate",
     "iteration_prompts",
     "load_roles",

@@ -134,16 +134,9 @@ def load_roles(
         value_head = heads.ScalarHead(heads.hidden_size_of(model)).to(device)
         with torch.no_grad():
             value_head.weight.zero_()  # predicts 0 everywhere until the value loss has taught it
-    disable_dropout(model)
+    models.disable_dropout(model)  # the log-probs of the update must match those of the rollout
     roles = Roles(model, value_head, reward_head, norm["gain"], norm["bias"])
     return roles, tokenizer, sft_source, rm_manifest
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """PPO runs with dropout off: the log-probs of the update must match those of the rollout."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
 
 
 def save_outputs(roles: Roles, folder: Path) -> None:
