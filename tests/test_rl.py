@@ -181,3 +181,73 @@ def test_sequence_rewards_subtract_the_summed_kl():
     kl = torch.tensor([[0.5, 0.0, -1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     torch.testing.assert_close(rl.sequence_rewards(scores, kl, 0.1), torch.tensor([1.05, -0.2]))
     torch.testing.assert_close(rl.sequence_rewards(scores, kl, 0.0), scores)
+
+
+# ------------------------------------------------------------------------ TRL parity fixes (issue 27)
+def test_k3_kl_is_masked_before_the_exp():
+    """Past a response's EOS the log-probs are padding's: one below about -88 made exp(r) infinite and
+    inf x 0 = NaN; masked first, the padding contributes exactly 0."""
+    logprobs = torch.tensor([[-1.0, -200.0]])
+    reference = torch.tensor([[-2.0, -0.1]])
+    mask = torch.tensor([[1.0, 0.0]])
+    kl = rl.k3_kl(logprobs, reference, mask)
+    assert torch.isfinite(kl).all() and kl[0, 1].item() == 0.0
+    assert kl[0, 0].item() == pytest.approx(math.exp(-1))
+    assert not torch.isfinite(rl.k3_kl(logprobs, reference)[0, 1] * 0.0)  # what the mask prevents
+
+
+def test_a_group_whose_rewards_tie_gets_zero_advantage_whatever_the_kl():
+    """The GRPO bug: a KL in the reward, divided by the group's std when the scores tie, gave unit-scale
+    advantages that do not shrink with beta. Scores tie: zero advantage, and the tie is counted."""
+    scores = torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, 0.0, 1.0, 0.0])
+    advantages, tied = rl.critic_free_advantages("grpo", scores, 4, "group")
+    torch.testing.assert_close(advantages[:4], torch.zeros(4))
+    assert tied == 0.5
+    # what the old default did: KL [2, 4, 1, 3] in the reward at beta 0.05 and at 0.01 alike
+    for beta in (0.05, 0.01):
+        rewards = rl.sequence_rewards(scores[:4], torch.tensor([[2.0], [4.0], [1.0], [3.0]]), beta)
+        noise, _ = rl.critic_free_advantages("grpo", rewards, 4, "group")
+        torch.testing.assert_close(noise, torch.tensor([0.39, -1.16, 1.16, -0.39]), atol=0.01, rtol=0)
+
+
+def test_reward_scales():
+    rewards = torch.tensor([1.0, 3.0, 0.0, 4.0])
+    centred = torch.tensor([-1.0, 1.0, -2.0, 2.0])
+    group_std = torch.tensor([math.sqrt(2)] * 2 + [math.sqrt(8)] * 2)
+    batch_std = torch.tensor(rewards.tolist()).std()
+    torch.testing.assert_close(rl.critic_free_advantages("grpo", rewards, 2, "none")[0], centred)
+    torch.testing.assert_close(rl.critic_free_advantages("grpo", rewards, 2, "group")[0], centred / (group_std + 1e-4))
+    torch.testing.assert_close(rl.critic_free_advantages("grpo", rewards, 2, "batch")[0], centred / (batch_std + 1e-4))
+
+
+def test_grpo_loss_types_by_hand():
+    """Two responses of 1 and 3 tokens, ratio 1 (on-policy): the per-token loss is -A."""
+    new = old = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    advantages = torch.tensor([1.0, -2.0])
+    counts = rl.Counts(tokens=4.0, sequences=2.0, max_tokens=5)
+    expected = {
+        "grpo": ((-1.0) + (2.0 * 3 / 3)) / 2,  # per-response token means, then their mean
+        "bnpo": (-1.0 + 6.0) / 4,
+        "dr_grpo": (-1.0 + 6.0) / (2 * 5),
+        "dapo": (-1.0 + 6.0) / 4,
+    }
+    for loss_type, value in expected.items():
+        loss, _ = rl.token_policy_loss(new, old, advantages, mask, counts, loss_type)
+        assert loss.item() == pytest.approx(value), loss_type
+
+
+def test_clip_higher_and_the_sequence_ratio():
+    """Token-level: a ratio of 1.25 with A > 0 is clipped at 1.2, but not with clip_high 0.28. RLOO's ratio is
+    exp of the summed per-token log-ratios: 50 tokens each up by 0.005 is a ratio of 1.28, clipped at 1.2."""
+    mask = torch.ones(1, 50)
+    new, old = torch.full((1, 50), 0.005), torch.zeros(1, 50)
+    counts = rl.Counts(tokens=50.0, sequences=1.0)
+    loss, stats = rl.sequence_policy_loss(new, old, torch.tensor([1.0]), mask, counts)
+    assert loss.item() == pytest.approx(-1.2) and stats["policy/clip_ratio/high"] == 1.0
+    one = torch.ones(1, 1)
+    up = torch.full((1, 1), math.log(1.25))
+    loss, stats = rl.token_policy_loss(up, torch.zeros(1, 1), torch.tensor([1.0]), one, rl.Counts(1.0, 1.0))
+    assert loss.item() == pytest.approx(-1.2) and stats["policy/clip_ratio/high"] == 1.0
+    loss, _ = rl.token_policy_loss(up, torch.zeros(1, 1), torch.tensor([1.0]), one, rl.Counts(1.0, 1.0), clip_high=0.28)
+    assert loss.item() == pytest.approx(-1.25)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from instruct_cli.core.errors import UserError
-from instruct_cli.core.methods import ADVANTAGE_ESTIMATORS, DPO_LOSSES
+from instruct_cli.core.methods import ADVANTAGE_ESTIMATORS, DPO_LOSSES, GRPO_LOSS_TYPES, REWARD_SCALES
 from instruct_cli.core.settings import FRACTION, POSITIVE, Range, setting
 
 AdvantageName = Literal[tuple(ADVANTAGE_ESTIMATORS)]
@@ -131,6 +131,8 @@ class TrainOptions(TrackingOptions):
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm."""
+    weight_decay: float = setting(0.0, allowed=Range(low=0.0))
+    """AdamW weight decay of the policy and value adapters (TRL's default, 0)."""
     max_length: int = setting(1024, allowed=POSITIVE)
     """Longest sequence in tokens; longer rows are truncated (filter them in prepare-data with --max-tokens)."""
     gradient_checkpointing: bool = True
@@ -182,21 +184,25 @@ class DPOConfig(TrainOptions, LoraOptions, ModelOptions, OutputOptions):
     beta: float = setting(0.1, allowed=POSITIVE)
     """How strongly the policy is held to the reference (DPO's beta, IPO's tau): smaller lets it drift further."""
     loss: DPOLossName = "sigmoid"
-    """sigmoid (DPO: -log sigmoid(beta x)) or ipo ((x - 1/(2 beta))^2 on mean per-token log-probs), where x is the
-    policy's chosen-minus-rejected log-ratio minus the reference's."""
+    """The loss, with x the policy's chosen-minus-rejected log-ratio minus the reference's (TRL 1.x's
+    formulas): sigmoid (DPO, -log sigmoid(beta x)), ipo ((x - 1/(2 beta))^2 on mean per-token log-probs),
+    robust (DPO corrected for --label-smoothing flipped preferences) or hinge (SLiC, max(0, 1 - beta x))."""
     label_smoothing: float = setting(
         0.0,
         allowed=Range(0.0, 0.5, high_open=True),
         fix="Set it to the fraction of preferences you expect to be wrong, e.g. 0.1 (0 = plain DPO)",
     )
-    """Conservative DPO: the assumed probability that a pair's preference is flipped (0 = plain DPO; below 0.5;
-    sigmoid loss only)."""
+    """The assumed share of preference pairs whose order is flipped, below 0.5 (robust loss only)."""
+    disable_dropout: bool = True
+    """Turn every dropout off (the LoRA adapter's included) while training and scoring the reference, as TRL's
+    disable_dropout: the policy's log-ratios against the reference are then exactly 0 at step 1 and the first
+    loss is log 2. --no-disable-dropout trains with the adapter's own lora_dropout."""
     lr: float = setting(5e-5, allowed=POSITIVE)
     """Peak learning rate (AdamW), reached after warmup, then cosine decay to 0 (lower than sft's: DPO overfits
     preferences quickly)."""
 
     def check_combination(self, source: str) -> None:
-        """Label smoothing belongs to the sigmoid loss."""
+        """Label smoothing belongs to the losses that model flipped preferences (methods.DPO_LOSSES)."""
         if self.label_smoothing and not DPO_LOSSES[self.loss].takes_label_smoothing:
             takes = [loss for loss in DPO_LOSSES.values() if loss.takes_label_smoothing]
             raise UserError(
@@ -230,10 +236,16 @@ class PPOConfig(TrackingOptions, OutputOptions):
     """PPO iterations: each samples a rollout batch, scores it, and updates policy and value."""
     rollout_batch_size: int = setting(16, allowed=POSITIVE)
     """Prompts sampled per iteration on each process (N processes sample N x this many, each its own share)."""
-    minibatch_size: int = setting(4, allowed=POSITIVE)
-    """Rollouts per gradient step in the update, on each process."""
-    ppo_epochs: int = setting(4, allowed=POSITIVE)
-    """Passes over each rollout batch in the update (InstructGPT: 4)."""
+    minibatch_size: Optional[int] = setting(None, allowed=POSITIVE)
+    """Rollouts per gradient step in the update, on each process (default: 4 for gae; the whole rollout batch
+    for rloo and grpo, one update per batch as TRL's num_iterations=1)."""
+    micro_batch_size: Optional[int] = setting(None, allowed=POSITIVE)
+    """Rollouts per forward pass in the update and the log-prob passes, on each process: a minibatch's micro-
+    batches add their gradients up to one step, so memory follows this, not the minibatch (default: the whole
+    minibatch for gae; 4 for rloo and grpo, as TRL's per-device batch under its one update per batch)."""
+    ppo_epochs: Optional[int] = setting(None, allowed=POSITIVE)
+    """Passes over each rollout batch in the update (default: 4 for gae, as InstructGPT; 1 for rloo and grpo,
+    as TRL)."""
     lr: float = setting(5e-5, allowed=POSITIVE)
     """Learning rate of the policy and value adapters (AdamW), decayed linearly to 0."""
     max_new_tokens: int = setting(64, allowed=POSITIVE)
@@ -242,8 +254,9 @@ class PPOConfig(TrackingOptions, OutputOptions):
     """Prompts longer than this many tokens are cut from the left."""
     temperature: float = setting(0.7, allowed=POSITIVE)
     """Sampling temperature of rollouts; the log-probs of the update use the same one."""
-    kl_coef: float = 0.05
-    """Initial KL coefficient beta (reward = score - beta * KL per token)."""
+    kl_coef: Optional[float] = setting(None, allowed=Range(low=0.0))
+    """Initial KL coefficient beta (default: 0.05 for gae and rloo; 0 for grpo, TRL's default, which leaves the
+    reference out)."""
     target_kl: Optional[float] = setting(None, allowed=POSITIVE)
     """Adaptive beta: target KL per response (e.g. 6.0); None keeps beta fixed."""
     kl_horizon: int = setting(5, allowed=POSITIVE)
@@ -260,9 +273,18 @@ class PPOConfig(TrackingOptions, OutputOptions):
     samples_per_prompt: Optional[int] = None
     """K: responses sampled per prompt in an iteration (rollout_batch_size counts responses and must be a
     multiple of K); default 1 for gae, 4 for rloo and grpo."""
-    kl_penalty: Literal["reward", "loss"] = "reward"
-    """Where the KL to the reference goes: reward (a per-token penalty in the reward, as InstructGPT) or loss
-    (the k3 estimator times beta added to the policy loss, as GRPO)."""
+    kl_penalty: Optional[Literal["reward", "loss"]] = None
+    """Where the KL to the reference goes: reward (a per-token penalty in the reward, as InstructGPT; the default
+    for gae and rloo) or loss (the k3 estimator times beta in the policy loss, as GRPO: its only choice, since
+    its group normalisation would scale a KL in the reward)."""
+    loss_type: Optional[Literal[GRPO_LOSS_TYPES]] = None
+    """grpo only: how the per-token loss becomes one number, as TRL's loss_type: dapo (the token mean over the
+    minibatch, TRL's default), grpo (the mean of each response's token mean), bnpo (the token mean of each
+    process's batch) or dr_grpo (the token sum over responses x max_new_tokens)."""
+    scale_rewards: Optional[Literal[REWARD_SCALES]] = None
+    """rloo and grpo, as TRL's trainers: for grpo (scale_rewards) each advantage divided by the std of its
+    group's rewards (group, the default), of the whole batch's (batch), or by nothing (none); for rloo
+    (normalize_advantages) the advantages whitened over the batch (batch), or not (none, the default)."""
     reward_fn: Optional[str] = None
     """A reward function FILE.py:NAME, called as NAME(prompts, responses) -> list of floats once per rollout
     batch (prompts as message lists, responses as strings): instead of --reward, or added to it."""
@@ -270,6 +292,8 @@ class PPOConfig(TrackingOptions, OutputOptions):
     """Weight of --reward-fn's rewards in the score (added to the reward model's normalised score, if any)."""
     clip_range: float = 0.2
     """PPO clipping of the policy ratio."""
+    clip_range_high: Optional[float] = setting(None, allowed=Range(low=0.0))
+    """The upper clip of the policy ratio, 1 + this (DAPO's clip-higher, TRL's epsilon_high; default: clip_range)."""
     value_clip_range: float = 0.2
     """Clipping of the value function around its rollout-time values."""
     vf_coef: float = 0.1
@@ -282,6 +306,8 @@ class PPOConfig(TrackingOptions, OutputOptions):
     """Data folder with the sft split used by PPO-ptx (defaults to the SFT run's data)."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm."""
+    weight_decay: float = setting(0.0, allowed=Range(low=0.0))
+    """AdamW weight decay of the policy and value adapters (TRL's default, 0)."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (less memory, slower)."""
     merged_rollouts: bool = True
@@ -305,6 +331,51 @@ class PPOConfig(TrackingOptions, OutputOptions):
     """Seed for sampling, data order and initialisation (process N of a data-parallel run samples with seed + N)."""
     resume: bool = False
     """Continue an interrupted run in --out from its last checkpoint."""
+
+    def __post_init__(self) -> None:
+        """Fill in the settings left to the advantage estimator (None) from its row of
+        methods.ADVANTAGE_ESTIMATORS, so that every reader of the config sees the values the run uses."""
+        estimator = ADVANTAGE_ESTIMATORS.get(self.advantage)
+        if estimator is None:  # not a known name: building the config from a recipe or flags refuses it
+            return
+        self.samples_per_prompt = estimator.group_size(self.samples_per_prompt)
+        self.ppo_epochs = self.ppo_epochs or estimator.default_epochs
+        self.minibatch_size = self.minibatch_size or estimator.default_minibatch or self.rollout_batch_size
+        self.micro_batch_size = self.micro_batch_size or min(
+            estimator.default_micro_batch or self.minibatch_size, self.minibatch_size
+        )
+        self.kl_coef = estimator.default_kl_coef if self.kl_coef is None else self.kl_coef
+        self.kl_penalty = self.kl_penalty or estimator.kl_penalties[0]
+        if estimator.policy_loss == "token":
+            self.loss_type = self.loss_type or GRPO_LOSS_TYPES[0]
+        self.scale_rewards = self.scale_rewards or (estimator.scales[0] if estimator.scales else None)
+        self.clip_range_high = self.clip_range if self.clip_range_high is None else self.clip_range_high
+
+    def check_combination(self, source: str) -> None:
+        """The estimator's own choices: where its KL may go, and which of loss_type and scale_rewards apply."""
+        estimator = ADVANTAGE_ESTIMATORS[self.advantage]
+        if self.kl_penalty is not None and self.kl_penalty not in estimator.kl_penalties:
+            raise UserError(
+                f"`kl_penalty: {self.kl_penalty}` does not go with `advantage: {self.advantage}`: its advantages "
+                "divide each group's rewards by their standard deviation, which would scale a KL in the reward too",
+                where=source,
+                fix=f"Use kl_penalty: {' or '.join(estimator.kl_penalties)} (as TRL's GRPO), or leave it out",
+            )
+        if self.loss_type is not None and estimator.policy_loss != "token":
+            takes = [name for name, e in ADVANTAGE_ESTIMATORS.items() if e.policy_loss == "token"]
+            raise UserError(
+                f"`loss_type` applies to advantage: {' or '.join(takes)}, not {self.advantage}",
+                where=source,
+                fix="Drop loss_type, or use advantage: " + " or ".join(takes),
+            )
+        if self.scale_rewards is not None and self.scale_rewards not in estimator.scales:
+            takes = [name for name, e in ADVANTAGE_ESTIMATORS.items() if self.scale_rewards in e.scales]
+            raise UserError(
+                f"`scale_rewards: {self.scale_rewards}` does not apply to advantage: {self.advantage}",
+                where=source,
+                fix=(f"Use one of {', '.join(estimator.scales)}" if estimator.scales else "Drop scale_rewards")
+                + (f", or advantage: {' or '.join(takes)}" if takes else ""),
+            )
 
 
 @dataclass

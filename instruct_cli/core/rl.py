@@ -124,21 +124,85 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (groups - others).reshape(-1)
 
 
+def group_mean_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GRPO's baseline: each response's reward minus its group's mean reward. Groups as in
+    `rloo_advantages`; returns (B,). Dividing by a standard deviation (`reward_scale`) is a separate step."""
+    groups = rewards.view(-1, group_size)
+    return (groups - groups.mean(1, keepdim=True)).reshape(-1)
+
+
+def group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The (unbiased) standard deviation of each response's group of K rewards, per response: (B,) -> (B,)."""
+    return rewards.view(-1, group_size).std(1, keepdim=True).expand(-1, group_size).reshape(-1)
+
+
+def reward_scale(rewards: torch.Tensor, group_size: int, scale: str, total: Total = local) -> torch.Tensor:
+    """What each advantage is divided by (plus 1e-4), as TRL's `scale_rewards`: the std of its group's rewards
+    (group), of the whole batch's rewards on every process (batch, unbiased), or nothing (none: ones, and no
+    1e-4). (B,) -> (B,)."""
+    if scale == "group":
+        return group_std(rewards, group_size)
+    if scale == "batch":
+        count = total(torch.tensor(float(rewards.numel()), dtype=rewards.dtype))
+        mean = total(rewards.sum()) / count
+        variance = total(((rewards - mean) ** 2).sum()) / (count - 1).clamp(min=1)
+        return variance.sqrt().expand_as(rewards)
+    return torch.ones_like(rewards)
+
+
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """GRPO (Shao et al. 2024): each response's reward minus its group's mean, divided by the group's
     (unbiased) standard deviation + eps. Groups as in `rloo_advantages`; returns (B,)."""
-    groups = rewards.view(-1, group_size)
-    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)).reshape(-1)
+    return group_mean_advantages(rewards, group_size) / (group_std(rewards, group_size) + eps)
 
 
-GROUP_ADVANTAGES = {"rloo": rloo_advantages, "grpo": grpo_advantages}
-"""The per-response advantages of each critic-free estimator (methods.ADVANTAGE_ESTIMATORS)."""
+def by_reward_scale(advantages: torch.Tensor, rewards: torch.Tensor, group_size: int, scale: str, total: Total = local):
+    """GRPO's scaling (TRL's GRPOTrainer): the advantages divided by `reward_scale` + 1e-4 (none: unchanged)."""
+    if scale == "none":
+        return advantages
+    return advantages / (reward_scale(rewards, group_size, scale, total) + 1e-4)
 
 
-def k3_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+def by_batch_whitening(advantages: torch.Tensor, rewards: torch.Tensor, group_size: int, scale: str, total=local):
+    """RLOO's scaling (TRL's RLOOTrainer, normalize_advantages): batch, the advantages whitened over every
+    process's batch, (A - mean A) / (std A + 1e-4), std unbiased; none: unchanged."""
+    if scale == "none":
+        return advantages
+    count = total(torch.tensor(float(advantages.numel()), dtype=advantages.dtype))
+    mean = total(advantages.sum()) / count
+    std = (total(((advantages - mean) ** 2).sum()) / (count - 1).clamp(min=1)).sqrt()
+    return (advantages - mean) / (std + 1e-4)
+
+
+GROUP_BASELINES = {"rloo": rloo_advantages, "grpo": group_mean_advantages}
+"""Each critic-free estimator's reward minus its baseline (methods.ADVANTAGE_ESTIMATORS), before scaling."""
+ADVANTAGE_SCALES = {"rloo": by_batch_whitening, "grpo": by_reward_scale}
+"""How each critic-free estimator scales its advantages (--scale-rewards; methods.ADVANTAGE_ESTIMATORS lists
+the scales each one takes), as TRL's trainer of the same name does."""
+
+
+def critic_free_advantages(
+    estimator: str, rewards: torch.Tensor, group_size: int, scale: str, total: Total = local
+) -> tuple[torch.Tensor, float]:
+    """(advantages (B,), the share of groups whose rewards all tie): the estimator's baseline subtracted, then
+    its scaling (ADVANTAGE_SCALES). A group whose rewards tie gets zero advantage."""
+    advantages = GROUP_BASELINES[estimator](rewards, group_size)
+    advantages = ADVANTAGE_SCALES[estimator](advantages, rewards, group_size, scale, total)
+    stds = rewards.view(-1, group_size).std(1)
+    tied = torch.isclose(stds, torch.zeros_like(stds)).float()
+    share = (total(tied.sum()) / total(torch.tensor(float(tied.numel()), dtype=tied.dtype))).item()
+    return advantages, share
+
+
+def k3_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token KL(policy || reference) estimate k3 = exp(r) - r - 1 with r = logp_ref - logp_policy
-    (Schulman 2020; GRPO's KL loss): never negative, unbiased, low variance. (B, T) -> (B, T)."""
+    (Schulman 2020; GRPO's KL loss): never negative, unbiased, low variance. (B, T) -> (B, T).
+
+    `mask` zeroes r before the exp: past a response's EOS the log-probs are padding's, and one below about
+    -88 would make exp(r) infinite and inf x 0 = NaN."""
     log_ratio = reference_logprobs - logprobs
+    if mask is not None:
+        log_ratio = torch.where(mask.bool(), log_ratio, torch.zeros_like(log_ratio))
     return torch.exp(log_ratio) - log_ratio - 1
 
 
@@ -171,6 +235,119 @@ def policy_loss(
         "policy/approxkl": 0.5 * token_share(log_ratio.detach() ** 2, mask, token_count).item(),
     }
     return loss, stats
+
+
+# ------------------------------------------------------------------------- critic-free policy losses
+@dataclass(frozen=True)
+class Counts:
+    """What a minibatch's loss is a mean over, counted on every process: each process's loss is then its share,
+    and the gradients summed over processes are those of one process holding the whole minibatch."""
+
+    tokens: float
+    """Real response tokens."""
+    sequences: float
+    """Responses."""
+    processes: int = 1
+    """Parts the minibatch is computed in: processes x micro-batches per process (bnpo's per-part means add
+    up to their mean)."""
+    max_tokens: int = 1
+    """The longest response that can be sampled (dr_grpo divides by it as if every response had that length)."""
+
+
+def clipped_surrogate(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective as a loss, -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), with the
+    importance ratio r = exp(log_ratio); and where the clip acted: r below its range with A < 0 (low), above
+    it with A > 0 (high). Any matching shapes."""
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    losses = -torch.minimum(ratio * advantages, clipped * advantages)
+    return losses, (ratio < 1.0 - clip_low) & (advantages < 0), (ratio > 1.0 + clip_high) & (advantages > 0)
+
+
+def _per_sequence_mean(per_token: torch.Tensor, mask: torch.Tensor, counts: Counts) -> torch.Tensor:
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / counts.sequences
+
+
+def _per_batch_token_mean(per_token: torch.Tensor, mask: torch.Tensor, counts: Counts) -> torch.Tensor:
+    return (per_token * mask).sum() / mask.sum().clamp(min=1) / counts.processes
+
+
+def _constant_length(per_token: torch.Tensor, mask: torch.Tensor, counts: Counts) -> torch.Tensor:
+    return (per_token * mask).sum() / (counts.sequences * counts.max_tokens)
+
+
+def _global_token_mean(per_token: torch.Tensor, mask: torch.Tensor, counts: Counts) -> torch.Tensor:
+    return (per_token * mask).sum() / counts.tokens
+
+
+LOSS_AGGREGATIONS = {
+    "grpo": _per_sequence_mean,
+    "bnpo": _per_batch_token_mean,
+    "dr_grpo": _constant_length,
+    "dapo": _global_token_mean,
+}
+"""How a token-level policy loss becomes one number, as TRL's GRPO `loss_type`: grpo, the mean over responses
+of each response's token mean (the GRPO paper); bnpo, the token mean of each process's batch; dr_grpo, the
+token sum over (responses x max_new_tokens) (Liu et al. 2025); dapo, the token mean over the minibatch on
+every process (Yu et al. 2025; TRL's default)."""
+
+
+def token_policy_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    counts: Counts,
+    loss_type: str = "dapo",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    kl: torch.Tensor | None = None,
+    beta: float = 0.0,
+    kl_bias_correction: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's loss (TRL's `GRPOTrainer._compute_loss`): the clipped objective per token with one advantage per
+    response ((B,) `advantages`), plus beta x the per-token `kl` (k3) when given, aggregated by `loss_type`
+    (LOSS_AGGREGATIONS). With `kl_bias_correction` (TRL's default, use_bias_correction_kl) each token's KL is
+    weighted by its importance ratio, gradient included: the KL of the current policy, estimated from samples
+    of the old one. Returns this process's share of the loss and of its statistics."""
+    log_ratio = torch.where(mask.bool(), new_logprobs - old_logprobs, torch.zeros_like(new_logprobs))
+    per_token, low, high = clipped_surrogate(log_ratio, advantages.unsqueeze(1), clip_low, clip_high)
+    if kl is not None and beta:
+        per_token = per_token + beta * (kl * torch.exp(log_ratio) if kl_bias_correction else kl)
+    loss = LOSS_AGGREGATIONS[loss_type](per_token, mask, counts)
+    stats = {
+        "policy/clipfrac": token_share((low | high).float(), mask, counts.tokens).item(),
+        "policy/clip_ratio/low": token_share(low.float(), mask, counts.tokens).item(),
+        "policy/clip_ratio/high": token_share(high.float(), mask, counts.tokens).item(),
+        "policy/approxkl": 0.5 * token_share(log_ratio.detach() ** 2, mask, counts.tokens).item(),
+    }
+    return loss, stats
+
+
+def sequence_policy_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    counts: Counts,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """RLOO's loss (TRL's `RLOOTrainer._compute_loss`): one importance ratio per response, exp of the summed
+    per-token log-ratios, clipped, times its advantage; the mean over responses. (B, T), (B,) -> this
+    process's share of the loss and of its statistics."""
+    log_ratio = torch.where(mask.bool(), new_logprobs - old_logprobs, torch.zeros_like(new_logprobs)).sum(1)
+    per_sequence, low, high = clipped_surrogate(log_ratio, advantages, clip_low, clip_high)
+    share = 1.0 / counts.sequences
+    stats = {
+        "policy/clipfrac": ((low | high).float().sum() * share).item(),
+        "policy/clip_ratio/low": (low.float().sum() * share).item(),
+        "policy/clip_ratio/high": (high.float().sum() * share).item(),
+        "policy/approxkl": (0.5 * (log_ratio.detach() ** 2).sum() * share).item(),
+    }
+    return per_sequence.sum() * share, stats
 
 
 def value_loss(

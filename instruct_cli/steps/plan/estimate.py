@@ -252,16 +252,16 @@ def estimate_ppo(
         ),
         # 2. score / 4. values: the body over prompt + response without gradients
         Moment("scoring", activations=inference_layer_bytes(shape, plain, rollouts, full), gradients=False),
-        # 3. log-probs and entropy, a minibatch of rollouts at a time: the policy's logits of the response
+        # 3. log-probs and entropy, a micro-batch of rollouts at a time: the policy's logits of the response
         #    positions (+1), then the scaled fp32 copy, log-softmax, its exp and the product for the entropy
         Moment(
             "rollout log-probs",
-            logits=min(rollouts, config.minibatch_size) * (new + 1) * shape.vocab * (plain.stream + 12),
+            logits=min(rollouts, config.micro_batch_size) * (new + 1) * shape.vocab * (plain.stream + 12),
             gradients=False,
         ),
     ]
-    # 5. update: a minibatch of prompt + response sequences with gradients through the policy
-    minibatch = config.minibatch_size
+    # 5. update: a micro-batch of prompt + response sequences at a time with gradients through the policy
+    minibatch = config.micro_batch_size
     kept, backward = training_activation_bytes(shape, prec, policy, minibatch, full, config.gradient_checkpointing)
     logits_dtype = prec.compute if prec.autocast else prec.stream
     # logits of T+1 positions; in the backward the saved log-softmax, its gradient and the input gradient

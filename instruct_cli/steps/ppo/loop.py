@@ -60,7 +60,9 @@ def run(config: PPOConfig) -> Path:
         roles, tokenizer, _, _ = load_roles(config, device, runs)
         function_reward = FunctionReward(user_function, config.reward_fn_weight, tokenizer) if user_function else None
         encoded = [chat.encode_prompt(tokenizer, messages) for messages in train_prompts]
-        optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=config.lr, eps=1e-5)
+        optimizer = torch.optim.AdamW(
+            roles.trainable_parameters(), lr=config.lr, eps=1e-5, weight_decay=config.weight_decay
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / config.iterations))
         controller = rl.KLController(config.kl_coef, config.target_kl, config.kl_horizon)
         trainable = training.Trainable(
@@ -228,11 +230,11 @@ def train(
                 stats["rollout/tokens_per_s"] = sampled / max(stats["time/rollout"], 1e-9)
                 stats["objective/beta"] = controller.beta
                 controller.update(stats["objective/kl"])
+                stats["train/lr"] = trainable.scheduler.get_last_lr()[0]  # the rate this iteration used
                 trainable.scheduler.step()
                 iteration += 1
                 rollouts += len(mine) * accelerator.num_processes
                 stats["train/samples_per_s"] = rollouts / max(time.time() - started, 1e-6)
-                stats["train/lr"] = trainable.scheduler.get_last_lr()[0]
                 if iteration % config.eval_every == 0 or iteration == config.iterations:
                     evaluating = time.perf_counter()
                     eval_metrics, samples = evaluate(

@@ -326,6 +326,13 @@ def minibatch_rows(
     return epochs
 
 
+def micro_batches(rows: torch.Tensor, config: PPOConfig, group: int = 1) -> list[torch.Tensor]:
+    """A process's rows of one minibatch in forward passes of at most --micro-batch-size rollouts (whole groups
+    of `group` rows, at least one group): the trajectory's passes and the update cut a minibatch the same way."""
+    size = max(group, config.micro_batch_size // group * group)
+    return [rows[start : start + size] for start in range(0, len(rows), size)]
+
+
 def group_size(config: PPOConfig) -> int:
     """K, the responses sampled per prompt: --samples-per-prompt, else the estimator's default."""
     return ADVANTAGE_ESTIMATORS[config.advantage].group_size(config.samples_per_prompt)
@@ -357,9 +364,8 @@ def make_trajectory(
         # logits for the whole rollout batch at once would be the largest tensor of the run (B x T x vocab)
         logprobs, ref_logprobs, values, entropies = (torch.zeros_like(mask) for _ in range(4))
         group = packed_group(roles, config)
-        for rows in minibatch_rows(config, iteration, len(query), accelerator, group)[0]:
-            if len(rows) == 0:  # a minibatch of other processes' rollouts only
-                continue
+        first_epoch = minibatch_rows(config, iteration, len(query), accelerator, group)[0]
+        for rows in (part for minibatch in first_epoch for part in micro_batches(minibatch, config, group)):
             rows = rows.to(query.device)
             chunk = (query[rows], query_mask[rows], response[rows], mask[rows])
             packed = pack_rows(*chunk, group) if packs(roles, config) else None
@@ -370,7 +376,9 @@ def make_trajectory(
             if roles.has_value:
                 values[rows] = response_values(roles, *chunk, packed) * mask[rows]
     measured = time.perf_counter()
-    advantages, returns, kl = advantages_of(scores, logprobs, ref_logprobs, values, mask, config, beta, total)
+    advantages, returns, kl, advantage_stats = advantages_of(
+        scores, logprobs, ref_logprobs, values, mask, config, beta, total
+    )
     trajectory = Trajectory(
         query, query_mask, response, mask, ended, logprobs, ref_logprobs, values, scores, kl, advantages, returns
     )
@@ -381,6 +389,10 @@ def make_trajectory(
         "objective/entropy": rl.masked_mean(entropies, mask, total=total).item(),
         "response/length": (total(mask.sum()) / rollouts).item(),
         "response/eos_rate": (total(ended.float().sum()) / rollouts).item(),
+        "response/clipped_rate": (
+            total((~ended & (mask.sum(1) >= config.max_new_tokens)).float().sum()) / rollouts
+        ).item(),
+        **advantage_stats,
         "time/score": scored - began,
         "time/logprobs": measured - scored,  # policy, reference and values
     }
@@ -391,14 +403,19 @@ def make_trajectory(
 
 def advantages_of(
     scores, logprobs, ref_logprobs, values, mask, config: PPOConfig, beta: float, total
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step 4: (advantages, returns, kl), all (B, T). The KL is in the reward unless --kl-penalty loss."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Step 4: (advantages, returns, kl), all (B, T), and their statistics. The KL is in the reward unless
+    --kl-penalty loss. Critic-free, one advantage per response (the same at each of its tokens), scaled by
+    --scale-rewards; the share of groups whose rewards all tie (zero advantage: no signal) is logged."""
     beta_in_reward = beta if config.kl_penalty == "reward" else 0.0
     if ADVANTAGE_ESTIMATORS[config.advantage].needs_critic:
         rewards, kl = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, beta_in_reward)
         advantages, returns = rl.gae(rewards, values, mask, config.gamma, config.lam)
-        return rl.whiten(advantages, mask, total=total), returns, kl
+        return rl.whiten(advantages, mask, total=total), returns, kl, {}
     kl = (logprobs - ref_logprobs) * mask
     rewards = rl.sequence_rewards(scores, kl, beta_in_reward)
-    advantages = rl.GROUP_ADVANTAGES[config.advantage](rewards, group_size(config)).unsqueeze(1) * mask
-    return advantages, torch.zeros_like(advantages), kl
+    advantages, tied = rl.critic_free_advantages(
+        config.advantage, rewards, group_size(config), config.scale_rewards, total
+    )
+    advantages = advantages.unsqueeze(1) * mask
+    return advantages, torch.zeros_like(advantages), kl, {"objective/frac_reward_zero_std": tied}

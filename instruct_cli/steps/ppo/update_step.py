@@ -1,7 +1,9 @@
 """Step 5 of a PPO iteration: clipped policy and value losses over several epochs of minibatches.
 
-Without a value role (--advantage rloo/grpo) there is no value loss; with --kl-penalty loss the policy loss
-gains beta x the mean k3 KL to the reference (GRPO's form) instead of the KL sitting in the reward.
+The policy loss is the estimator's (`policy_terms`): PPO's clipped per-token loss (gae), GRPO's with TRL's
+loss types and clip-higher (grpo), or RLOO's with one importance ratio per response (rloo). Without a value
+role (rloo, grpo) there is no value loss; with --kl-penalty loss the policy loss gains beta x the k3 KL to the
+reference instead of the KL sitting in the reward.
 
 Minibatch k is the same set of rollouts whatever the number of processes (trajectory.minibatch_rows: each
 epoch's shuffle is drawn over the global batch from a generator seeded by (seed, iteration)). With K samples
@@ -26,6 +28,7 @@ import torch
 
 from instruct_cli.core import distributed, lm, rl
 from instruct_cli.core.config import PPOConfig
+from instruct_cli.core.methods import ADVANTAGE_ESTIMATORS
 from instruct_cli.steps.ppo import trajectory as trajectory_steps
 from instruct_cli.steps.ppo.roles import POLICY, Roles
 from instruct_cli.steps.ppo.trajectory import Trajectory
@@ -60,8 +63,23 @@ def update(
         for mine in epoch:
             mine = mine.to(trajectory.response.device)
             token_count = total(trajectory.response_mask[mine].sum())
+            sequence_count = total(torch.tensor(float(len(mine)), device=trajectory.response.device))
             ptx_batch = ptx_batches(len(steps)) if ptx_batches is not None else None
-            stats = update_minibatch(roles, trajectory.rows(mine), config, accelerator, token_count, ptx_batch, beta)
+            parts = trajectory_steps.micro_batches(mine, config, group) or [mine]
+            stats = {}
+            for number, part in enumerate(parts):  # each part's losses are its share: the gradients add up
+                part_stats = update_minibatch(
+                    roles,
+                    trajectory.rows(part),
+                    config,
+                    accelerator,
+                    token_count,
+                    ptx_batch if number == 0 else None,
+                    beta,
+                    sequence_count,
+                    len(parts),
+                )
+                stats = {name: stats.get(name, 0.0) + value for name, value in part_stats.items()}
             stats = distributed.sum_stats(accelerator, stats)
             distributed.sum_gradients(accelerator, parameters)
             stats["policy/grad_norm"] = float(accelerator.clip_grad_norm_(parameters, config.max_grad_norm))
@@ -84,13 +102,17 @@ def update_minibatch(
     token_count: torch.Tensor | None = None,
     ptx_batch: dict | None = None,
     beta: float = 0.0,
+    sequence_count: torch.Tensor | None = None,
+    parts: int = 1,
 ) -> dict[str, float]:
     """Backpropagate the policy loss (with its adapter active), then the value loss (with its own), if there
     is a value role. `beta` weighs the k3 KL term of --kl-penalty loss. The batch runs padded or packed
     (trajectory.pack_rows, trajectory.packed_group) exactly as the trajectory ran it.
 
-    `token_count` is the minibatch's real tokens on all processes (None: this batch's own): the losses are
-    this process's shares of the minibatch's means. A process may hold no rollout of a minibatch; it then
+    `token_count` and `sequence_count` are the minibatch's real tokens and rollouts on all processes (None:
+    this batch's own): the losses are this process's shares of the minibatch's means. `parts`: how many
+    micro-batches this process cuts the minibatch into (bnpo's per-part means are divided by it, as TRL
+    divides by its gradient accumulation steps). A process may hold no rollout of a minibatch; it then
     contributes nothing but the PPO-ptx term."""
     stats = {"loss/policy": 0.0, "loss/value": 0.0, "policy/clipfrac": 0.0, "policy/approxkl": 0.0}
     if roles.has_value:
@@ -106,13 +128,11 @@ def update_minibatch(
         packed = trajectory_steps.pack_rows(*chunk, group) if trajectory_steps.packs(roles, config) else None
         with accelerator.autocast():
             new_logprobs, _ = trajectory_steps.response_logprobs(roles, POLICY, *chunk, config.temperature, packed)
-            pg_loss, pg_stats = rl.policy_loss(
-                new_logprobs, batch.logprobs, batch.advantages, batch.response_mask, config.clip_range, token_count
+            pg_loss, pg_stats, kl_loss = policy_terms(
+                new_logprobs, batch, config, accelerator, token_count, sequence_count, beta, parts
             )
             loss = pg_loss + (ptx_term(roles, ptx_batch, config, share, stats) if ptx_batch is not None else 0.0)
-            if config.kl_penalty == "loss":
-                kl_loss = rl.token_share(rl.k3_kl(new_logprobs, batch.ref_logprobs), batch.response_mask, token_count)
-                loss = loss + beta * kl_loss
+            if kl_loss is not None:
                 stats["loss/kl"] = kl_loss.item()
         check_finite(loss, "policy loss")
         accelerator.backward(loss)
@@ -131,6 +151,46 @@ def update_minibatch(
             loss = ptx_term(roles, ptx_batch, config, share, stats)
         accelerator.backward(loss)
     return stats
+
+
+def policy_terms(
+    new_logprobs: torch.Tensor,
+    batch: Trajectory,
+    config: PPOConfig,
+    accelerator,
+    token_count: torch.Tensor | None,
+    sequence_count: torch.Tensor | None,
+    beta: float,
+    parts: int = 1,
+) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
+    """(the policy loss with its KL term, if any; its statistics; the mean k3 KL, when --kl-penalty loss), by
+    the estimator's policy loss (methods.ADVANTAGE_ESTIMATORS): ppo's per-token clipped loss with the KL added
+    as beta x its token mean; GRPO's, the KL inside each token's loss before --loss-type aggregates them (as
+    TRL); RLOO's sequence-level one, the KL added as for ppo."""
+    mask = batch.response_mask
+    kl = rl.k3_kl(new_logprobs, batch.ref_logprobs, mask) if config.kl_penalty == "loss" else None
+    kl_loss = rl.token_share(kl, mask, token_count) if kl is not None else None
+    kind = ADVANTAGE_ESTIMATORS[config.advantage].policy_loss
+    if kind == "ppo":
+        loss, stats = rl.policy_loss(
+            new_logprobs, batch.logprobs, batch.advantages, mask, config.clip_range, token_count
+        )
+        return (loss + beta * kl_loss if kl_loss is not None else loss), stats, kl_loss
+    counts = rl.Counts(
+        tokens=mask.sum() if token_count is None else token_count,
+        sequences=float(len(mask)) if sequence_count is None else sequence_count,
+        processes=accelerator.num_processes * parts,
+        max_tokens=config.max_new_tokens,
+    )
+    per_response = (batch.advantages * mask).sum(1) / mask.sum(1).clamp(min=1)  # the same at each token
+    clip = (config.clip_range, config.clip_range_high)
+    if kind == "token":
+        loss, stats = rl.token_policy_loss(
+            new_logprobs, batch.logprobs, per_response, mask, counts, config.loss_type, *clip, kl, beta
+        )
+        return loss, stats, kl_loss
+    loss, stats = rl.sequence_policy_loss(new_logprobs, batch.logprobs, per_response, mask, counts, *clip)
+    return (loss + beta * kl_loss if kl_loss is not None else loss), stats, kl_loss
 
 
 def ptx_term(roles: Roles, ptx_batch: dict, config: PPOConfig, share: float, stats: dict) -> torch.Tensor:
