@@ -297,3 +297,27 @@ def test_plan_models_the_critic_free_modes():
     assert function_only.optimizer == 8 * per_adapter
     assert any("no value adapter" in note for note in rloo.notes)
     assert rloo.total < gae.total
+
+
+def test_grpo_groups_whose_rewards_tie_get_no_signal_and_are_logged(pipeline, tmp_path):
+    """A reward function that scores every answer the same (and no penalty for a missing EOS): every group
+    ties, so every advantage is 0 (beta 0, TRL's GRPO default), the policy loss is 0 and frac_reward_zero_std
+    says why."""
+    rewards = tmp_path / "flat.py"
+    rewards.write_text("def flat(prompts, responses):\n    return [1.0] * len(responses)\n")
+    out = ppo.run(
+        config_for(
+            pipeline,
+            tmp_path / "t",
+            reward=None,
+            reward_fn=f"{rewards}:flat",
+            advantage="grpo",
+            iterations=2,
+            kl_coef=None,
+            missing_eos_penalty=0.0,
+        )
+    )
+    rows = metrics_of(out)
+    assert all(row["objective/frac_reward_zero_std"] == 1.0 for row in rows)
+    assert all(row["loss/policy"] == 0.0 for row in rows)
+    assert {"policy/clip_ratio/low", "policy/clip_ratio/high", "response/clipped_rate"} <= set(rows[0])

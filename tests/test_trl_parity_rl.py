@@ -249,8 +249,8 @@ def assert_grpo_parity(result) -> None:
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_grpo_matches_trl(tiny_model_dir, tmp_path, loss_type, scale, beta):
-    """GRPO, each loss type x reward scaling x (no KL | k3 KL in the loss, without TRL's importance-ratio factor
-    on it), with clip-higher and shifted old log-probs: same advantages (zero for the tied group), same loss,
+    """GRPO, each loss type x reward scaling x (no KL | k3 KL in the loss, with TRL's default importance-ratio
+    factor on it), with clip-higher and shifted old log-probs: same advantages (zero for the tied group), same loss,
     same gradient of every parameter, same clip fractions (both bounds acted)."""
     trainer = grpo_trainer(tiny_model_dir, tmp_path, loss_type, scale, beta)
     result = run_grpo(trainer, tiny_model_dir, loss_type, scale, beta)

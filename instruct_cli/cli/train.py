@@ -120,7 +120,7 @@ def ppo(config: cfg.PPOConfig) -> None:
 
       instruct ppo --sft runs/sft --reward runs/rm --data data/prompts --out runs/rloo --advantage rloo
 
-      instruct ppo --sft runs/sft --reward-fn examples/rewards.py:brevity --data data/prompts --out runs/grpo --advantage grpo --kl-penalty loss
+      instruct ppo --sft runs/sft --reward-fn examples/rewards.py:brevity --data data/prompts --out runs/grpo --advantage grpo --kl-coef 0.04
 
       instruct ppo --recipe recipes/quickstart.yaml --resume
     """

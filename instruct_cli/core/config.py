@@ -127,12 +127,10 @@ class TrainOptions(TrackingOptions):
     """Peak learning rate (AdamW), reached after warmup, then cosine decay to 0."""
     warmup_ratio: float = setting(0.03, allowed=FRACTION)
     """Fraction of the steps spent warming the learning rate up from 0."""
-    weight_decay: float = 0.0
+    weight_decay: float = setting(0.0, allowed=Range(low=0.0))
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm."""
-    weight_decay: float = setting(0.0, allowed=Range(low=0.0))
-    """AdamW weight decay of the policy and value adapters (TRL's default, 0)."""
     max_length: int = setting(1024, allowed=POSITIVE)
     """Longest sequence in tokens; longer rows are truncated (filter them in prepare-data with --max-tokens)."""
     gradient_checkpointing: bool = True
@@ -235,7 +233,8 @@ class PPOConfig(TrackingOptions, OutputOptions):
     iterations: int = setting(100, allowed=POSITIVE)
     """PPO iterations: each samples a rollout batch, scores it, and updates policy and value."""
     rollout_batch_size: int = setting(16, allowed=POSITIVE)
-    """Prompts sampled per iteration on each process (N processes sample N x this many, each its own share)."""
+    """Responses sampled per iteration on each process, K per prompt (N processes sample N x this many, each its
+    own share)."""
     minibatch_size: Optional[int] = setting(None, allowed=POSITIVE)
     """Rollouts per gradient step in the update, on each process (default: 4 for gae; the whole rollout batch
     for rloo and grpo, one update per batch as TRL's num_iterations=1)."""
@@ -255,8 +254,8 @@ class PPOConfig(TrackingOptions, OutputOptions):
     temperature: float = setting(0.7, allowed=POSITIVE)
     """Sampling temperature of rollouts; the log-probs of the update use the same one."""
     kl_coef: Optional[float] = setting(None, allowed=Range(low=0.0))
-    """Initial KL coefficient beta (default: 0.05 for gae and rloo; 0 for grpo, TRL's default, which leaves the
-    reference out)."""
+    """Initial KL coefficient beta (default: 0.05 for gae and rloo; 0 for grpo, TRL's default: the KL to the
+    reference is still measured and logged, but not in the loss)."""
     target_kl: Optional[float] = setting(None, allowed=POSITIVE)
     """Adaptive beta: target KL per response (e.g. 6.0); None keeps beta fixed."""
     kl_horizon: int = setting(5, allowed=POSITIVE)
@@ -293,7 +292,8 @@ class PPOConfig(TrackingOptions, OutputOptions):
     clip_range: float = 0.2
     """PPO clipping of the policy ratio."""
     clip_range_high: Optional[float] = setting(None, allowed=Range(low=0.0))
-    """The upper clip of the policy ratio, 1 + this (DAPO's clip-higher, TRL's epsilon_high; default: clip_range)."""
+    """The upper clip of the policy ratio, 1 + this, for every estimator (DAPO's clip-higher, TRL's epsilon_high;
+    default: clip_range)."""
     value_clip_range: float = 0.2
     """Clipping of the value function around its rollout-time values."""
     vf_coef: float = 0.1
@@ -360,6 +360,13 @@ class PPOConfig(TrackingOptions, OutputOptions):
                 "divide each group's rewards by their standard deviation, which would scale a KL in the reward too",
                 where=source,
                 fix=f"Use kl_penalty: {' or '.join(estimator.kl_penalties)} (as TRL's GRPO), or leave it out",
+            )
+        if self.target_kl is not None and self.kl_coef == 0:
+            raise UserError(
+                f"`target_kl: {self.target_kl}` adapts beta by multiplying it, and beta is 0"
+                + (f" (advantage: {self.advantage}'s default)" if estimator.default_kl_coef == 0 else ""),
+                where=source,
+                fix="Give a starting kl_coef above 0 (e.g. 0.04), or drop target_kl",
             )
         if self.loss_type is not None and estimator.policy_loss != "token":
             takes = [name for name, e in ADVANTAGE_ESTIMATORS.items() if e.policy_loss == "token"]

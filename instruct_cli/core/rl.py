@@ -220,15 +220,18 @@ def policy_loss(
     mask: torch.Tensor,
     clip_range: float,
     token_count: torch.Tensor | float | None = None,
+    clip_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate objective (as a loss to minimise), with clip fraction and approximate KL.
+    """PPO's clipped surrogate objective (as a loss to minimise), with clip fraction and approximate KL; the
+    ratio is clipped to [1 - clip_range, 1 + clip_high] (clip_high: clip_range when None).
 
     With `token_count` (the minibatch's real tokens on all processes) the loss and both statistics are this
     process's shares: summed over processes they are the minibatch's means."""
     log_ratio = (new_logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    high = clip_range if clip_high is None else clip_high
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
     loss = token_share(torch.maximum(unclipped, clipped), mask, token_count)
     stats = {
         "policy/clipfrac": token_share((clipped > unclipped).float(), mask, token_count).item(),

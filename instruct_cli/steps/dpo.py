@@ -1,5 +1,5 @@
-"""`instruct dpo`: direct preference optimisation of a LoRA policy (Rafailov et al. 2023), with IPO and
-conservative DPO as options. No reward model and no sampling: the policy learns from the preference data
+"""`instruct dpo`: direct preference optimisation of a LoRA policy (Rafailov et al. 2023), with IPO, robust
+DPO and SLiC's hinge as options (core/dpo_loss.py). No reward model and no sampling: the policy learns from the preference data
 directly, held near a frozen reference.
 
 The policy starts as a trainable copy of `--model`'s adapter (an SFT run, as the DPO paper starts from the

@@ -173,7 +173,7 @@ def policy_terms(
     kind = ADVANTAGE_ESTIMATORS[config.advantage].policy_loss
     if kind == "ppo":
         loss, stats = rl.policy_loss(
-            new_logprobs, batch.logprobs, batch.advantages, mask, config.clip_range, token_count
+            new_logprobs, batch.logprobs, batch.advantages, mask, config.clip_range, token_count, config.clip_range_high
         )
         return (loss + beta * kl_loss if kl_loss is not None else loss), stats, kl_loss
     counts = rl.Counts(
