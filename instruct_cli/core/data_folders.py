@@ -1,7 +1,8 @@
 """Reading a data folder written by `instruct prepare-data`: what every training and eval step reads.
 
 Owns: the folder's task (`data_task`), its splits (`read_split`), the prompts of any task (`read_prompts`)
-and line-by-line JSON with errors that name the line (`json_lines`). May use: artifacts, errors.
+and their columns (`read_prompt_columns`: a prompts row's other fields, e.g. `answer`), and line-by-line
+JSON with errors that name the line (`json_lines`). May use: artifacts, errors.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ def read_prompts(data_dir: Path, split: str, flag: str = "--data") -> list[list[
         )
     rows = read_split(data_dir, f"{task}.{split}", flag=flag)
     return [row["messages"][:-1] if task == "sft" else row["prompt"] for row in rows]
+
+
+def read_prompt_columns(data_dir: Path, split: str, flag: str = "--data") -> list[dict]:
+    """The columns of each prompt of `read_prompts(data_dir, split)`, in the same order: a prompts row's fields
+    other than `prompt` (e.g. `answer`, listed in the manifest's `columns`); an sft or prefs folder's prompts
+    have none (empty dicts)."""
+    task = data_task(data_dir, flag=flag)
+    if task != "prompts":
+        return [{} for _ in read_prompts(data_dir, split, flag=flag)]
+    rows = read_split(data_dir, f"prompts.{split}", flag=flag)
+    return [{name: value for name, value in row.items() if name != "prompt"} for row in rows]
 
 
 def read_split(data_dir: Path, name: str, flag: str = "--data") -> list[dict]:

@@ -6,7 +6,8 @@ Reading happens in three small stages, each with one owner:
    JSON, JSONL, CSV, Parquet, plain text, a `datasets.save_to_disk` folder, or a `labels/` folder.
 2. `detect_format` + `CONVERTERS` (formats.py): one raw row -> one canonical record, by input format:
    sft `{"messages"}`, prefs `{"prompt", "chosen", "rejected"}` or `{"prompt", "responses", "ranking"}`,
-   prompts `{"prompt"}`. A row that cannot be converted raises `Malformed`.
+   prompts `{"prompt"}`. A row that cannot be converted raises `Malformed`. `extra_fields` keeps the fields the
+   format did not read, the columns a prompts row carries (e.g. `answer`) for reward functions.
 3. `run` (stages.py): converts every row, turns records into the requested task, drops empty, duplicate, too
    long, malformed and flagged (by a labeler) rows, counted by reason, splits train/eval with a seed, and
    writes the folder atomically with a manifest (sources + sha256, format, counts, drops, token-length

@@ -3,13 +3,16 @@
 `read_source` turns a file or folder into raw rows with where each came from; `detect_format` and
 `convert` turn one raw row into one canonical record: sft `{"messages"}`, prefs `{"prompt", "chosen",
 "rejected"}` or `{"prompt", "responses", "ranking"}`, prompts `{"prompt"}`. A row that cannot be converted
-raises `Malformed`. May use: core (errors).
+raises `Malformed`. `extra_fields` and `plain_json` keep the fields a format did not read, the columns a
+prompts row carries for reward functions. May use: core (errors).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -357,3 +360,62 @@ def convert(row, fmt: str) -> tuple[str, dict]:
     if missing:
         raise Malformed(f"missing {', '.join(f'`{k}`' for k in missing)} for the {fmt} format")
     return CONVERTERS[fmt](row)
+
+
+# ------------------------------------------------------------------------------------------- columns
+PROMPT_FIELDS = {
+    "alpaca": ("instruction", "input", "system"),
+    "sharegpt": ("conversations", "system"),
+    "messages": ("messages",),
+    "prompt-completion": ("prompt",),
+    "preference": ("prompt",),
+    "hh": (),
+    "ranked": ("prompt",),
+    "text": ("text",),
+}
+"""The fields each format reads to build the prompt conversation."""
+
+PREFERENCE_FIELDS = ("chosen", "rejected", "responses", "ranking", "ties")
+"""The fields that hold a preference's responses: never columns (only one prompt of the pair is kept)."""
+
+ALWAYS_READ = ("prompt", "flagged", "skipped")
+"""Read by prepare-data whatever the format: `prompt` is the prompts row's own key, the others drop a row."""
+
+
+def extra_fields(row, fmt: str, kind: str) -> dict:
+    """The fields of raw `row` that format `fmt` did not read for the prompt (a prefs row's responses count as
+    read), by name, values as read: the columns a prompts row keeps. An SFT row's answer field (alpaca
+    `output`, `completion`, `response`) is not a prompt field, so it is kept as a reference answer."""
+    if not isinstance(row, dict):
+        return {}
+    read = {*PROMPT_FIELDS[fmt], *ALWAYS_READ, *(PREFERENCE_FIELDS if kind == "prefs" else ())}
+    return {str(key): value for key, value in row.items() if key is not None and key not in read}
+
+
+def plain_json(value, field: str):
+    """`value` as a plain JSON value (numpy / arrow scalars and arrays, tuples, dates, decimals converted; a
+    float that is not finite becomes null); Malformed when it has no JSON form (e.g. an image)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(key): plain_json(item, field) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(item, field) for item in value]
+    if isinstance(value, Decimal):
+        return (
+            int(value) if value.is_finite() and value == value.to_integral_value() else plain_json(float(value), field)
+        )
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Malformed(f"column `{field}` holds bytes that are not UTF-8 text") from None
+    if hasattr(value, "as_py"):  # a pyarrow scalar
+        return plain_json(value.as_py(), field)
+    if hasattr(value, "tolist"):  # a numpy scalar or array
+        return plain_json(value.tolist(), field)
+    if hasattr(value, "isoformat"):  # datetime, date, time, pandas Timestamp
+        return value.isoformat()
+    raise Malformed(f"column `{field}` holds a {type(value).__name__}, which has no JSON form")

@@ -1,6 +1,6 @@
 """prepare-data's canonical rows: a record as a row of the task asked for, the system message put first, why a
-row is dropped, the conversations its token length is measured on; the train/eval split and the length
-statistics of the manifest."""
+row is dropped, the conversations its token length is measured on, a prompts row's columns; the train/eval
+split and the length statistics of the manifest."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import statistics
 
 from instruct_cli.core.preferences import ranking_pairs
-from instruct_cli.steps.prepare_data.formats import Malformed
+from instruct_cli.steps.prepare_data.formats import Malformed, plain_json
 
 
 def as_task(kind: str, record: dict, task: str) -> dict:
@@ -29,6 +29,21 @@ def add_system(row: dict, system: str) -> dict:
     if row[key] and row[key][0]["role"] != "system":
         row = {**row, key: [{"role": "system", "content": system}] + row[key]}
     return row
+
+
+def with_columns(row: dict, extra: dict) -> dict:
+    """A prompts row with its input row's extra fields as plain JSON columns beside `prompt` (Malformed when a
+    value has no JSON form)."""
+    return {**row, **{name: plain_json(value, name) for name, value in extra.items() if name != "prompt"}}
+
+
+def fill_columns(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """(rows, column names): every prompts row given every column any row has (null where its input row had
+    none), names in the order first seen, so reward functions get one value per prompt for each column."""
+    names = list(dict.fromkeys(name for row in rows for name in row if name != "prompt"))
+    if not names:
+        return rows, []
+    return [{"prompt": row["prompt"], **{name: row.get(name) for name in names}} for row in rows], names
 
 
 def check_row(row: dict, task: str) -> str | None:

@@ -1,6 +1,7 @@
 """prepare-data's `run`, stage by stage: check the flags, read and convert every row (formats.py), turn the
 records into one task and drop bad rows (rows.py), measure token lengths under the model's chat template,
-then split and write the folder, its manifest last."""
+then split and write the folder, its manifest last. A prompts row keeps its input row's other fields as columns
+(formats.extra_fields), listed in the manifest's `columns`."""
 
 from __future__ import annotations
 
@@ -12,18 +13,21 @@ from instruct_cli.core import artifacts
 from instruct_cli.core.config import PrepareDataConfig, to_recipe_dict
 from instruct_cli.core.console import info, progress, summary_table, warn
 from instruct_cli.core.errors import UserError
-from instruct_cli.steps.prepare_data.formats import Malformed, convert, detect_format, read_source
+from instruct_cli.steps.prepare_data.formats import Malformed, convert, detect_format, extra_fields, read_source
 from instruct_cli.steps.prepare_data.rows import (
     add_system,
     as_task,
     check_row,
     conversations_of,
+    fill_columns,
     length_stats,
     split_rows,
+    with_columns,
 )
 
-Converted = list[tuple[str, dict, str]]
-"""Every row read and converted: (its kind, sft / prefs / prompts; the canonical record; where it came from)."""
+Converted = list[tuple[str, dict, str, dict]]
+"""Every row read and converted: (its kind, sft / prefs / prompts; the canonical record; where it came from;
+the input row's fields its format did not read, the columns it keeps if it becomes a prompt)."""
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -37,6 +41,7 @@ def run(config: PrepareDataConfig) -> Path:
     task, rows = task_rows(converted, config, dropped)
     # token lengths under the model's chat template (and --max-tokens)
     kept, lengths, tokenizer_reference = measure_tokens(rows, task, config, dropped)
+    kept, columns = fill_columns(kept) if task == "prompts" else (kept, [])
     # 4. split and write; the manifest is written last, so an interrupted run never looks complete
     train, held_out = split_rows(kept, config.eval_fraction, config.seed)
     folder = artifacts.RunFolder.open(
@@ -60,6 +65,7 @@ def run(config: PrepareDataConfig) -> Path:
             dropped=dict(dropped),
             seed=config.seed,
             token_lengths=length_stats(lengths),
+            **({"columns": columns} if task == "prompts" else {}),
         )
     summary_table(
         "prepare-data",
@@ -70,6 +76,7 @@ def run(config: PrepareDataConfig) -> Path:
             "train / eval rows": f"{len(train)} / {len(held_out)}",
             "dropped": ", ".join(f"{n} {r}" for r, n in sorted(dropped.items())) or "none",
             "tokens (mean / max)": f"{length_stats(lengths)['mean']} / {length_stats(lengths)['max']}",
+            **({"columns": ", ".join(columns)} if columns else {}),
         },
     )
     if len(held_out) == 0 and config.eval_fraction > 0:
@@ -121,7 +128,7 @@ def read_inputs(config: PrepareDataConfig, dropped: Counter) -> tuple[Converted,
                         + (f" ({', '.join(sorted(raw))})" if isinstance(raw, dict) else "")
                     )
                 kind, record = convert(raw, fmt)
-                converted.append((kind, record, where))
+                converted.append((kind, record, where, extra_fields(raw, fmt, kind)))
             except Malformed as exc:
                 if config.strict:
                     raise UserError(
@@ -152,8 +159,9 @@ def read_inputs(config: PrepareDataConfig, dropped: Counter) -> tuple[Converted,
 # ---------------------------------------------------------------------------------------------- 3. task
 def task_rows(converted: Converted, config: PrepareDataConfig, dropped: Counter) -> tuple[str, list[dict]]:
     """The folder's task (the one asked for, or the kind most rows have) and its rows: each record as a row
-    of the task, with --system, checked and deduplicated; dropped rows are counted in `dropped`."""
-    kinds = Counter(kind for kind, _, _ in converted)
+    of the task, with --system, checked and deduplicated (a prompt seen before is a duplicate whatever its
+    columns: the first one's are kept); prompts rows get their columns; dropped rows are counted in `dropped`."""
+    kinds = Counter(kind for kind, _, _, _ in converted)
     task = config.task if config.task != "auto" else kinds.most_common(1)[0][0]
     if config.task == "auto" and len(kinds) > 1:
         warn(
@@ -161,11 +169,13 @@ def task_rows(converted: Converted, config: PrepareDataConfig, dropped: Counter)
             "(pass --task to choose)"
         )
     rows, seen = [], set()
-    for kind, record, where in converted:
+    for kind, record, where, extra in converted:
         try:
             row = as_task(kind, record, task)
             row = add_system(row, config.system) if config.system else row
             reason = check_row(row, task)
+            key = json.dumps(row, sort_keys=True)
+            row = with_columns(row, extra) if task == "prompts" else row
         except Malformed as exc:
             if config.strict:
                 raise UserError(
@@ -174,14 +184,14 @@ def task_rows(converted: Converted, config: PrepareDataConfig, dropped: Counter)
                     fix="Choose the --task these rows are for, or prepare them apart",
                 ) from None
             reason = "malformed"
-        if reason is None and json.dumps(row, sort_keys=True) in seen:
+        if reason is None and key in seen:
             reason = "duplicate"
         if reason is not None:
             if config.strict and reason != "duplicate":
                 raise UserError(f"Row is {reason}", where=where, fix="Fix the row, or drop --strict to skip it")
             dropped[reason] += 1
             continue
-        seen.add(json.dumps(row, sort_keys=True))
+        seen.add(key)
         rows.append(row)
     return task, rows
 
