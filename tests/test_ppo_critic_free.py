@@ -108,7 +108,7 @@ def test_groups_are_k_consecutive_rows_of_one_prompt(pipeline, tmp_path, monkeyp
     seen = []
     real = ppo.make_trajectory
 
-    def spy(roles, batch, config, beta, accelerator, function_reward=None, prompts=None, iteration=0):
+    def spy(roles, batch, config, beta, accelerator, function_reward=None, prompts=None, iteration=0, columns=None):
         seen.append(batch.query)
         return real(roles, batch, config, beta, accelerator, function_reward, prompts, iteration)
 
@@ -136,7 +136,7 @@ def test_reward_function_alone_drives_learning(pipeline, tmp_path):
     assert sum(lengths[-5:]) / 5 < lengths[0] / 2, lengths
     manifest = artifacts.read_manifest(out)
     assert "rm" not in manifest["parents"]
-    assert manifest["reward_fn"]["sha256"] == artifacts.sha256_file(EXAMPLES)
+    assert manifest["reward_fn"][0]["sha256"] == artifacts.sha256_file(EXAMPLES)
     answer = runner.invoke(
         app, ["generate", "--model", str(out), "--quantization", "none", "--max-new-tokens", "4", "hi?"]
     )
@@ -148,8 +148,8 @@ def test_reward_function_is_added_to_the_reward_model(pipeline, tmp_path, monkey
     seen = {}
     real = ppo.make_trajectory
 
-    def spy(roles, batch, config, beta, accelerator, function_reward=None, prompts=None, iteration=0):
-        trajectory, stats = real(roles, batch, config, beta, accelerator, function_reward, prompts, iteration)
+    def spy(roles, batch, config, beta, accelerator, function_reward=None, prompts=None, iteration=0, columns=None):
+        trajectory, stats = real(roles, batch, config, beta, accelerator, function_reward, prompts, iteration, columns)
         penalty = config.missing_eos_penalty
         seen["with"] = trajectory.scores
         seen["rm"] = ppo.score(roles, batch, penalty)

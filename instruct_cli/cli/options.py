@@ -119,6 +119,7 @@ def cli_type(hint: Any, nargs: int) -> tuple[Any, tuple]:
         return str, args
     if origin is list:
         (item,) = args
+        item = item if item in (str, Path) else str  # numbers as text: "1,0.5" is split, then checked as numbers
         return (tuple[(item,) * nargs] if nargs > 1 else list[item]), ()
     return hint, ()
 

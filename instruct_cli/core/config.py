@@ -284,11 +284,14 @@ class PPOConfig(TrackingOptions, OutputOptions):
     """rloo and grpo, as TRL's trainers: for grpo (scale_rewards) each advantage divided by the std of its
     group's rewards (group, the default), of the whole batch's (batch), or by nothing (none); for rloo
     (normalize_advantages) the advantages whitened over the batch (batch), or not (none, the default)."""
-    reward_fn: Optional[str] = None
-    """A reward function FILE.py:NAME, called as NAME(prompts, responses) -> list of floats once per rollout
-    batch (prompts as message lists, responses as strings): instead of --reward, or added to it."""
-    reward_fn_weight: float = 1.0
-    """Weight of --reward-fn's rewards in the score (added to the reward model's normalised score, if any)."""
+    reward_fn: list[str] = setting(factory=list)
+    """Reward functions FILE.py:NAME, package.module:NAME or a ready-made checker (final_number, answer_in_tags,
+    math_answer); repeat the flag for several: instead of --reward, or added to it. A function taking **kwargs is called as TRL calls
+    it, NAME(prompts, completions, **columns) with the prompts' data columns (answer, ...); otherwise as
+    NAME(prompts, responses). It returns a float per response, or None for one it does not judge."""
+    reward_fn_weight: list[float] = setting(factory=list)
+    """Weights of the --reward-fn functions, comma-separated in their order (default: 1 each); their weighted sum
+    is added to the reward model's normalised score, if any."""
     clip_range: float = 0.2
     """PPO clipping of the policy ratio."""
     clip_range_high: Optional[float] = setting(None, allowed=Range(low=0.0))
@@ -485,7 +488,16 @@ class EvalConfig(OutputOptions):
     baseline: Optional[str] = None
     """Model the others are judged against, prompt by prompt (default: the first of --models; may be `base`)."""
     reward: Optional[Path] = None
-    """Reward-model run folder that scores every response."""
+    """Reward-model run folder that scores every response (optional when --reward-fn is given)."""
+    reward_fn: list[str] = setting(factory=list)
+    """Reward functions that judge every response, FILE.py:NAME, package.module:NAME or a ready-made checker
+    (final_number, answer_in_tags, math_answer); repeat the flag for several: next to --reward, or instead of
+    it. A function taking **kwargs is called as TRL calls it, NAME(prompts, completions, **columns) with the
+    prompts' data columns (answer, ...); otherwise as NAME(prompts, responses). The report gives each one's
+    mean over the samples it judged (None = not judged) and, for 0/1 values, the accuracy with its 95% interval."""
+    reward_fn_weight: list[float] = setting(factory=list)
+    """Weights of the --reward-fn functions, comma-separated in their order (default: 1 each); without --reward,
+    their weighted sum (minus --missing-eos-penalty) is the reward that win-rates compare, as ppo scores it."""
     data: Optional[Path] = setting(None, flags=("--data", "-d"))
     """Data folder whose eval split gives the prompts (a prompts, sft or prefs folder)."""
     sft_data: Optional[Path] = None

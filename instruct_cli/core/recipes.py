@@ -112,6 +112,8 @@ def coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
         (item_type,) = args
         if isinstance(value, (str, Path)):
             value = [part.strip() for part in str(value).split(",") if part.strip()]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # one number where a list of numbers goes (a recipe's `reward_fn_weight: 0.5`)
         if not isinstance(value, (list, tuple)):
             raise type_error(key, value, "a list", source)
         return [coerce(item, item_type, key, source) for item in value]

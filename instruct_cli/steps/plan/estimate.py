@@ -210,7 +210,7 @@ def estimate_ppo(
     policy, value = replace(policy, dropout=0.0), replace(value, dropout=0.0)  # PPO turns dropout off
     has_value, has_reward = (
         ADVANTAGE_ESTIMATORS[config.advantage].needs_critic,
-        config.reward is not None or config.reward_fn is None,
+        config.reward is not None or not config.reward_fn,
     )
     value_lora = value if has_reward else policy
     out = _static(

@@ -30,6 +30,7 @@ def evaluate(
     config: PPOConfig,
     accelerator,
     function_reward: FunctionReward | None = None,
+    columns: list[dict] | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Mean normalised reward (missing-EOS penalty included, as `instruct eval` scores), KL to the
     reference, length and EOS rate on held-out prompts, plus the samples. Each process answers its share;
@@ -42,7 +43,10 @@ def evaluate(
         batch = rollout(roles, tokenizer, encoded, config, accelerator)
         with accelerator.autocast():
             messages = [m for _, m in chunk]
-            scores = score(roles, batch, config.missing_eos_penalty, function_reward, messages, config.packing)
+            chunk_columns = [columns[index] for index, _ in chunk] if columns else None
+            scores = score(
+                roles, batch, config.missing_eos_penalty, function_reward, messages, config.packing, 1, chunk_columns
+            )
             packed = pack_rows(*batch[:4]) if packs(roles, config) else None
             policy, _ = response_logprobs(roles, POLICY, *batch[:4], config.temperature, packed)
             reference, _ = response_logprobs(roles, REFERENCE, *batch[:4], config.temperature, packed)

@@ -28,7 +28,7 @@ from instruct_cli.core.console import info, progress, summary_table
 from instruct_cli.core.errors import UserError
 from instruct_cli.core.methods import ADVANTAGE_ESTIMATORS
 from instruct_cli.core.models import ModelSource
-from instruct_cli.core.reward_functions import RewardFunction
+from instruct_cli.core.reward_functions import WeightedRewards
 from instruct_cli.steps.ppo.batches import iteration_prompts, ptx_batches
 from instruct_cli.steps.ppo.evaluation import append_samples, evaluate, show_samples
 from instruct_cli.steps.ppo.roles import check_runs, load_roles, save_outputs
@@ -49,16 +49,21 @@ def run(config: PPOConfig) -> Path:
     if training.already_done(config, "ppo", check_config):
         return Path(config.out)
     train_prompts = data_folders.read_prompts(config.data, "train")
-    eval_prompts = (
-        data_folders.read_prompts(config.data, "eval")[: config.eval_prompts] or train_prompts[: config.eval_prompts]
+    train_columns = data_folders.read_prompt_columns(config.data, "train")
+    held_out = data_folders.read_prompts(config.data, "eval")
+    eval_prompts, eval_columns = (
+        (held_out, data_folders.read_prompt_columns(config.data, "eval"))
+        if held_out
+        else (train_prompts, train_columns)
     )
+    eval_prompts, eval_columns = eval_prompts[: config.eval_prompts], eval_columns[: config.eval_prompts]
     runs = check_runs(config)  # before the run folder is opened: a bad input never leaves a folder behind
-    user_function = reward_functions.load(config.reward_fn) if config.reward_fn else None
+    user_function = reward_functions.load_all(config.reward_fn, config.reward_fn_weight) if config.reward_fn else None
     sft_manifest = runs[0].run_manifest
     accelerator, device, run_folder = start_run(config, runs[0], user_function)
     with run_folder.recording():
         roles, tokenizer, _, _ = load_roles(config, device, runs)
-        function_reward = FunctionReward(user_function, config.reward_fn_weight, tokenizer) if user_function else None
+        function_reward = FunctionReward(user_function, tokenizer) if user_function else None
         encoded = [chat.encode_prompt(tokenizer, messages) for messages in train_prompts]
         optimizer = torch.optim.AdamW(
             roles.trainable_parameters(), lr=config.lr, eps=1e-5, weight_decay=config.weight_decay
@@ -82,14 +87,14 @@ def run(config: PPOConfig) -> Path:
             f"{config.rollout_batch_size * world} rollouts{f' ({k} per prompt)' if k > 1 else ''}"
             f"{f' on {world} processes' if world > 1 else ''} on {device} ({config.quantization}, "
             f"precision {accelerator.mixed_precision}; {adapters} adapters on one base"
-            f"{f'; reward function {config.reward_fn}' if config.reward_fn else ''})"
+            f"{'; reward functions ' + ', '.join(config.reward_fn) if config.reward_fn else ''})"
         )
         blocker = merged_rollouts_blocker(roles, config)
         if config.merged_rollouts and blocker:
             info(f"Rollouts sample with the policy adapter unmerged (slower): {blocker}")
         if config.packing and not packs(roles, config):
             info("The log-prob and value passes run padded (slower): the model takes no packed rows")
-        prompts = Prompts(train_prompts, encoded, eval_prompts, function_reward)
+        prompts = Prompts(train_prompts, encoded, eval_prompts, function_reward, train_columns, eval_columns)
         metrics = train(run_folder, roles, tokenizer, prompts, config, controller, trainable, checkpoint, start, ptx)
         if accelerator.is_main_process:
             save_outputs(roles, run_folder.path)
@@ -107,10 +112,10 @@ def run(config: PPOConfig) -> Path:
     return Path(config.out)
 
 
-def start_run(config: PPOConfig, sft_source: ModelSource, user_function: RewardFunction | None) -> training.Start:
+def start_run(config: PPOConfig, sft_source: ModelSource, user_function: WeightedRewards | None) -> training.Start:
     """The accelerator, the device and the ppo run folder (core/training.py's `start`), naming its parents (the
     SFT run, the RM run, the data folder), the base model the SFT run was trained on, and the reward
-    function's file, by content, so a changed function is visible in the manifest."""
+    functions' files, by content, so a changed function is visible in the manifest."""
     inputs = {
         "sft": config.sft,
         **({"rm": config.reward} if config.reward is not None else {}),
@@ -119,7 +124,10 @@ def start_run(config: PPOConfig, sft_source: ModelSource, user_function: RewardF
     function_record = {}
     if user_function is not None:
         function_record = {
-            "reward_fn": {"spec": user_function.spec, "sha256": artifacts.sha256_file(user_function.file)}
+            "reward_fn": [
+                {"spec": f.spec, "weight": w, **({"sha256": artifacts.sha256_file(f.file)} if f.file else {})}
+                for f, w in zip(user_function.functions, user_function.weights)
+            ]
         }
     extra = {"base_model": sft_source.run_manifest["base_model"], **function_record}
     return training.start(config, "ppo", sft_source, inputs=inputs, extra=extra)
@@ -130,7 +138,7 @@ def check_config(config: PPOConfig) -> None:
     for flag, value in (("--sft", config.sft), ("--data", config.data)):
         if value is None:
             raise UserError(f"{flag} is required", where=flag, fix="See `instruct ppo --help` for an example")
-    if config.reward is None and config.reward_fn is None:
+    if config.reward is None and not config.reward_fn:
         raise UserError(
             "--reward or --reward-fn is required",
             where="--reward",
@@ -176,6 +184,9 @@ class Prompts(NamedTuple):
     encoded: list[list[int]]
     eval: list[list[dict]]
     function_reward: FunctionReward | None
+    train_columns: list[dict]
+    """Each training prompt's data columns (answer, ...), for the reward functions."""
+    eval_columns: list[dict]
 
 
 def train(
@@ -208,6 +219,7 @@ def train(
                     prompts.function_reward,
                     [prompts.train[i] for i in mine],
                     iteration,
+                    columns=[prompts.train_columns[i] for i in mine],
                 )
                 if not torch.isfinite(trajectory.scores).all():
                     raise NonFinite("reward")
@@ -238,7 +250,13 @@ def train(
                 if iteration % config.eval_every == 0 or iteration == config.iterations:
                     evaluating = time.perf_counter()
                     eval_metrics, samples = evaluate(
-                        roles, tokenizer, prompts.eval, config, accelerator, prompts.function_reward
+                        roles,
+                        tokenizer,
+                        prompts.eval,
+                        config,
+                        accelerator,
+                        prompts.function_reward,
+                        prompts.eval_columns,
                     )
                     stats.update(eval_metrics)
                     stats["time/eval"] = time.perf_counter() - evaluating

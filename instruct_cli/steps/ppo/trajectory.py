@@ -31,7 +31,7 @@ import torch
 from instruct_cli.core import distributed, heads, lm, lora_merge, packing, rl, sampling
 from instruct_cli.core.config import PPOConfig
 from instruct_cli.core.methods import ADVANTAGE_ESTIMATORS
-from instruct_cli.core.reward_functions import RewardFunction
+from instruct_cli.core.reward_functions import WeightedRewards
 from instruct_cli.steps.ppo.roles import POLICY, REFERENCE, REWARD, VALUE, Roles
 
 
@@ -119,20 +119,28 @@ def merged_rollouts_blocker(roles: Roles, config: PPOConfig) -> str | None:
 
 # ---------------------------------------------------------------------------------------- 2. score
 class FunctionReward(NamedTuple):
-    """A user's reward function (--reward-fn) with its weight, and the tokenizer that decodes responses."""
+    """The reward functions (--reward-fn) with their weights, and the tokenizer that decodes responses."""
 
-    function: RewardFunction
-    weight: float
+    functions: WeightedRewards
     tokenizer: object
 
-    def __call__(self, prompts: list[list[dict]], rollout: Rollout) -> torch.Tensor:
-        """weight x the function's rewards for the rollouts of `prompts` (message lists): (B,)."""
+    def __call__(
+        self,
+        prompts: list[list[dict]],
+        rollout: Rollout,
+        columns: list[dict] | None = None,
+        stats: dict[str, float] | None = None,
+    ) -> torch.Tensor:
+        """The weighted sum of the functions' rewards for the rollouts of `prompts` (message lists, with their
+        data `columns`): (B,). Each function's mean and std go into `stats`, when given."""
         responses = [
             self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
             for ids, mask in zip(rollout.response, rollout.response_mask)
         ]
-        rewards = self.function.scores(prompts, responses)
-        return self.weight * torch.tensor(rewards, dtype=torch.float32, device=rollout.response.device)
+        rewards, function_stats = self.functions.scores(prompts, responses, columns)
+        if stats is not None:
+            stats.update(function_stats)
+        return torch.tensor(rewards, dtype=torch.float32, device=rollout.response.device)
 
 
 @torch.no_grad()
@@ -144,17 +152,20 @@ def score(
     prompts: list[list[dict]] | None = None,
     packed: bool = True,
     group: int = 1,
+    columns: list[dict] | None = None,
+    stats: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """Score of each prompt + response: the reward model's normalised reward read at the last real token
     (if there is a reward model; `packed` and `group`: see `reward_model_scores`), plus the weighted reward
-    function of `prompts` (if given); minus `penalty` if there is no EOS."""
+    functions of `prompts` and their data `columns` (if given; their statistics into `stats`); minus `penalty`
+    if there is no EOS."""
     scores = torch.zeros(len(rollout.response), device=rollout.response.device)
     if roles.has_reward_model:
         roles.use(REWARD)
         raw = reward_model_scores(roles, rollout, packed, group)
         scores = scores + roles.reward_gain * raw + roles.reward_bias
     if function_reward is not None:
-        scores = scores + function_reward(prompts, rollout)
+        scores = scores + function_reward(prompts, rollout, columns, stats)
     return scores - penalty * (~rollout.ended).float()
 
 
@@ -348,17 +359,29 @@ def make_trajectory(
     function_reward: FunctionReward | None = None,
     prompts: list[list[dict]] | None = None,
     iteration: int = 0,
+    columns: list[dict] | None = None,
 ) -> tuple[Trajectory, dict[str, float]]:
-    """Steps 2-4 for this process's rollouts (of `prompts`, message lists, for a reward function) at
-    `iteration`: the trajectory the update learns from, and the iteration's statistics over every process's
-    rollouts."""
+    """Steps 2-4 for this process's rollouts (of `prompts`, message lists, and their data `columns`, for the
+    reward functions) at `iteration`: the trajectory the update learns from, and the iteration's statistics
+    over every process's rollouts."""
     total = distributed.summer(accelerator)
     query, query_mask, response, mask, ended = rollout
     began = time.perf_counter()
     with accelerator.autocast():
         # the rollouts hold whole groups of K (consecutive rows, one prompt each), whatever the minibatches
         k = group_size(config)
-        scores = score(roles, rollout, config.missing_eos_penalty, function_reward, prompts, config.packing, k)
+        function_stats: dict[str, float] = {}
+        scores = score(
+            roles,
+            rollout,
+            config.missing_eos_penalty,
+            function_reward,
+            prompts,
+            config.packing,
+            k,
+            columns,
+            function_stats,
+        )
         scored = time.perf_counter()
         # log-probs, entropy and values in the update's first minibatches (see `minibatch_rows`): full-vocabulary
         # logits for the whole rollout batch at once would be the largest tensor of the run (B x T x vocab)
@@ -393,6 +416,7 @@ def make_trajectory(
             total((~ended & (mask.sum(1) >= config.max_new_tokens)).float().sum()) / rollouts
         ).item(),
         **advantage_stats,
+        **function_stats,  # this process's samples (the main process's are logged)
         "time/score": scored - began,
         "time/logprobs": measured - scored,  # policy, reference and values
     }
