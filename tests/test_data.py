@@ -275,3 +275,18 @@ def test_errors_are_one_paragraph(tmp_path, tiny_model_dir):
         data_folders.read_split(out, "prefs.train")
     again, _ = prepare(tmp_path, tiny_model_dir, "raw.jsonl", [{"prompt": "Hi"}])
     assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_dropping_most_rows_for_length_is_warned_with_the_max_tokens_that_keeps_95(tmp_path, tiny_model_dir):
+    """90% of the rows are over --max-tokens: a highlighted warning says so and suggests the length at their
+    95th percentile; the manifest keeps the distribution."""
+    long = "word " * 60
+    rows = [{"prompt": f"q{n}?", "completion": long if n % 10 else "short"} for n in range(40)]
+    result, out = prepare(tmp_path, tiny_model_dir, "long.jsonl", rows, "--task", "sft", "--max-tokens", "30")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "36 of 40 rows (90%) are longer than --max-tokens 30 and were dropped" in text
+    suggested = int(text.split("would keep 95%")[0].split("--max-tokens")[-1])
+    assert suggested > 30
+    lengths = json.loads((out / "manifest.json").read_text())["token_lengths"]
+    assert {"median", "p90", "p95", "p99", "max"} <= set(lengths)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from instruct_cli.cli import app
 from instruct_cli.core import artifacts, heads, models, preferences, recipes
 from instruct_cli.core import config as cfg
+from instruct_cli.steps import rm
 
 runner = CliRunner()
 
@@ -193,6 +194,8 @@ def test_rm_learns_a_preference_and_scores_are_normalised(tmp_path, tiny_model_d
     manifest = artifacts.require_complete(out, "rm")
     assert manifest["metrics"]["eval/accuracy"] > 0.9, manifest["metrics"]
     assert heads.has_head(out / "adapter")
+    train_pairs = len((data / "prefs.train.jsonl").read_text().splitlines())
+    assert manifest["reward_normalization"]["samples"] == 2 * train_pairs  # fewer than 2,000: all of them
 
     # rm score applies the stored normalisation: training responses score mean 0, std 1
     train = [json.loads(line) for line in (data / "prefs.train.jsonl").read_text().splitlines()]
@@ -300,3 +303,13 @@ def test_scale_out_on_two_processes_matches_one(tmp_path, tiny_sft_rm):
     one = artifacts.read_manifest(tmp_path / "one")["reward_normalization"]
     two = artifacts.read_manifest(tmp_path / "two")["reward_normalization"]
     assert two["gain"] == pytest.approx(one["gain"], rel=0.02) and two["bias"] == pytest.approx(one["bias"], abs=0.05)
+
+
+def test_the_normalisation_sample_is_whole_prompts_seeded_and_capped():
+    groups = [preferences.Group([[1]] * (2 + n % 3), [(0, 1)]) for n in range(100)]  # 2-4 responses each
+    total = sum(len(g.responses) for g in groups)
+    sample = rm.normalization_sample(groups, 50, seed=0)
+    count = sum(len(g.responses) for g in sample)
+    assert 50 <= count < 50 + 4 and all(any(g is h for h in groups) for g in sample)
+    assert sample == rm.normalization_sample(groups, 50, seed=0) and sample != rm.normalization_sample(groups, 50, 1)
+    assert sum(len(g.responses) for g in rm.normalization_sample(groups, 10_000, seed=0)) == total

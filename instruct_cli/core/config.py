@@ -168,6 +168,9 @@ class RMConfig(TrainOptions, LoraOptions, ModelOptions, OutputOptions):
 
     margin: float = 0.0
     """Optional margin in the pairwise loss: -log sigmoid(r_chosen - r_rejected - margin)."""
+    normalization_samples: int = setting(2000, allowed=POSITIVE)
+    """Training responses whose rewards fit the reward normalisation (gain and bias: mean 0, std 1), a seeded
+    sample of whole prompts (every response when there are fewer); the manifest records how many."""
     shared_prefix: bool = True
     """Run each prompt through the model once for all its responses (one packed row per prompt, each response
     attending to the prompt and itself); the same scores and loss as one sequence per response, faster when

@@ -15,14 +15,16 @@ the prompt and itself (core/packing.py): the scores, loss and gradients of one s
 the prompt computed once instead of K times. Too long a row loses prompt tokens, the same ones for all its
 responses.
 
-After training, every response of the training split is scored with the kept adapter, and a gain and bias
-are stored in the manifest (`reward_normalization`) so that gain * r + bias has mean 0 and std 1 there;
-every consumer of the reward (rm score, ppo, eval) applies them.
+After training, a seeded sample of the training split's responses (--normalization-samples, whole prompts;
+every response when there are fewer) is scored with the kept adapter, and a gain and bias are stored in the
+manifest (`reward_normalization`, with the sample's size) so that gain * r + bias has mean 0 and std 1
+there; every consumer of the reward (rm score, ppo, eval) applies them.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import sys
 from functools import partial
 from pathlib import Path
@@ -114,14 +116,15 @@ def run(config: RMConfig) -> Path:
             description="rm",
             weight_of=prompts_in,
         )
-        # 4. normalise: gain and bias over the kept model's rewards of every training response
+        # 4. normalise: gain and bias over the kept model's rewards of a seeded sample of training responses
         norm = None
         if accelerator.is_main_process:
             scorer = accelerator.unwrap_model(trainable.model)
             if result.kept == "best":  # fit leaves the model at the last step; score with what was kept
                 heads.load_adapter_weights(scorer, Path(config.out) / models.ADAPTER_DIR)
-            sequences = [ids for group in train_set for ids in group.responses]
-            prompts = [number for number, group in enumerate(train_set) for _ in group.responses]
+            sample = normalization_sample(train_set, config.normalization_samples, config.seed)
+            sequences = [ids for group in sample for ids in group.responses]
+            prompts = [number for number, group in enumerate(sample) for _ in group.responses]
             with progress("rm: normalising", total=len(sequences)) as bar:
                 if shared:  # each prompt once for all its responses
                     raw = preferences.score_grouped(
@@ -131,7 +134,7 @@ def run(config: RMConfig) -> Path:
                     raw = preferences.score_sequences(
                         scorer, sequences, tokenizer.pad_token_id, device, 2 * config.batch_size, bar
                     )
-            norm = preferences.normalization(raw)
+            norm = {**preferences.normalization(raw), "samples": len(raw)}
         run_folder.complete(result.metrics, steps=result.steps, kept_adapter=result.kept, reward_normalization=norm)
     if accelerator.is_main_process:
         metrics = result.metrics
@@ -147,10 +150,24 @@ def run(config: RMConfig) -> Path:
                     if k in metrics
                 },
                 "reward mean / std": f"{norm['mean']:.4g} / {norm['std']:.4g}",
-                "normalisation": f"{norm['gain']:.4g} * r + {norm['bias']:.4g}",
+                "normalisation": f"{norm['gain']:.4g} * r + {norm['bias']:.4g} ({norm['samples']} responses)",
             },
         )
     return Path(config.out)
+
+
+def normalization_sample(groups: list, responses: int, seed: int) -> list:
+    """Whole prompts, in a seeded random order, until they hold at least `responses` responses (every prompt
+    when they hold fewer): the reward normalisation needs a few thousand rewards, not the whole training set."""
+    order = list(range(len(groups)))
+    random.Random(f"normalization-{seed}").shuffle(order)
+    chosen, count = [], 0
+    for number in order:
+        if count >= responses:
+            break
+        chosen.append(groups[number])
+        count += len(groups[number].responses)
+    return chosen
 
 
 def read_prefs(data_dir: Path, name: str) -> list[dict]:

@@ -4,6 +4,7 @@ split and the length statistics of the manifest."""
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 
@@ -94,7 +95,7 @@ def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]
 
 
 def length_stats(lengths: list[int]) -> dict:
-    """min / mean / median / p95 / max of token lengths."""
+    """min / mean / median / p90 / p95 / p99 / max of token lengths."""
     if not lengths:
         return {}
     ordered = sorted(lengths)
@@ -102,6 +103,11 @@ def length_stats(lengths: list[int]) -> dict:
         "min": ordered[0],
         "mean": round(statistics.fmean(ordered), 1),
         "median": statistics.median(ordered),
-        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        **{f"p{q}": percentile(ordered, q) for q in (90, 95, 99)},
         "max": ordered[-1],
     }
+
+
+def percentile(ordered: list[int], q: int) -> int:
+    """The length that q% of the (sorted) lengths do not exceed."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]

@@ -21,6 +21,7 @@ from instruct_cli.steps.prepare_data.rows import (
     conversations_of,
     fill_columns,
     length_stats,
+    percentile,
     split_rows,
     with_columns,
 )
@@ -75,7 +76,7 @@ def run(config: PrepareDataConfig) -> Path:
             "format": ", ".join(sorted({s["format"] for s in sources})),
             "train / eval rows": f"{len(train)} / {len(held_out)}",
             "dropped": ", ".join(f"{n} {r}" for r, n in sorted(dropped.items())) or "none",
-            "tokens (mean / max)": f"{length_stats(lengths)['mean']} / {length_stats(lengths)['max']}",
+            "tokens (mean / p95 / max)": " / ".join(str(length_stats(lengths)[k]) for k in ("mean", "p95", "max")),
             **({"columns": ", ".join(columns)} if columns else {}),
         },
     )
@@ -197,6 +198,21 @@ def task_rows(converted: Converted, config: PrepareDataConfig, dropped: Counter)
 
 
 # ----------------------------------------------------------------------------------------------- tokens
+TOO_LONG_WARNING = 0.05
+"""Dropping more than this share of the rows for length is warned about, with the --max-tokens that keeps 95%."""
+
+
+def warn_if_many_too_long(too_long: int, lengths: list[int], max_tokens: int | None) -> None:
+    """A highlighted warning when --max-tokens drops more than 5% of the rows: how many, and what keeps 95%."""
+    if not lengths or too_long <= TOO_LONG_WARNING * len(lengths):
+        return
+    keeps = percentile(sorted(lengths), 95)
+    warn(
+        f"[bold]{too_long} of {len(lengths)} rows ({too_long / len(lengths):.0%}) are longer than --max-tokens "
+        f"{max_tokens} and were dropped[/bold]; --max-tokens {keeps} would keep 95% of them"
+    )
+
+
 def measure_tokens(
     rows: list[dict], task: str, config: PrepareDataConfig, dropped: Counter
 ) -> tuple[list[dict], list[int], str]:
@@ -213,16 +229,18 @@ def measure_tokens(
             where="--model",
             fix="Use an instruct/chat model, whose tokenizer has a chat template",
         )
-    kept, lengths = [], []
+    kept, lengths, every_length = [], [], []
     with progress("prepare-data: measuring tokens", total=len(rows)) as bar:
         for row in rows:
             length = max(len(template_ids(tokenizer, conv)) for conv in conversations_of(row, task))
             bar.advance()
+            every_length.append(length)
             if config.max_tokens is not None and length > config.max_tokens:
                 dropped["too_long"] += 1
                 continue
             kept.append(row)
             lengths.append(length)
+    warn_if_many_too_long(dropped["too_long"], every_length, config.max_tokens)
     if not kept:
         raise UserError(
             f"Every row was dropped ({', '.join(f'{n} {r}' for r, n in dropped.items())})",
