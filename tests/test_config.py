@@ -78,3 +78,9 @@ def test_sections_of_commands_run_does_not_run_are_accepted_by_run(tmp_path):
     assert recipes.load_recipe_section(recipe, "chat", cfg.ChatConfig)["temperature"] == 0.2
     with pytest.raises(UserError, match="Unknown section `chats`"):
         recipes.read_tasks(write(tmp_path / "bad.yaml", steps + "chats:\n  temperature: 0.2\n"))
+
+
+def test_a_recipes_reward_function_file_is_relative_to_the_recipe(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "ppo:\n  reward_fn: [rewards.py:correct, final_number]\n")
+    config = recipes.build_config(cfg.PPOConfig, "ppo", recipe, {})
+    assert config.reward_fn == [f"{tmp_path / 'rewards.py'}:correct", "final_number"]

@@ -146,7 +146,8 @@ def export(
 @handles_user_errors
 @config_command(cfg.EvalConfig, "eval")
 def eval_(config: cfg.EvalConfig) -> None:
-    """Compare models on held-out prompts: reward, win-rate, KL and perplexity, as a report with plots.
+    """Compare models on held-out prompts: reward, win-rate, KL and perplexity, as a report with plots; with
+    --reward-fn, each reward function's mean and accuracy (95% interval) too, next to or instead of --reward.
 
     Writes report.md (verdict, table, samples, plots), report.json, samples.jsonl and PNG plots to --out.
 
@@ -157,6 +158,8 @@ def eval_(config: cfg.EvalConfig) -> None:
       instruct eval --models runs/ppo --baseline base --reward runs/rm --data data/sft --out reports/vs-base
 
       instruct eval --models runs/sft,runs/ppo --reward runs/rm2 --generations reports/ppo/samples.jsonl --out reports/rm2
+
+      instruct eval --models runs/sft,runs/grpo --reward-fn final_number --data data/math --out reports/math
 
       instruct eval --compare reports/ppo reports/ppo-beta-0.1
     """

@@ -244,6 +244,11 @@ def _relative_to(base: Path, value: Any, annotation: Any, name: str, outputs: se
         return [_relative_to(base, item, annotation, name, outputs) for item in value]
     if not isinstance(value, str) or Path(value).is_absolute():
         return value
+    if name == "reward_fn":  # FILE.py:NAME: the file relative to the recipe (a checker's name or a module stays)
+        file, separator, function = value.rpartition(":")
+        if separator and file.endswith(".py") and not Path(file).is_absolute():
+            return f"{os.path.normpath(base / file)}:{function}"
+        return value
     model_like = name in ("model", "sft", "reward", "models", "baseline")
     if model_like:
         if value.startswith(".") or (base / value).exists() or value.rstrip("/") in outputs:

@@ -1,10 +1,16 @@
 """`instruct eval`: judge models on held-out prompts (reward, win-rate, KL, perplexity) and write a report.
 
     instruct eval --models runs/sft,runs/ppo --reward runs/rm --data data/prompts --out reports/ppo
+    instruct eval --models runs/sft,runs/grpo --reward-fn final_number --data data/math --out reports/math
 
 What each figure means (on the first --max-prompts rows of each eval split):
   reward       the reward model's normalised score of a response (0 = the mean, 1 = one standard deviation
-               of the RM's training responses), as `instruct rm score` and PPO compute it; no EOS penalty
+               of the RM's training responses), as `instruct rm score` and PPO compute it, minus
+               --missing-eos-penalty for a response without an EOS. Without --reward: the --reward-fn
+               functions' weighted sum minus that penalty, as `instruct ppo --reward-fn` scores a rollout
+  reward functions  per --reward-fn function: the mean over the responses it judged (None = not judged) and
+               how many; for 0/1 values the accuracy with its Wilson 95% interval; the mean paired difference
+               from the baseline with a bootstrap 95% interval
   win-rate     per prompt, a model's reward against the baseline's on the same prompt: 1 for a win, 0.5 for a
                tie (within 1e-6), 0 for a loss; the mean over prompts, with a percentile-bootstrap 95% interval
   KL           per response, the sum over its tokens of log p_model - log p_reference, both with the logits
@@ -22,14 +28,16 @@ The work, top to bottom (`run`):
                seed (or read --generations), the log-probs of its own samples, its perplexity; an SFT run
                that is also the KL reference of other models goes after them and measures their KL
   3. KL        each reference not evaluated itself, in turn: the log-probs of the samples measured against it
-  4. score     the reward model: every response, and its accuracy on the preference eval split
+  4. score     the reward model: every response, and its accuracy on the preference eval split; the reward
+               functions: every response, with its prompt's data columns
   5. report    report.json, report.md, report.html, samples.jsonl, PNG plots; the report folder is marked
                complete last
 
 The package, one concern a module (none imports this __init__, so there are no cycles):
-  stats      outcomes, win-rate, bootstrap interval, distinct-n, KL sums, describe: pure functions, numpy only
+  stats      outcomes, win-rate, bootstrap and Wilson intervals, distinct-n, KL sums, describe: pure functions
   entries    1. resolve: the flags, the models and their KL references, the prompts, the data folders, inputs
   measure    2-4. the model work: sampling, log-probs, KL, perplexity, reward scores, RM accuracy
+  reward_fns 4-5. the reward functions: their values, per-model figures, table and sentences
   report     5. report.json's figures, the verdict, the table, report.md, samples.jsonl; show and load
   plots      5. the PNG plots (matplotlib)
   html_report  5. report.html: the report as one self-contained web page (plots inline, answers filterable)
@@ -52,7 +60,15 @@ from instruct_cli.steps.evaluate.plots import (
 )
 from instruct_cli.steps.evaluate.report import load_report, show
 from instruct_cli.steps.evaluate.runner import run, write_report
-from instruct_cli.steps.evaluate.stats import bootstrap_interval, describe, distinct_n, outcomes, sequence_kl, win_rate
+from instruct_cli.steps.evaluate.stats import (
+    bootstrap_interval,
+    describe,
+    distinct_n,
+    outcomes,
+    sequence_kl,
+    wilson_interval,
+    win_rate,
+)
 
 __all__ = [
     "Entry",
@@ -75,6 +91,7 @@ __all__ = [
     "sample_responses",
     "sequence_kl",
     "show",
+    "wilson_interval",
     "win_rate",
     "write_report",
 ]

@@ -1,8 +1,8 @@
 """`instruct eval --compare A B`: what differs between two complete reports.
 
-Owns the per-model figures put side by side and the tables of differing figures, settings and input hashes.
-Reads report.json only (no model). Uses the core (console, errors) and `report` to load a report; nothing else
-of this package.
+Owns the per-model figures put side by side (each reward function's mean and accuracy too) and the tables of
+differing figures, settings and input hashes. Reads report.json only (no model). Uses the core (console,
+errors) and `report` to load a report; nothing else of this package.
 """
 
 from __future__ import annotations
@@ -27,6 +27,23 @@ COMPARED: list[tuple[str, Callable[[dict], float | None], str]] = [
 """The per-model figures `--compare` puts side by side: (name, how to read it from report.json, format)."""
 
 
+def function_figures(*models: dict | None) -> list[tuple[str, Callable[[dict], float | None], str]]:
+    """The reward functions' figures of these report.json models: each function's mean and accuracy."""
+    names = dict.fromkeys(name for model in models if model for name in model.get("reward_functions") or {})
+
+    def figure(model: dict, name: str) -> dict:
+        return (model.get("reward_functions") or {}).get(name) or {}
+
+    return [
+        row
+        for name in names
+        for row in (
+            (f"{name} mean", lambda m, n=name: figure(m, n).get("mean"), "{:.3f}"),
+            (f"{name} accuracy", lambda m, n=name: (figure(m, n).get("accuracy") or {}).get("rate"), "{:.1%}"),
+        )
+    ]
+
+
 def compare(folders: Sequence[Path]) -> dict[str, list[list[str]]]:
     """Print what differs between two reports: per model figures (paired by position in --models), the reward
     model's accuracy, the settings, and the inputs' hashes. Returns the printed rows by table."""
@@ -41,7 +58,7 @@ def compare(folders: Sequence[Path]) -> dict[str, list[list[str]]]:
     for model_a, model_b in zip_longest(a["models"], b["models"]):
         names = [m["name"] for m in (model_a, model_b) if m]
         label = names[0] if len(set(names)) == 1 else " -> ".join(m["name"] if m else "-" for m in (model_a, model_b))
-        for metric, read, form in COMPARED:
+        for metric, read, form in COMPARED + function_figures(model_a, model_b):
             value_a = read(model_a) if model_a else None
             value_b = read(model_b) if model_b else None
             if value_a is None and value_b is None:
@@ -58,7 +75,7 @@ def compare(folders: Sequence[Path]) -> dict[str, list[list[str]]]:
                     change,
                 ]
             )
-    accuracies = [report["reward_model"].get("accuracy") for report in (a, b)]
+    accuracies = [(report["reward_model"] or {}).get("accuracy") for report in (a, b)]
     if any(value is not None for value in accuracies):
         change = f"{accuracies[1] - accuracies[0]:+.1%}" if None not in accuracies else "-"
         shown = [f"{v:.1%}" if v is not None else "-" for v in accuracies]

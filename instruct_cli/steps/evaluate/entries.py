@@ -2,9 +2,9 @@
 
 Owns the `Entry` of each model (its run folder, its KL reference, and what is measured on it as the evaluation
 goes) and its `Samples`; checking the flags; resolving --models and --baseline into entries; the prompts of the
-data folder or of a --generations file; the data folders perplexity and RM accuracy are measured on; and the
-report's input records. Loads no model. Uses the core (artifacts, chat, data_folders, models, config, console,
-errors); nothing else of this package.
+data folder or of a --generations file, and their data columns (for the reward functions); the data folders
+perplexity and RM accuracy are measured on; and the report's input records. Loads no model. Uses the core
+(artifacts, chat, data_folders, models, config, console, errors); nothing else of this package.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class Entry:
     rewards: list[float] | None = None
     perplexity: dict | None = None
     fingerprint: str | None = None
+    function_values: dict[str, list[float]] | None = None
+    """Each reward function's value of every response, by the function's name (NaN: not judged)."""
 
     @property
     def is_own_reference(self) -> bool:
@@ -84,9 +86,12 @@ def check_config(config: EvalConfig) -> None:
             where="--models",
             fix="Pass --models runs/sft,runs/ppo (run folders, `base`, or model references)",
         )
-    if config.reward is None:
+    if config.reward is None and not config.reward_fn:
         raise UserError(
-            "No reward model given", where="--reward", fix="Pass --reward runs/rm (a folder made by `instruct rm`)"
+            "No reward model or reward function given",
+            where="--reward",
+            fix="Pass --reward runs/rm (a folder made by `instruct rm`), --reward-fn FILE.py:NAME (or a checker "
+            "such as final_number), or both",
         )
     if config.data is None and config.generations is None:
         raise UserError(
@@ -189,6 +194,35 @@ def read_prompts(config: EvalConfig) -> list[list[dict]]:
     return prompts[: config.max_prompts]
 
 
+def read_columns(config: EvalConfig, prompts: list[list[dict]]) -> list[dict]:
+    """The data columns (`answer`, ...) of each prompt, for the reward functions: those of the data folder's eval
+    split, aligned with `read_prompts`. For --generations, each row's own `columns` (a report's samples.jsonl
+    keeps them), else those of the same prompt in --data's eval split, else none."""
+    if config.generations is None:
+        return data_folders.read_prompt_columns(config.data, "eval")[: len(prompts)]  # read_prompts' rows, in order
+    found: dict[str, dict] = {}
+    lines = Path(config.generations).read_text(encoding="utf-8").splitlines()
+    for _, row, _ in data_folders.json_lines(lines, str(config.generations), fix="Fix the line"):
+        if isinstance(row, dict) and isinstance(row.get("columns"), dict):
+            found.setdefault(prompt_key(row["prompt"]), row["columns"])
+    if config.data is not None:
+        data_prompts = data_folders.read_prompts(config.data, "eval")
+        for prompt, columns in zip(data_prompts, data_folders.read_prompt_columns(config.data, "eval")):
+            found.setdefault(prompt_key(prompt), columns)
+    columns = [found.get(prompt_key(prompt), {}) for prompt in prompts]
+    if not any(columns):
+        warn(
+            f"The reward functions get no data columns: the rows of {config.generations} have no `columns`"
+            + ("" if config.data is not None else " (pass --data DIR to take them from a prompts folder)")
+        )
+    return columns
+
+
+def prompt_key(prompt) -> str:
+    """A prompt (text or messages) as a key that equal prompts share."""
+    return json.dumps(chat.to_messages(prompt), sort_keys=True)
+
+
 def pick_data(task: str, explicit: Path | None, flag: str, main: Path | None, fallback: Path | None) -> Path | None:
     """The data folder of `task` for a measurement: the flag, else --data if it holds that task, else the
     training data of the run concerned; None when there is none (the measurement is then skipped)."""
@@ -243,7 +277,7 @@ def read_generations(
         else:
             items = [(row.get("model"), row.get("response"))]
         messages = chat.to_messages(row["prompt"])
-        key = json.dumps(messages, sort_keys=True)
+        key = prompt_key(messages)
         if key not in prompts:
             order.append(key)
             prompts[key], answers[key] = messages, {}
@@ -286,10 +320,15 @@ def read_generations(
 
 
 def input_records(
-    config: EvalConfig, entries: list[Entry], sft_folder: Path | None, prefs_folder: Path | None
+    config: EvalConfig,
+    entries: list[Entry],
+    sft_folder: Path | None,
+    prefs_folder: Path | None,
+    function_files: dict[str, Path] | None = None,
 ) -> dict[str, dict]:
-    """The report's parents: every input folder (or file) with its content hash."""
-    records = {"reward": artifacts.parent_record(config.reward)}
+    """The report's parents: every input folder (or file) with its content hash; `function_files`: the file of
+    each reward function that has one, by spec."""
+    records = {"reward": artifacts.parent_record(config.reward)} if config.reward is not None else {}
     for key, folder in (("data", config.data), ("sft_data", sft_folder), ("prefs_data", prefs_folder)):
         if folder is not None:
             records[key] = artifacts.parent_record(folder)
@@ -298,10 +337,9 @@ def input_records(
             records[f"model:{entry.name}"] = artifacts.parent_record(entry.path)
         if entry.reference is not None and not any(e.path and same_path(e.path, entry.reference) for e in entries):
             records[f"reference:{entry.reference}"] = artifacts.parent_record(entry.reference)
-    if config.generations is not None:
-        records["generations"] = {
-            "path": str(Path(config.generations).resolve()),
-            "kind": "generations",
-            "sha256": artifacts.sha256_file(config.generations),
-        }
+    files = {"generations": config.generations} if config.generations is not None else {}
+    files |= {f"reward_fn:{spec}": file for spec, file in (function_files or {}).items()}
+    for key, file in files.items():
+        kind = key.split(":")[0]
+        records[key] = {"path": str(Path(file).resolve()), "kind": kind, "sha256": artifacts.sha256_file(file)}
     return records

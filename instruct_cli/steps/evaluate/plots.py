@@ -71,8 +71,9 @@ def save_figure(figure, path: Path) -> dict[str, dict[str, list[float]]]:
     return series
 
 
-def plot_reward_distribution(rewards: dict[str, list[float]], path: Path) -> dict:
-    """Overlaid histograms of each model's normalised rewards, with each mean as a dashed line."""
+def plot_reward_distribution(rewards: dict[str, list[float]], path: Path, by_functions: bool = False) -> dict:
+    """Overlaid histograms of each model's rewards (the reward model's normalised ones, or with `by_functions`
+    the reward functions' weighted sums), with each mean as a dashed line."""
     figure = new_figure(8, 4.5)
     axes = figure.add_subplot()
     edges = np.histogram_bin_edges(
@@ -87,16 +88,20 @@ def plot_reward_distribution(rewards: dict[str, list[float]], path: Path) -> dic
         axes.axvline(mean, color=f"C{index}", linestyle="--", linewidth=1.5)
     count = len(next(iter(rewards.values())))
     axes.set_title(f"Reward of each response, {count} prompts (dashed: means)")
-    axes.set_xlabel("reward (normalised: 0 = mean, 1 = std of the RM's training responses)")
+    axes.set_xlabel(
+        "reward (the reward functions' weighted sum, minus the missing-EOS penalty)"
+        if by_functions
+        else "reward (normalised: 0 = mean, 1 = std of the RM's training responses)"
+    )
     axes.set_ylabel("responses")
     axes.legend()
     return save_figure(figure, path)
 
 
-def plot_win_rates(results: list[dict], baseline: str, path: Path) -> dict:
+def plot_win_rates(results: list[dict], baseline: str, path: Path, judge: str = "the reward model") -> dict:
     """Horizontal bars: each model's win-rate against the baseline with its 95% interval, and the 50% line.
 
-    `results` are the per-model entries of report.json."""
+    `results` are the per-model entries of report.json; `judge` what gave the rewards compared."""
     compared = [m for m in results if m["win_rate"] is not None]
     figure = new_figure(8, 1.5 + 0.6 * len(compared))
     axes = figure.add_subplot()
@@ -124,7 +129,7 @@ def plot_win_rates(results: list[dict], baseline: str, path: Path) -> dict:
     axes.set_xlim(0, 100)
     axes.invert_yaxis()
     # two lines: one line of this title is wider than the axes, and the figure would clip it
-    axes.set_title(f"Win-rate against {baseline}, judged by the reward model\n95% CI; dashed line: 50% = no difference")
+    axes.set_title(f"Win-rate against {baseline}, judged by {judge}\n95% CI; dashed line: 50% = no difference")
     axes.set_xlabel("% of prompts won (ties count half)")
     return save_figure(figure, path)
 
@@ -182,14 +187,15 @@ def plot_training_curves(runs: list[tuple[str, str, Path]], path: Path) -> dict 
     return save_figure(figure, path)
 
 
-def runs_with_curves(entries: list[Entry], reward: Path) -> list[tuple[str, str, Path]]:
+def runs_with_curves(entries: list[Entry], reward: Path | None) -> list[tuple[str, str, Path]]:
     """The runs whose training curves the report shows: SFT runs (those evaluated and the references), the
-    reward model, then ppo and dpo runs; each once."""
+    reward model (if any), then ppo and dpo runs; each once."""
     runs: list[tuple[str, str, Path]] = []
     for entry in entries:
         if entry.reference is not None:
             runs.append((display_path(entry.reference), "sft", entry.reference))
-    runs.append((str(reward), "rm", Path(reward)))
+    if reward is not None:
+        runs.append((str(reward), "rm", Path(reward)))
     runs += [(entry.name, entry.kind, entry.path) for entry in entries if entry.kind in ("ppo", "dpo")]
     named = {str(entry.path.resolve()): entry.name for entry in entries if entry.path is not None}
     unique, seen = [], set()

@@ -3,8 +3,9 @@
 Owns the report folder's file names; each model's figures in report.json (`model_report`); the metrics the
 manifest records; the verdict; the results table and the sentences around it; report.md; samples.jsonl's rows;
 and showing a report in the terminal and loading it back. Writes no plot (`plots` does) and no web page
-(`html_report` does); `run` puts them together. Uses the core (artifacts, config, console, errors), `stats` and
-`entries`; not `measure`, `plots`, `html_report` or `compare`.
+(`html_report` does); `run` puts them together. Uses the core (artifacts, config, console, errors), `stats`,
+`entries` and `reward_fns` (the reward functions' figures, table and sentences); not `measure`, `plots`,
+`html_report` or `compare`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from instruct_cli.core import artifacts
 from instruct_cli.core.config import EvalConfig
 from instruct_cli.core.console import display_path, info, print_table, summary_table
 from instruct_cli.core.errors import UserError
+from instruct_cli.steps.evaluate import reward_fns
 from instruct_cli.steps.evaluate.entries import Entry
 from instruct_cli.steps.evaluate.stats import bootstrap_interval, describe, distinct_n, outcomes
 
@@ -60,11 +62,13 @@ def model_report(entry: Entry, baseline: Entry, config: EvalConfig) -> dict:
         "eos_rate": float(np.mean(known_ends)) if len(known_ends) == len(samples.ended) else None,
         "distinct_1": distinct_n(samples.texts, 1),
         "distinct_2": distinct_n(samples.texts, 2),
+        "reward_functions": reward_fns.model_figures(entry, baseline, config),
     }
 
 
 def headline_metrics(report: dict) -> dict[str, float]:
-    """What the manifest records as the report's metrics: per model mean reward, win-rate and interval, KL."""
+    """What the manifest records as the report's metrics: per model mean reward, win-rate and interval, KL, and
+    each reward function's mean (and accuracy with its interval)."""
     metrics: dict[str, float] = {}
     for model in report["models"]:
         name = model["name"]
@@ -75,9 +79,10 @@ def headline_metrics(report: dict) -> dict[str, float]:
             metrics[f"{name}/win_rate_high"] = model["win_rate"]["high"]
         if model["kl"]:
             metrics[f"{name}/kl"] = model["kl"]["mean"]
-    if report["reward_model"].get("accuracy") is not None:
-        metrics["reward_model/accuracy"] = report["reward_model"]["accuracy"]
-    return metrics
+    accuracy = (report["reward_model"] or {}).get("accuracy")
+    if accuracy is not None:
+        metrics["reward_model/accuracy"] = accuracy
+    return metrics | reward_fns.headline(report)
 
 
 def percent(value: float) -> str:
@@ -94,8 +99,10 @@ CAUTION = "Read these with care"
 
 
 def verdict(report: dict) -> list[str]:
-    """One plain sentence per model against the baseline: who wins, on how many prompts, at what KL."""
+    """One plain sentence per model against the baseline: who wins, on how many prompts, at what KL; then the
+    reward functions' accuracies (or means) against the baseline's."""
     baseline = report["baseline"]
+    judge = "the reward model" if report["reward_model"] is not None else "the reward functions"
     lines = []
     for model in report["models"]:
         win = model["win_rate"]
@@ -104,13 +111,11 @@ def verdict(report: dict) -> list[str]:
         name = model["name"]
         on_prompts = win_text(win).replace(" (", " of prompts (", 1)
         if win["low"] > 0.5:
-            sentence = f"{name} beats {baseline} on {on_prompts} by the reward model"
+            sentence = f"{name} beats {baseline} on {on_prompts} by {judge}"
         elif win["high"] < 0.5:
-            sentence = f"{name} loses to {baseline} by the reward model: it wins only {on_prompts}"
+            sentence = f"{name} loses to {baseline} by {judge}: it wins only {on_prompts}"
         else:
-            sentence = (
-                f"{name} and {baseline} are level by the reward model: {name} wins {on_prompts}, which includes 50%"
-            )
+            sentence = f"{name} and {baseline} are level by {judge}: {name} wins {on_prompts}, which includes 50%"
         if model["kl"] is not None and model["kind"] != "sft":  # an sft run is its own reference
             sentence += f", at KL {model['kl']['mean']:.2f} nats from its SFT reference"
         base_reward = next(m["reward"]["mean"] for m in report["models"] if m["name"] == baseline)
@@ -119,7 +124,8 @@ def verdict(report: dict) -> list[str]:
     if not lines:
         only = report["models"][0]
         lines.append(f"{only['name']} alone: mean reward {only['reward']['mean']:+.2f} (nothing to compare with).")
-    accuracy = report["reward_model"].get("accuracy")
+    lines += reward_fns.verdict_lines(report)
+    accuracy = (report["reward_model"] or {}).get("accuracy")
     if accuracy is not None and accuracy < 0.6:
         lines.append(
             f"{CAUTION}: the reward model ranks held-out preference pairs correctly only "
@@ -175,15 +181,33 @@ PLOT_TITLES = {
 }
 """The heading each plot gets in report.md and report.html."""
 
+REWARD_MEANING = (
+    "reward is the reward model's score in units of the standard deviation of its training responses (0 = their mean)."
+)
+FUNCTION_REWARD_MEANING = (
+    "reward is the weighted sum of the reward functions' values (a function that does not judge a response "
+    "adds nothing), minus the missing-EOS penalty for a response cut without an EOS: what `instruct ppo "
+    "--reward-fn` scores a rollout with (there is no reward model)."
+)
 HOW_TO_READ = (
-    "How to read it: reward is the reward model's score in units of the standard deviation of its "
-    "training responses (0 = their mean). Win-rate is the share of prompts on which a model's response "
+    f"How to read it: {REWARD_MEANING} Win-rate is the share of prompts on which a model's response "
     "scores higher than the baseline's on the same prompt (ties count half), with a bootstrap 95% "
     "interval over prompts: an interval above 50% means a real win. KL is the mean over a model's "
     "responses of log p_model - log p_SFT summed over the response's tokens (nats): how far it moved "
     "from the SFT model. Perplexity is on the SFT eval split (lower = closer to the demonstrations). "
     "Length is in tokens, EOS included; distinct-n is the share of unique word n-grams."
 )
+
+
+def how_to_read(report: dict) -> str:
+    """HOW_TO_READ for this report: what its reward is (the reward model's, or the reward functions'), and how
+    to read the reward functions' table when it has one."""
+    text = (
+        HOW_TO_READ
+        if report["reward_model"] is not None
+        else HOW_TO_READ.replace(REWARD_MEANING, FUNCTION_REWARD_MEANING)
+    )
+    return text + (" " + reward_fns.HOW_TO_READ if report.get("reward_functions") else "")
 
 
 def sampling_sentence(report: dict) -> str:
@@ -197,8 +221,17 @@ def sampling_sentence(report: dict) -> str:
 
 
 def reward_model_lines(report: dict) -> list[str]:
-    """What the report says about the reward model: its accuracy, and what its scores were computed on."""
+    """What the report says about the reward model (its accuracy, and what its scores were computed on) and
+    the reward functions (their specs and weights)."""
     rm_report = report["reward_model"]
+    functions = [f"{f['spec']} (weight {f['weight']:g})" for f in report.get("reward_functions") or []]
+    function_line = [f"Reward functions: {', '.join(functions)}."] if functions else []
+    if rm_report is None:
+        return [
+            "No reward model: the reward is the reward functions' weighted sum, minus "
+            f"{report['settings'].get('missing_eos_penalty', 0):g} for a response without an EOS.",
+            *function_line,
+        ]
     if rm_report.get("accuracy") is not None:
         lines = [
             f"Reward model {rm_report['path']}: {percent(rm_report['accuracy'])} accuracy on "
@@ -218,7 +251,7 @@ def reward_model_lines(report: dict) -> list[str]:
             )
             + f"; a response without an EOS loses {rm_report.get('missing_eos_penalty', 0):g}."
         ]
-    return lines
+    return lines + function_line
 
 
 def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str:
@@ -235,7 +268,12 @@ def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str
         "|" + "---|" * len(TABLE_COLUMNS),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
-    lines += ["", *reward_model_lines(report), "", HOW_TO_READ, ""]
+    function_rows = reward_fns.table_rows(report)
+    if function_rows:
+        lines += ["", "### Reward functions", "", "| " + " | ".join(reward_fns.TABLE_COLUMNS) + " |"]
+        lines += ["|" + "---|" * len(reward_fns.TABLE_COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in function_rows]
+    lines += ["", *reward_model_lines(report), "", how_to_read(report), ""]
     if samples:
         lines += ["## Samples", ""]
         for number, row in enumerate(samples[:how_many], start=1):
@@ -243,7 +281,13 @@ def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str
             lines += [f"### Prompt {number}", "", fenced(prompt), ""]
             for name, answer in row["responses"].items():
                 tokens = f"{answer['tokens']} token" + ("" if answer["tokens"] == 1 else "s")
-                lines += [f"**{name}** - reward {answer['reward']:+.2f}, {tokens}", "", fenced(answer["text"]), ""]
+                judged = "".join(f", {fn} {value_text(v)}" for fn, v in (answer.get("reward_fn") or {}).items())
+                lines += [
+                    f"**{name}** - reward {answer['reward']:+.2f}, {tokens}{judged}",
+                    "",
+                    fenced(answer["text"]),
+                    "",
+                ]
     plots = report["plots"]
     if plots:
         lines += ["## Plots", ""]
@@ -255,8 +299,14 @@ def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str
     return "\n".join(lines) + "\n"
 
 
-def sample_rows(prompts: list[list[dict]], entries: list[Entry]) -> list[dict]:
-    """samples.jsonl: each prompt with every model's response, reward, length, EOS and KL side by side."""
+def value_text(value: float | None) -> str:
+    """A reward function's value of one response: '1', '0.25', or '-' where it did not judge it."""
+    return "-" if value is None else f"{value:.3g}"
+
+
+def sample_rows(prompts: list[list[dict]], entries: list[Entry], columns: list[dict] | None = None) -> list[dict]:
+    """samples.jsonl: each prompt (with its data `columns`, when the reward functions had some) with every model's
+    response, reward, length, EOS and KL, and each reward function's value (`reward_fn`), side by side."""
     rows = []
     for index, prompt in enumerate(prompts):
         responses = {}
@@ -270,7 +320,12 @@ def sample_rows(prompts: list[list[dict]], entries: list[Entry]) -> list[dict]:
                 "kl": entry.kl[index] if entry.kl is not None else None,
                 "ids": samples.responses[index],
             }
-        rows.append({"index": index, "prompt": prompt, "responses": responses})
+            if entry.function_values is not None:
+                responses[entry.name]["reward_fn"] = reward_fns.sample_values(entry, index)
+        row = {"index": index, "prompt": prompt, "responses": responses}
+        if columns and columns[index]:
+            row["columns"] = columns[index]
+        rows.append(row)
     return rows
 
 
@@ -283,12 +338,15 @@ def unfinished_report(folder: Path) -> bool:
 def show(report: dict, folder: Path) -> None:
     """The results table, a few answers side by side (from the report folder's samples.jsonl) and the verdict."""
     print_table(f"eval: {report['prompts']} prompts, baseline {report['baseline']}", TABLE_COLUMNS, table_rows(report))
+    function_rows = reward_fns.table_rows(report)
+    if function_rows:
+        print_table("reward functions (accuracy: Wilson 95% CI)", reward_fns.TABLE_COLUMNS, function_rows)
     samples = artifacts.read_jsonl(Path(folder) / SAMPLES)
     if samples:
         names = list(samples[0]["responses"])
         rows = [
             [row["prompt"][-1]["content"] if row["prompt"] else ""]
-            + [f"{row['responses'][name]['text']}\n(reward {row['responses'][name]['reward']:+.2f})" for name in names]
+            + [f"{row['responses'][name]['text']}\n({answer_facts(row['responses'][name])})" for name in names]
             for row in samples[:SAMPLES_SHOWN]
         ]
         print_table(
@@ -299,15 +357,26 @@ def show(report: dict, folder: Path) -> None:
     for line in report["verdict"]:
         info(line)
     rm_report = report["reward_model"]
+    if rm_report is None:
+        judge = {"reward": "the reward functions' weighted sum (no reward model)"}
+    else:
+        accuracy = rm_report.get("accuracy")
+        judge = {"reward model accuracy": percent(accuracy) if accuracy is not None else "-"}
     summary_table(
         "eval",
         {
             "report": display_path(Path(folder) / REPORT_MD),
             "web page": display_path(Path(folder) / REPORT_HTML),
-            "reward model accuracy": percent(rm_report["accuracy"]) if rm_report.get("accuracy") is not None else "-",
+            **judge,
             "plots": ", ".join(report["plots"]),
         },
     )
+
+
+def answer_facts(answer: dict) -> str:
+    """An answer's reward and reward-function values under it in the terminal: 'reward +0.30, final_number 1'."""
+    judged = "".join(f", {name} {value_text(value)}" for name, value in (answer.get("reward_fn") or {}).items())
+    return f"reward {answer['reward']:+.2f}{judged}"
 
 
 def load_report(folder: Path) -> dict:
