@@ -11,6 +11,7 @@ and showing a report in the terminal and loading it back. Writes no plot (`plots
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,14 @@ from instruct_cli.core.console import display_path, info, print_table, summary_t
 from instruct_cli.core.errors import UserError
 from instruct_cli.steps.evaluate import reward_fns
 from instruct_cli.steps.evaluate.entries import Entry
-from instruct_cli.steps.evaluate.stats import bootstrap_interval, describe, distinct_n, outcomes
+from instruct_cli.steps.evaluate.stats import (
+    bootstrap_interval,
+    describe,
+    distinct_n,
+    length_controlled_interval,
+    length_controlled_win_rate,
+    outcomes,
+)
 
 REPORT_JSON, REPORT_MD, SAMPLES = "report.json", "report.md", "samples.jsonl"
 REPORT_HTML = "report.html"
@@ -38,6 +46,8 @@ def model_report(entry: Entry, baseline: Entry, config: EvalConfig) -> dict:
     if entry is not baseline:
         results = outcomes(entry.rewards, baseline.rewards)
         low, high = bootstrap_interval(results, config.bootstrap, config.seed)
+        differences = [len(a) - len(b) for a, b in zip(samples.responses, baseline.samples.responses)]
+        lc_low, lc_high = length_controlled_interval(results, differences, config.bootstrap, config.seed)
         win = {
             "against": baseline.name,
             "rate": float(results.mean()),
@@ -46,6 +56,13 @@ def model_report(entry: Entry, baseline: Entry, config: EvalConfig) -> dict:
             "wins": int((results == 1.0).sum()),
             "ties": int((results == 0.5).sum()),
             "losses": int((results == 0.0).sum()),
+            "length_controlled": {
+                "rate": length_controlled_win_rate(results, differences),
+                "low": lc_low,
+                "high": lc_high,
+                "method": "logistic regression of the outcome on tanh(length difference / its std), read at "
+                "equal length (AlpacaEval 2's length control)",
+            },
         }
     known_ends = [ended for ended in samples.ended if ended is not None]
     return {
@@ -121,6 +138,7 @@ def verdict(report: dict) -> list[str]:
         base_reward = next(m["reward"]["mean"] for m in report["models"] if m["name"] == baseline)
         sentence += f" (mean reward {model['reward']['mean']:+.2f} vs {base_reward:+.2f})."
         lines.append(sentence)
+        lines += length_sentence(name, win)
     if not lines:
         only = report["models"][0]
         lines.append(f"{only['name']} alone: mean reward {only['reward']['mean']:+.2f} (nothing to compare with).")
@@ -134,6 +152,21 @@ def verdict(report: dict) -> list[str]:
     return lines
 
 
+def length_sentence(name: str, win: dict) -> list[str]:
+    """One more sentence when most of a model's lead (or deficit) against the baseline comes from length: the
+    raw win-rate's interval excludes 50% and the length-controlled one covers it."""
+    control = win.get("length_controlled")
+    if not control or math.isnan(control["rate"]):
+        return []
+    raw_decided = win["low"] > 0.5 or win["high"] < 0.5
+    if raw_decided and control["low"] <= 0.5 <= control["high"]:
+        return [
+            f"Most of that comes from length: at equal length {name} would win {win_text(control)} of prompts "
+            "(length-controlled), which includes 50%."
+        ]
+    return []
+
+
 TABLE_COLUMNS = [
     "model",
     "reward ± std",
@@ -143,6 +176,7 @@ TABLE_COLUMNS = [
     "length",
     "EOS rate",
     "distinct-1/2",
+    "LC win-rate (95% CI)",
 ]
 
 
@@ -161,6 +195,9 @@ def table_rows(report: dict) -> list[list[str]]:
                 f"{model['length']:.1f}",
                 percent(model["eos_rate"]) if model["eos_rate"] is not None else "-",
                 f"{model['distinct_1']:.2f} / {model['distinct_2']:.2f}",
+                win_text(win["length_controlled"]).replace("95% CI ", "")
+                if win and win.get("length_controlled")
+                else "-",
             ]
         )
     return rows

@@ -100,3 +100,52 @@ def describe(values: Sequence[float]) -> dict[str, float]:
         "max": float(highest),
         "n": int(len(array)),
     }
+
+
+def length_controlled_win_rate(
+    results: Sequence[float], length_differences: Sequence[float], ridge: float = 1e-3, iterations: int = 50
+) -> float:
+    """The win-rate with the length difference regressed out (AlpacaEval 2's length control, for one pair of
+    models): fit P(win) = sigmoid(a + b * tanh(d / std(d))) to the per-prompt outcomes (ties as 0.5, soft
+    labels) by Newton's method with a small ridge on b, and read it at equal length: sigmoid(a). It is an
+    extrapolation when few prompts have answers of about equal length; the bootstrap interval shows it.
+
+    `length_differences` are the model's response length minus the baseline's, per prompt. When the lengths
+    do not differ at all there is nothing to regress out and the raw win-rate comes back."""
+    y = np.asarray(results, dtype=float)
+    d = np.asarray(length_differences, dtype=float)
+    spread = d.std()
+    if len(y) == 0:
+        return math.nan
+    if spread == 0:
+        return float(y.mean())
+    x = np.stack([np.ones_like(d), np.tanh(d / spread)], axis=1)
+    theta = np.zeros(2)
+    penalty = np.diag([0.0, ridge * len(y)])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(x @ theta)))
+        gradient = x.T @ (p - y) + penalty @ theta
+        hessian = x.T @ (x * (p * (1 - p))[:, None]) + penalty + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(1.0 / (1.0 + math.exp(-theta[0])))
+
+
+def length_controlled_interval(
+    results: Sequence[float],
+    length_differences: Sequence[float],
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of `length_controlled_win_rate`, prompts resampled with replacement and the
+    regression refitted each time (seeded, as `bootstrap_interval`)."""
+    y, d = np.asarray(results, dtype=float), np.asarray(length_differences, dtype=float)
+    if len(y) == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    rates = [length_controlled_win_rate(y[rows], d[rows]) for rows in rng.integers(0, len(y), size=(resamples, len(y)))]
+    low, high = np.percentile(rates, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(low), float(high)
