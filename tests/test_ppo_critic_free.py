@@ -320,4 +320,9 @@ def test_grpo_groups_whose_rewards_tie_get_no_signal_and_are_logged(pipeline, tm
     rows = metrics_of(out)
     assert all(row["objective/frac_reward_zero_std"] == 1.0 for row in rows)
     assert all(row["loss/policy"] == 0.0 for row in rows)
-    assert {"policy/clip_ratio/low", "policy/clip_ratio/high", "response/clipped_rate"} <= set(rows[0])
+    assert {
+        "policy/clip_ratio/low",
+        "policy/clip_ratio/high",
+        "response/clipped_rate",
+        "objective/score_length_corr",
+    } <= set(rows[0])

@@ -251,3 +251,11 @@ def test_clip_higher_and_the_sequence_ratio():
     assert loss.item() == pytest.approx(-1.2) and stats["policy/clip_ratio/high"] == 1.0
     loss, _ = rl.token_policy_loss(up, torch.zeros(1, 1), torch.tensor([1.0]), one, rl.Counts(1.0, 1.0), clip_high=0.28)
     assert loss.item() == pytest.approx(-1.25)
+
+
+def test_correlation_by_hand():
+    assert rl.correlation(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 7.0])) == pytest.approx(
+        0.9933992677987828
+    )
+    assert rl.correlation(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    assert math.isnan(rl.correlation(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0])))

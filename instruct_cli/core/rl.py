@@ -370,6 +370,17 @@ def value_loss(
     return loss, {"value/clipfrac": token_share(clipped, mask, token_count).item()}
 
 
+def correlation(x: torch.Tensor, y: torch.Tensor, total: Total = local) -> float:
+    """Pearson correlation of two (B,) tensors over every process's rows (NaN when either is constant): e.g.
+    of rollout scores with response lengths, the first sign that a policy learns length rather than content."""
+    x, y = x.double(), y.double()
+    n = total(torch.tensor(float(len(x)), dtype=torch.float64, device=x.device))
+    mean_x, mean_y = total(x.sum()) / n, total(y.sum()) / n
+    covariance = total(((x - mean_x) * (y - mean_y)).sum())
+    spread = (total(((x - mean_x) ** 2).sum()) * total(((y - mean_y) ** 2).sum())).sqrt()
+    return float(covariance / spread) if spread > 0 else float("nan")
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, total: Total = local) -> float:
     """1 - Var(returns - values) / Var(returns): how much of the return the value function predicts."""
     var_returns = masked_var(returns, mask, total=total)

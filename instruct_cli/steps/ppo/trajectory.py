@@ -415,6 +415,7 @@ def make_trajectory(
         "response/clipped_rate": (
             total((~ended & (mask.sum(1) >= config.max_new_tokens)).float().sum()) / rollouts
         ).item(),
+        "objective/score_length_corr": rl.correlation(scores, mask.sum(1), total),
         **advantage_stats,
         **function_stats,  # this process's samples (the main process's are logged)
         "time/score": scored - began,
