@@ -371,14 +371,15 @@ def value_loss(
 
 
 def correlation(x: torch.Tensor, y: torch.Tensor, total: Total = local) -> float:
-    """Pearson correlation of two (B,) tensors over every process's rows (NaN when either is constant): e.g.
-    of rollout scores with response lengths, the first sign that a policy learns length rather than content."""
+    """Pearson correlation of two (B,) tensors over every process's rows (0 when either is constant: no
+    relation to measure, and a finite number for every logger): e.g. of rollout scores with response lengths,
+    the first sign that a policy learns length rather than content."""
     x, y = x.double(), y.double()
     n = total(torch.tensor(float(len(x)), dtype=torch.float64, device=x.device))
     mean_x, mean_y = total(x.sum()) / n, total(y.sum()) / n
     covariance = total(((x - mean_x) * (y - mean_y)).sum())
     spread = (total(((x - mean_x) ** 2).sum()) * total(((y - mean_y) ** 2).sum())).sqrt()
-    return float(covariance / spread) if spread > 0 else float("nan")
+    return float(covariance / spread) if spread > 0 else 0.0
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, total: Total = local) -> float:
