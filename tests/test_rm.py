@@ -196,6 +196,9 @@ def test_rm_learns_a_preference_and_scores_are_normalised(tmp_path, tiny_model_d
     assert heads.has_head(out / "adapter")
     train_pairs = len((data / "prefs.train.jsonl").read_text().splitlines())
     assert manifest["reward_normalization"]["samples"] == 2 * train_pairs  # fewer than 2,000: all of them
+    metrics = manifest["metrics"]  # the eval accuracy with its interval and the count it stands on
+    assert metrics["eval/accuracy_low"] <= metrics["eval/accuracy"] <= metrics["eval/accuracy_high"]
+    assert metrics["eval/accuracy_n"] == len((data / "prefs.eval.jsonl").read_text().splitlines())
 
     # rm score applies the stored normalisation: training responses score mean 0, std 1
     train = [json.loads(line) for line in (data / "prefs.train.jsonl").read_text().splitlines()]
@@ -313,3 +316,17 @@ def test_the_normalisation_sample_is_whole_prompts_seeded_and_capped():
     assert 50 <= count < 50 + 4 and all(any(g is h for h in groups) for g in sample)
     assert sample == rm.normalization_sample(groups, 50, seed=0) and sample != rm.normalization_sample(groups, 50, 1)
     assert sum(len(g.responses) for g in rm.normalization_sample(groups, 10_000, seed=0)) == total
+
+
+def test_a_small_eval_split_says_so():
+    from instruct_cli.core import intervals
+
+    two = intervals.accuracy_interval(1.0, 2)
+    assert two == {
+        "eval/accuracy_low": pytest.approx(0.342380, abs=1e-6),
+        "eval/accuracy_high": 1.0,
+        "eval/accuracy_n": 2,
+    }
+    shown = intervals.with_interval({"eval/accuracy": 1.0, **two}, "eval/accuracy")
+    assert shown == "1 (95% CI 0.34-1.00, 2 prompts)"
+    assert intervals.with_interval({"eval/loss": 0.5}, "eval/loss") == 0.5

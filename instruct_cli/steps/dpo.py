@@ -29,7 +29,17 @@ from pathlib import Path
 
 import torch
 
-from instruct_cli.core import data_folders, distributed, dpo_loss, lm, models, packing, preferences, training
+from instruct_cli.core import (
+    data_folders,
+    distributed,
+    dpo_loss,
+    intervals,
+    lm,
+    models,
+    packing,
+    preferences,
+    training,
+)
 from instruct_cli.core.chat import IGNORE, template_ids
 from instruct_cli.core.config import DPOConfig
 from instruct_cli.core.console import info, progress, summary_table, warn
@@ -276,6 +286,8 @@ def run(config: DPOConfig) -> Path:
             description="dpo",
             weight_of=preferences.prompts_in,
         )
+        if "eval/accuracy" in result.metrics:  # small eval splits say so: the interval and the count
+            result.metrics.update(intervals.accuracy_interval(result.metrics["eval/accuracy"], len(eval_set)))
         run_folder.complete(result.metrics, steps=result.steps, kept_adapter=result.kept)
     if accelerator.is_main_process:
         metrics = result.metrics
@@ -286,7 +298,7 @@ def run(config: DPOConfig) -> Path:
                 "output": str(config.out),
                 "steps": result.steps,
                 "adapter kept": result.kept,
-                **{k: metrics[k] for k in (*shown, "eval/rejected_reward") if k in metrics},
+                **{k: intervals.with_interval(metrics, k) for k in (*shown, "eval/rejected_reward") if k in metrics},
             },
         )
     return Path(config.out)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from instruct_cli.core import artifacts, data_folders, heads, models, preferences, training
+from instruct_cli.core import artifacts, data_folders, heads, intervals, models, preferences, training
 from instruct_cli.core.config import RMConfig, RMScoreConfig
 from instruct_cli.core.console import info, progress, summary_table, warn
 from instruct_cli.core.errors import UserError
@@ -135,6 +135,8 @@ def run(config: RMConfig) -> Path:
                         scorer, sequences, tokenizer.pad_token_id, device, 2 * config.batch_size, bar
                     )
             norm = {**preferences.normalization(raw), "samples": len(raw)}
+        if "eval/accuracy" in result.metrics:  # small eval splits say so: the interval and the count
+            result.metrics.update(intervals.accuracy_interval(result.metrics["eval/accuracy"], len(eval_set)))
         run_folder.complete(result.metrics, steps=result.steps, kept_adapter=result.kept, reward_normalization=norm)
     if accelerator.is_main_process:
         metrics = result.metrics
@@ -145,7 +147,7 @@ def run(config: RMConfig) -> Path:
                 "steps": result.steps,
                 "adapter kept": result.kept,
                 **{
-                    k: metrics[k]
+                    k: intervals.with_interval(metrics, k)
                     for k in ("loss/train", "train/accuracy", "eval/loss", "eval/accuracy", "eval/margin")
                     if k in metrics
                 },

@@ -1,17 +1,18 @@
 """The statistics of `instruct eval`: win/tie/loss outcomes, win-rate, its bootstrap interval, the Wilson interval
 of an accuracy, distinct-n, the per-response KL sum and a summary of a list of values.
 
-Pure functions of numbers and texts, tested against hand-computed values. Uses numpy and the standard library
-only: nothing of instruct_cli, no models.
+Pure functions of numbers and texts, tested against hand-computed values. Uses numpy, the standard library and
+core/intervals.py (the Wilson interval, shared with rm and dpo), no models.
 """
 
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
+
+from instruct_cli.core.intervals import wilson_interval  # noqa: F401 - the report's intervals
 
 TIE_TOLERANCE = 1e-6
 
@@ -44,26 +45,6 @@ def bootstrap_interval(
     means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
     low, high = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(low), float(high)
-
-
-def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a proportion: `successes` right out of `trials` (e.g. an accuracy).
-
-    With p = successes / trials and z the standard normal quantile of (1 + level) / 2 (1.96 for 95%):
-    (p + z²/2n ± z sqrt(p(1 - p)/n + z²/4n²)) / (1 + z²/n). Unlike p ± z sqrt(p(1 - p)/n) it stays within
-    [0, 1] and is not empty at 0 or n successes (5/10 gives 0.237-0.763, 0/10 gives 0-0.278).
-    """
-    if trials <= 0:
-        return math.nan, math.nan
-    if not 0 <= successes <= trials:
-        raise ValueError(f"{successes} successes out of {trials} trials")
-    z = NormalDist().inv_cdf((1 + level) / 2)
-    p, n = successes / trials, trials
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends where rounding would leave 1e-17
-    high = 1.0 if successes == trials else min(1.0, centre + half)
-    return low, high
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
