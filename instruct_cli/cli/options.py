@@ -33,8 +33,6 @@ RECIPE_PARAMETER = inspect.Parameter(
         ),
     ],
 )
-LIST_METAVAR = {list[str]: "<str,...>"}
-"""How --help spells a comma-separated list (a list of paths is given by repeating the flag)."""
 MAIN_FIELDS = ("prompt", "model", "models", "sft", "reward", "inputs", "input", "prompts", "data", "out", "output")
 """The fields `--help` lists first, in this order: a command's inputs, then where it writes."""
 OWN_ARGUMENTS = ("config", "configs")
@@ -98,7 +96,7 @@ def field_parameter(cls: type, field: dataclasses.Field, hint: Any) -> inspect.P
     value_type, choices = cli_type(hint, spec.nargs)
     shown = shown_default(field, value_type)
     help_text = settings.doc(cls, field.name) + (escape(f" [default: {shown}]") if shown else "")
-    metavar = spec.metavar or ("|".join(map(str, choices)) if choices else LIST_METAVAR.get(value_type))
+    metavar = spec.metavar or ("|".join(map(str, choices)) if choices else list_metavar(hint))
     if spec.argument:
         info = typer.Argument(help=help_text, show_default=False, metavar=metavar or field.name.upper())
     else:
@@ -122,6 +120,17 @@ def cli_type(hint: Any, nargs: int) -> tuple[Any, tuple]:
         item = item if item in (str, Path) else str  # numbers as text: "1,0.5" is split, then checked as numbers
         return (tuple[(item,) * nargs] if nargs > 1 else list[item]), ()
     return hint, ()
+
+
+def list_metavar(hint: Any) -> str | None:
+    """How --help spells a comma-separated list: <str,...>, <float,...> (a list of paths is given by repeating
+    the flag, and shows typer's own <path>)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return list_metavar(next(arg for arg in args if arg is not type(None)))
+    if origin is list and args[0] is not Path:
+        return f"<{args[0].__name__},...>"
+    return None
 
 
 def bool_flags(name: str) -> tuple[str]:
