@@ -501,6 +501,12 @@ class EvalConfig(OutputOptions):
     reward_fn_weight: list[float] = setting(factory=list)
     """Weights of the --reward-fn functions, comma-separated in their order (default: 1 each); without --reward,
     their weighted sum (minus --missing-eos-penalty) is the reward that win-rates compare, as ppo scores it."""
+    judge: list[Path] = setting(factory=list)
+    """More reward-model run folders that judge every response as --reward does (each with its own
+    normalisation, the same missing-EOS penalty), e.g. one trained on a held-out half of the preferences or with
+    another seed; repeat the flag for several. Each gets its own mean reward, win-rate and length-controlled
+    win-rate against the baseline: the training reward model's win and a judge's side by side show
+    over-optimisation."""
     data: Optional[Path] = setting(None, flags=("--data", "-d"))
     """Data folder whose eval split gives the prompts (a prompts, sft or prefs folder)."""
     sft_data: Optional[Path] = None

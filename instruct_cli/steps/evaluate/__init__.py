@@ -18,6 +18,9 @@ What each figure means (on the first --max-prompts rows of each eval split):
                KL(model || reference) in nats per response. The reference is the SFT run: a ppo run's parent,
                an sft run itself (KL 0), and for `base` or another model the SFT run among --models
   perplexity   exp of the mean NLL of the assistant tokens of the SFT eval split (what `instruct sft` logs)
+  judges       per --judge reward model (another rm run): every response scored as by --reward (its own
+               normalisation), the mean, the win-rate and the length-controlled win-rate against the baseline
+               with their 95% intervals; a win by --reward that a judge does not confirm is named in the verdict
   RM accuracy  how often the reward model ranks the chosen response first on the preference eval split
   length       response tokens up to and including the EOS; EOS rate: the share that ended before the limit
   distinct-n   distinct word n-grams / all word n-grams over a model's responses (Li et al. 2016)
@@ -29,7 +32,7 @@ The work, top to bottom (`run`):
                that is also the KL reference of other models goes after them and measures their KL
   3. KL        each reference not evaluated itself, in turn: the log-probs of the samples measured against it
   4. score     the reward model: every response, and its accuracy on the preference eval split; the reward
-               functions: every response, with its prompt's data columns
+               functions: every response, with its prompt's data columns; each --judge reward model in turn
   5. report    report.json, report.md, report.html, samples.jsonl, PNG plots; the report folder is marked
                complete last
 
@@ -38,6 +41,7 @@ The package, one concern a module (none imports this __init__, so there are no c
   entries    1. resolve: the flags, the models and their KL references, the prompts, the data folders, inputs
   measure    2-4. the model work: sampling, log-probs, KL, perplexity, reward scores, RM accuracy
   reward_fns 4-5. the reward functions: their values, per-model figures, table and sentences
+  judges     5. the --judge reward models: win-rate figures (shared with the main win-rate), table, sentences
   report     5. report.json's figures, the verdict, the table, report.md, samples.jsonl; show and load
   plots      5. the PNG plots (matplotlib)
   html_report  5. report.html: the report as one self-contained web page (plots inline, answers filterable)

@@ -3,8 +3,9 @@
 Owns the `Entry` of each model (its run folder, its KL reference, and what is measured on it as the evaluation
 goes) and its `Samples`; checking the flags; resolving --models and --baseline into entries; the prompts of the
 data folder or of a --generations file, and their data columns (for the reward functions); the data folders
-perplexity and RM accuracy are measured on; and the report's input records. Loads no model. Uses the core
-(artifacts, chat, data_folders, models, config, console, errors); nothing else of this package.
+perplexity and RM accuracy are measured on; the --judge runs, checked and named; and the report's input
+records. Loads no model. Uses the core (artifacts, chat, data_folders, models, config, console, errors); nothing
+else of this package.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class Entry:
     fingerprint: str | None = None
     function_values: dict[str, list[float]] | None = None
     """Each reward function's value of every response, by the function's name (NaN: not judged)."""
+    judge_rewards: dict[str, list[float]] | None = None
+    """Each --judge reward model's reward of every response, by the judge's name (`judge_names`)."""
 
     @property
     def is_own_reference(self) -> bool:
@@ -113,6 +116,23 @@ def check_config(config: EvalConfig) -> None:
     if repeated:
         raise UserError(
             f"{', '.join(repeated)} is listed twice in --models", where="--models", fix="Name each model once"
+        )
+
+
+def judge_names(config: EvalConfig) -> dict[str, Path]:
+    """The --judge runs by the name the report gives them (the path as the user would type it)."""
+    return {display_path(path): Path(path) for path in config.judge}
+
+
+def check_judges(config: EvalConfig) -> None:
+    """Every --judge is a complete rm run, named once (one-paragraph errors before anything is written)."""
+    for path in config.judge:
+        artifacts.require_complete(Path(path), "rm", flag="--judge")
+    names = [str(path).rstrip("/") for path in config.judge]
+    repeated = sorted({a for i, a in enumerate(names) for b in names[i + 1 :] if same_model(a, b)})
+    if repeated:
+        raise UserError(
+            f"{', '.join(repeated)} is listed twice in --judge", where="--judge", fix="Name each judge once"
         )
 
 
@@ -329,6 +349,7 @@ def input_records(
     """The report's parents: every input folder (or file) with its content hash; `function_files`: the file of
     each reward function that has one, by spec."""
     records = {"reward": artifacts.parent_record(config.reward)} if config.reward is not None else {}
+    records |= {f"judge:{name}": artifacts.parent_record(path) for name, path in judge_names(config).items()}
     for key, folder in (("data", config.data), ("sft_data", sft_folder), ("prefs_data", prefs_folder)):
         if folder is not None:
             records[key] = artifacts.parent_record(folder)

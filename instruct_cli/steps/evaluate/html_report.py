@@ -4,8 +4,8 @@ Owns the page: the verdict, the results table, every plot inline (the PNGs as ba
 with all models' answers side by side and each answer's reward, and a text box that filters the answers by
 prompt. It is read offline in any browser: no external CSS, script, font or image, and a Content-Security-Policy
 that forbids loading any. Figures and words come from `report` (the same table rows, verdict and sentences as
-report.md), nothing is recomputed. Uses the standard library, `report` and `reward_fns` (the reward functions'
-table); nothing else of this package.
+report.md), nothing is recomputed. Uses the standard library, `report`, `reward_fns` (the reward functions'
+table) and `judges` (the --judge reward models' table); nothing else of this package.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import html
 import mimetypes
 from pathlib import Path
 
-from instruct_cli.steps.evaluate import reward_fns
+from instruct_cli.steps.evaluate import judges, reward_fns
 from instruct_cli.steps.evaluate.report import (
     CAUTION,
     PLOT_TITLES,
@@ -158,6 +158,7 @@ def results_section(report: dict) -> str:
             + "\n".join(body)
             + "\n</tbody>\n</table>",
             functions_table(report),
+            judges_table(report),
             reward_model,
             f'<p class="note">{escape(how_to_read(report))}</p>',
         ]
@@ -174,6 +175,18 @@ def functions_table(report: dict) -> str:
     return (
         f'<h3>Reward functions</h3>\n<table id="reward-functions">\n<thead><tr>{header}</tr></thead>\n<tbody>\n'
         f"{body}\n</tbody>\n</table>"
+    )
+
+
+def judges_table(report: dict) -> str:
+    """The --judge reward models' table (report.md's rows): empty without judges."""
+    rows = judges.table_rows(report)
+    if not rows:
+        return ""
+    header = "".join(f'<th scope="col">{escape(column)}</th>' for column in judges.TABLE_COLUMNS)
+    body = "\n".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return (
+        f'<h3>Judges</h3>\n<table id="judges">\n<thead><tr>{header}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>'
     )
 
 
@@ -217,6 +230,7 @@ def answer_cell(answer: dict, best: bool) -> str:
     if answer.get("kl") is not None:
         facts.append(f"KL {answer['kl']:.2f}")
     facts += [f"{escape(name)} {value_text(value)}" for name, value in (answer.get("reward_fn") or {}).items()]
+    facts += [f"judge {escape(name)} {value:+.2f}" for name, value in (answer.get("judges") or {}).items()]
     text = escape(answer["text"]) if answer["text"] else '<span class="empty">(empty)</span>'
     meta = f'<span class="meta">{" · ".join(facts)}</span>'
     return f'<td class="answer best">{meta}{text}</td>' if best else f'<td class="answer">{meta}{text}</td>'

@@ -17,7 +17,7 @@ import torch
 from instruct_cli.core import chat, inference, lm, models, preferences, rl, sampling, training
 from instruct_cli.core.config import EvalConfig
 from instruct_cli.core.console import progress, warn
-from instruct_cli.steps.evaluate.entries import Entry, Samples, same_path
+from instruct_cli.steps.evaluate.entries import Entry, Samples, judge_names, same_path
 from instruct_cli.steps.evaluate.stats import sequence_kl
 
 
@@ -286,23 +286,9 @@ def score_with_reward_model(
     renders the prompts differently (another base) is the response's text re-rendered with its template.
     Every model's answers to a prompt are scored together, the prompt computed once (`prompt_keys`)."""
     model, tokenizer, norm = preferences.load_reward_model(config.reward, config.quantization, config.device)
-    device = next(model.head.parameters()).device
-    queries = [chat.encode_prompt(tokenizer, prompt)[-config.max_length :] for prompt in prompts]
-    sequences, keys, counts, scored_on = [], [], [], {}
-    for entry in entries:
-        inputs, scored_on[entry.name] = reward_inputs(tokenizer, prompts, queries, entry.samples, config.max_length)
-        sequences += inputs
-        keys += prompt_keys(queries, inputs)
-        counts.append(len(inputs))
-    with progress("reward model", total=len(sequences)) as bar:
-        raw = preferences.score_grouped(model, sequences, keys, tokenizer.pad_token_id, device, config.batch_size, bar)
-    start = 0
-    for entry, count in zip(entries, counts):
-        mine, start = raw[start : start + count], start + count
-        entry.rewards = [
-            preferences.normalize(value, norm) - (config.missing_eos_penalty if ended is False else 0.0)
-            for value, ended in zip(mine, entry.samples.ended)
-        ]
+    rewards, scored_on = normalised_rewards(model, tokenizer, norm, entries, prompts, config, "reward model")
+    for entry, mine in zip(entries, rewards):
+        entry.rewards = mine
     accuracy = None
     if pref_rows:
         accuracy = reward_model_accuracy(model, tokenizer, pref_rows, config.max_length, config.batch_size, prefs_where)
@@ -315,6 +301,57 @@ def score_with_reward_model(
         "scored_on": scored_on,
         **(accuracy or {}),
     }
+
+
+def normalised_rewards(
+    model, tokenizer, norm: dict, entries: list[Entry], prompts: list[list[dict]], config: EvalConfig, label: str
+) -> tuple[list[list[float]], dict[str, str]]:
+    """Every entry's rewards by one loaded reward model (normalised with its `norm`, minus the missing-EOS
+    penalty), in entry order, and how each entry's responses were scored (`reward_inputs`)."""
+    device = next(model.head.parameters()).device
+    queries = [chat.encode_prompt(tokenizer, prompt)[-config.max_length :] for prompt in prompts]
+    sequences, keys, counts, scored_on = [], [], [], {}
+    for entry in entries:
+        inputs, scored_on[entry.name] = reward_inputs(tokenizer, prompts, queries, entry.samples, config.max_length)
+        sequences += inputs
+        keys += prompt_keys(queries, inputs)
+        counts.append(len(inputs))
+    with progress(label, total=len(sequences)) as bar:
+        raw = preferences.score_grouped(model, sequences, keys, tokenizer.pad_token_id, device, config.batch_size, bar)
+    rewards, start = [], 0
+    for entry, count in zip(entries, counts):
+        mine, start = raw[start : start + count], start + count
+        rewards.append(
+            [
+                preferences.normalize(value, norm) - (config.missing_eos_penalty if ended is False else 0.0)
+                for value, ended in zip(mine, entry.samples.ended)
+            ]
+        )
+    return rewards, scored_on
+
+
+def score_with_judges(entries: list[Entry], prompts: list[list[dict]], config: EvalConfig) -> list[dict]:
+    """Each --judge reward model in turn (one in memory at a time): every response scored exactly as the main
+    reward model scores it, with the judge's own normalisation, into `entry.judge_rewards[name]`. Returns what
+    report.json says of each judge: its name, path, normalisation and how the responses were scored."""
+    judges = []
+    for name, path in judge_names(config).items():
+        model, tokenizer, norm = preferences.load_reward_model(path, config.quantization, config.device)
+        rewards, scored_on = normalised_rewards(model, tokenizer, norm, entries, prompts, config, f"judge {name}")
+        for entry, mine in zip(entries, rewards):
+            entry.judge_rewards = {**(entry.judge_rewards or {}), name: mine}
+        del model
+        release_memory()
+        judges.append(
+            {
+                "name": name,
+                "path": str(Path(path).resolve()),
+                "normalization": norm,
+                "missing_eos_penalty": config.missing_eos_penalty,
+                "scored_on": scored_on,
+            }
+        )
+    return judges
 
 
 def prompt_keys(queries: list[list[int]], sequences: list[list[int]]) -> list[tuple]:

@@ -4,7 +4,8 @@ Owns the report folder's file names; each model's figures in report.json (`model
 manifest records; the verdict; the results table and the sentences around it; report.md; samples.jsonl's rows;
 and showing a report in the terminal and loading it back. Writes no plot (`plots` does) and no web page
 (`html_report` does); `run` puts them together. Uses the core (artifacts, config, console, errors), `stats`,
-`entries` and `reward_fns` (the reward functions' figures, table and sentences); not `measure`, `plots`,
+`entries`, `reward_fns` (the reward functions' figures, table and sentences) and `judges` (the --judge reward
+models' figures, table and sentences, and the win-rate figures); not `measure`, `plots`,
 `html_report` or `compare`.
 """
 
@@ -20,16 +21,9 @@ from instruct_cli.core import artifacts
 from instruct_cli.core.config import EvalConfig
 from instruct_cli.core.console import display_path, info, print_table, summary_table
 from instruct_cli.core.errors import UserError
-from instruct_cli.steps.evaluate import reward_fns
+from instruct_cli.steps.evaluate import judges, reward_fns
 from instruct_cli.steps.evaluate.entries import Entry
-from instruct_cli.steps.evaluate.stats import (
-    bootstrap_interval,
-    describe,
-    distinct_n,
-    length_controlled_interval,
-    length_controlled_win_rate,
-    outcomes,
-)
+from instruct_cli.steps.evaluate.stats import describe, distinct_n
 
 REPORT_JSON, REPORT_MD, SAMPLES = "report.json", "report.md", "samples.jsonl"
 REPORT_HTML = "report.html"
@@ -44,26 +38,8 @@ def model_report(entry: Entry, baseline: Entry, config: EvalConfig) -> dict:
     samples = entry.samples
     win = None
     if entry is not baseline:
-        results = outcomes(entry.rewards, baseline.rewards)
-        low, high = bootstrap_interval(results, config.bootstrap, config.seed)
-        differences = [len(a) - len(b) for a, b in zip(samples.responses, baseline.samples.responses)]
-        lc_low, lc_high = length_controlled_interval(results, differences, config.bootstrap, config.seed)
-        win = {
-            "against": baseline.name,
-            "rate": float(results.mean()),
-            "low": low,
-            "high": high,
-            "wins": int((results == 1.0).sum()),
-            "ties": int((results == 0.5).sum()),
-            "losses": int((results == 0.0).sum()),
-            "length_controlled": {
-                "rate": length_controlled_win_rate(results, differences),
-                "low": lc_low,
-                "high": lc_high,
-                "method": "logistic regression of the outcome on tanh(length difference / its std), read at "
-                "equal length (AlpacaEval 2's length control)",
-            },
-        }
+        differences = judges.length_differences(entry, baseline)
+        win = judges.win_figures(entry.rewards, baseline.rewards, differences, config, baseline.name)
     known_ends = [ended for ended in samples.ended if ended is not None]
     return {
         "name": entry.name,
@@ -80,6 +56,7 @@ def model_report(entry: Entry, baseline: Entry, config: EvalConfig) -> dict:
         "distinct_1": distinct_n(samples.texts, 1),
         "distinct_2": distinct_n(samples.texts, 2),
         "reward_functions": reward_fns.model_figures(entry, baseline, config),
+        "judges": judges.model_figures(entry, baseline, config),
     }
 
 
@@ -99,7 +76,7 @@ def headline_metrics(report: dict) -> dict[str, float]:
     accuracy = (report["reward_model"] or {}).get("accuracy")
     if accuracy is not None:
         metrics["reward_model/accuracy"] = accuracy
-    return metrics | reward_fns.headline(report)
+    return metrics | reward_fns.headline(report) | judges.headline(report)
 
 
 def percent(value: float) -> str:
@@ -142,6 +119,7 @@ def verdict(report: dict) -> list[str]:
     if not lines:
         only = report["models"][0]
         lines.append(f"{only['name']} alone: mean reward {only['reward']['mean']:+.2f} (nothing to compare with).")
+    lines += judges.verdict_lines(report)
     lines += reward_fns.verdict_lines(report)
     accuracy = (report["reward_model"] or {}).get("accuracy")
     if accuracy is not None and accuracy < 0.6:
@@ -244,7 +222,8 @@ def how_to_read(report: dict) -> str:
         if report["reward_model"] is not None
         else HOW_TO_READ.replace(REWARD_MEANING, FUNCTION_REWARD_MEANING)
     )
-    return text + (" " + reward_fns.HOW_TO_READ if report.get("reward_functions") else "")
+    text += " " + reward_fns.HOW_TO_READ if report.get("reward_functions") else ""
+    return text + (" " + judges.HOW_TO_READ if report.get("judges") else "")
 
 
 def sampling_sentence(report: dict) -> str:
@@ -288,7 +267,15 @@ def reward_model_lines(report: dict) -> list[str]:
             )
             + f"; a response without an EOS loses {rm_report.get('missing_eos_penalty', 0):g}."
         ]
-    return lines + function_line
+    return lines + function_line + judge_lines(report)
+
+
+def judge_lines(report: dict) -> list[str]:
+    """What the report says of the --judge reward models: which run folders they are (hashes under Inputs)."""
+    described = [judge["name"] for judge in report.get("judges") or []]
+    if not described:
+        return []
+    return [f"Judges (other reward models, scored as the main one): {', '.join(described)}."]
 
 
 def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str:
@@ -310,6 +297,11 @@ def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str
         lines += ["", "### Reward functions", "", "| " + " | ".join(reward_fns.TABLE_COLUMNS) + " |"]
         lines += ["|" + "---|" * len(reward_fns.TABLE_COLUMNS)]
         lines += ["| " + " | ".join(row) + " |" for row in function_rows]
+    judge_rows = judges.table_rows(report)
+    if judge_rows:
+        lines += ["", "### Judges", "", "| " + " | ".join(judges.TABLE_COLUMNS) + " |"]
+        lines += ["|" + "---|" * len(judges.TABLE_COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in judge_rows]
     lines += ["", *reward_model_lines(report), "", how_to_read(report), ""]
     if samples:
         lines += ["## Samples", ""]
@@ -319,6 +311,7 @@ def render_markdown(report: dict, samples: list[dict], how_many: int = 3) -> str
             for name, answer in row["responses"].items():
                 tokens = f"{answer['tokens']} token" + ("" if answer["tokens"] == 1 else "s")
                 judged = "".join(f", {fn} {value_text(v)}" for fn, v in (answer.get("reward_fn") or {}).items())
+                judged += "".join(f", judge {j} {v:+.2f}" for j, v in (answer.get("judges") or {}).items())
                 lines += [
                     f"**{name}** - reward {answer['reward']:+.2f}, {tokens}{judged}",
                     "",
@@ -343,7 +336,8 @@ def value_text(value: float | None) -> str:
 
 def sample_rows(prompts: list[list[dict]], entries: list[Entry], columns: list[dict] | None = None) -> list[dict]:
     """samples.jsonl: each prompt (with its data `columns`, when the reward functions had some) with every model's
-    response, reward, length, EOS and KL, and each reward function's value (`reward_fn`), side by side."""
+    response, reward, length, EOS and KL, each reward function's value (`reward_fn`) and each --judge reward
+    model's reward (`judges`), side by side."""
     rows = []
     for index, prompt in enumerate(prompts):
         responses = {}
@@ -359,6 +353,8 @@ def sample_rows(prompts: list[list[dict]], entries: list[Entry], columns: list[d
             }
             if entry.function_values is not None:
                 responses[entry.name]["reward_fn"] = reward_fns.sample_values(entry, index)
+            if entry.judge_rewards is not None:
+                responses[entry.name]["judges"] = judges.sample_values(entry, index)
         row = {"index": index, "prompt": prompt, "responses": responses}
         if columns and columns[index]:
             row["columns"] = columns[index]
@@ -378,6 +374,9 @@ def show(report: dict, folder: Path) -> None:
     function_rows = reward_fns.table_rows(report)
     if function_rows:
         print_table("reward functions (accuracy: Wilson 95% CI)", reward_fns.TABLE_COLUMNS, function_rows)
+    judge_rows = judges.table_rows(report)
+    if judge_rows:
+        print_table("judges (other reward models; win-rates with 95% CI)", judges.TABLE_COLUMNS, judge_rows)
     samples = artifacts.read_jsonl(Path(folder) / SAMPLES)
     if samples:
         names = list(samples[0]["responses"])
@@ -413,6 +412,7 @@ def show(report: dict, folder: Path) -> None:
 def answer_facts(answer: dict) -> str:
     """An answer's reward and reward-function values under it in the terminal: 'reward +0.30, final_number 1'."""
     judged = "".join(f", {name} {value_text(value)}" for name, value in (answer.get("reward_fn") or {}).items())
+    judged += "".join(f", judge {name} {value:+.2f}" for name, value in (answer.get("judges") or {}).items())
     return f"reward {answer['reward']:+.2f}{judged}"
 
 

@@ -13,6 +13,7 @@ from instruct_cli.steps.evaluate import measure, reward_fns
 from instruct_cli.steps.evaluate.entries import (
     Entry,
     check_config,
+    check_judges,
     input_records,
     pick_data,
     read_columns,
@@ -54,6 +55,7 @@ def run(config: EvalConfig) -> Path:
     functions = reward_functions.load_all(config.reward_fn, config.reward_fn_weight) if config.reward_fn else None
     entries, baseline = resolve_entries(config)
     rm_manifest = artifacts.require_complete(config.reward, "rm", flag="--reward") if config.reward else None
+    check_judges(config)
     if config.generations is not None:
         prompts, given = read_generations(config.generations, entries, config.max_prompts)
     else:
@@ -88,9 +90,11 @@ def run(config: EvalConfig) -> Path:
     judges = ([f"reward model {config.reward}"] if config.reward else []) + (
         [f"reward functions {', '.join(config.reward_fn)}"] if functions else []
     )
+    judged_also = f" (judges: {', '.join(str(path) for path in config.judge)})" if config.judge else ""
     info(
         f"eval: {len(entries)} models on {len(prompts)} prompts (baseline {baseline.name}), judged by "
         + " and ".join(judges)
+        + judged_also
     )
     with run_folder.recording():
         # 2. answer: one model at a time (each KL reference after the models measured against it)
@@ -100,7 +104,7 @@ def run(config: EvalConfig) -> Path:
             )
         # 3. KL: the references that were not among the models, one at a time
         measure.measure_remaining_kl(entries, config)
-        # 4. score: the reward model, the reward functions
+        # 4. score: the reward model, the reward functions, the --judge reward models
         reward_model = None
         if rm_manifest is not None:
             reward_model = measure.score_with_reward_model(
@@ -108,6 +112,7 @@ def run(config: EvalConfig) -> Path:
             )
         if functions is not None:
             reward_fns.score_with_functions(entries, prompts, columns, functions, config, rm_manifest is not None)
+        judges_report = measure.score_with_judges(entries, prompts, config) if config.judge else []
         # 5. report: every file first, the manifest's complete status last
         report = write_report(
             Path(config.out),
@@ -119,6 +124,7 @@ def run(config: EvalConfig) -> Path:
             config,
             functions,
             columns,
+            judges_report,
         )
         run_folder.complete(headline_metrics(report), verdict=report["verdict"])
     show(report, Path(config.out))
@@ -135,9 +141,11 @@ def write_report(
     config: EvalConfig,
     functions: WeightedRewards | None = None,
     columns: list[dict] | None = None,
+    judges: list[dict] | None = None,
 ) -> dict:
     """Write the plots, samples.jsonl, report.json, report.md and report.html into `out`; returns the report.
-    `reward_model` None: the rewards are the reward `functions`' weighted sums (the report says so)."""
+    `reward_model` None: the rewards are the reward `functions`' weighted sums (the report says so); `judges`:
+    what `measure.score_with_judges` says of the --judge reward models (their rewards are in the entries)."""
     report = {
         "baseline": baseline.name,
         "prompts": len(prompts),
@@ -146,6 +154,7 @@ def write_report(
         "reward_model": reward_model,
         "reward_source": "reward model" if reward_model is not None else "reward functions",
         "reward_functions": reward_fns.described(functions),
+        "judges": judges or [],
         "models": [model_report(entry, baseline, config) for entry in entries],
         "plots": [],
     }
