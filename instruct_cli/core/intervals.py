@@ -46,3 +46,9 @@ def with_interval(metrics: dict, name: str = "eval/accuracy") -> object:
     if f"{name}_n" not in metrics:  # not an accuracy with an interval: the value as it is
         return value
     return f"{value:.4g} (95% CI {metrics[f'{name}_low']:.2f}-{metrics[f'{name}_high']:.2f}, {metrics[f'{name}_n']} prompts)"
+
+
+def add_accuracy_interval(metrics: dict, trials: int, name: str = "eval/accuracy") -> None:
+    """Add `accuracy_interval`'s figures to a training step's final metrics when they hold `name`."""
+    if name in metrics:
+        metrics.update(accuracy_interval(metrics[name], trials, name))

@@ -126,7 +126,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def group_mean_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """GRPO's baseline: each response's reward minus its group's mean reward. Groups as in
-    `rloo_advantages`; returns (B,). Dividing by a standard deviation (`reward_scale`) is a separate step."""
+    `rloo_advantages`; returns (B,). Dividing by a standard deviation (`by_reward_scale`) is a separate step."""
     groups = rewards.view(-1, group_size)
     return (groups - groups.mean(1, keepdim=True)).reshape(-1)
 
@@ -136,18 +136,9 @@ def group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.view(-1, group_size).std(1, keepdim=True).expand(-1, group_size).reshape(-1)
 
 
-def reward_scale(rewards: torch.Tensor, group_size: int, scale: str, total: Total = local) -> torch.Tensor:
-    """What each advantage is divided by (plus 1e-4), as TRL's `scale_rewards`: the std of its group's rewards
-    (group), of the whole batch's rewards on every process (batch, unbiased), or nothing (none: ones, and no
-    1e-4). (B,) -> (B,)."""
-    if scale == "group":
-        return group_std(rewards, group_size)
-    if scale == "batch":
-        count = total(torch.tensor(float(rewards.numel()), dtype=rewards.dtype))
-        mean = total(rewards.sum()) / count
-        variance = total(((rewards - mean) ** 2).sum()) / (count - 1).clamp(min=1)
-        return variance.sqrt().expand_as(rewards)
-    return torch.ones_like(rewards)
+def batch_std(values: torch.Tensor, total: Total = local) -> torch.Tensor:
+    """The (unbiased) standard deviation of every process's `values`: a 0-d tensor."""
+    return masked_var(values, torch.ones_like(values), total).sqrt()
 
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -157,10 +148,12 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -
 
 
 def by_reward_scale(advantages: torch.Tensor, rewards: torch.Tensor, group_size: int, scale: str, total: Total = local):
-    """GRPO's scaling (TRL's GRPOTrainer): the advantages divided by `reward_scale` + 1e-4 (none: unchanged)."""
+    """GRPO's scaling (TRL's GRPOTrainer, scale_rewards): the advantages divided by the std of each one's group of
+    rewards (group) or of every process's rewards (batch), + 1e-4; none: unchanged."""
     if scale == "none":
         return advantages
-    return advantages / (reward_scale(rewards, group_size, scale, total) + 1e-4)
+    spread = group_std(rewards, group_size) if scale == "group" else batch_std(rewards, total)
+    return advantages / (spread + 1e-4)
 
 
 def by_batch_whitening(advantages: torch.Tensor, rewards: torch.Tensor, group_size: int, scale: str, total=local):
@@ -168,10 +161,8 @@ def by_batch_whitening(advantages: torch.Tensor, rewards: torch.Tensor, group_si
     process's batch, (A - mean A) / (std A + 1e-4), std unbiased; none: unchanged."""
     if scale == "none":
         return advantages
-    count = total(torch.tensor(float(advantages.numel()), dtype=advantages.dtype))
-    mean = total(advantages.sum()) / count
-    std = (total(((advantages - mean) ** 2).sum()) / (count - 1).clamp(min=1)).sqrt()
-    return (advantages - mean) / (std + 1e-4)
+    mean = masked_mean(advantages, torch.ones_like(advantages), total=total)
+    return (advantages - mean) / (batch_std(advantages, total) + 1e-4)
 
 
 GROUP_BASELINES = {"rloo": rloo_advantages, "grpo": group_mean_advantages}
@@ -188,7 +179,7 @@ def critic_free_advantages(
     its scaling (ADVANTAGE_SCALES). A group whose rewards tie gets zero advantage."""
     advantages = GROUP_BASELINES[estimator](rewards, group_size)
     advantages = ADVANTAGE_SCALES[estimator](advantages, rewards, group_size, scale, total)
-    stds = rewards.view(-1, group_size).std(1)
+    stds = group_std(rewards, group_size)[::group_size]  # one per group
     tied = torch.isclose(stds, torch.zeros_like(stds)).float()
     share = (total(tied.sum()) / total(torch.tensor(float(tied.numel()), dtype=tied.dtype))).item()
     return advantages, share

@@ -286,8 +286,7 @@ def run(config: DPOConfig) -> Path:
             description="dpo",
             weight_of=preferences.prompts_in,
         )
-        if "eval/accuracy" in result.metrics:  # small eval splits say so: the interval and the count
-            result.metrics.update(intervals.accuracy_interval(result.metrics["eval/accuracy"], len(eval_set)))
+        intervals.add_accuracy_interval(result.metrics, len(eval_set))  # small eval splits say so
         run_folder.complete(result.metrics, steps=result.steps, kept_adapter=result.kept)
     if accelerator.is_main_process:
         metrics = result.metrics

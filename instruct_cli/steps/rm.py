@@ -135,8 +135,7 @@ def run(config: RMConfig) -> Path:
                         scorer, sequences, tokenizer.pad_token_id, device, 2 * config.batch_size, bar
                     )
             norm = {**preferences.normalization(raw), "samples": len(raw)}
-        if "eval/accuracy" in result.metrics:  # small eval splits say so: the interval and the count
-            result.metrics.update(intervals.accuracy_interval(result.metrics["eval/accuracy"], len(eval_set)))
+        intervals.add_accuracy_interval(result.metrics, len(eval_set))  # small eval splits say so
         run_folder.complete(result.metrics, steps=result.steps, kept_adapter=result.kept, reward_normalization=norm)
     if accelerator.is_main_process:
         metrics = result.metrics

@@ -111,12 +111,7 @@ def check_config(config: EvalConfig) -> None:
                 where=f"--{name.replace('_', '-')}",
                 fix="Pass a positive number",
             )
-    names = [str(spec).rstrip("/") for spec in config.models]
-    repeated = sorted({a for i, a in enumerate(names) for b in names[i + 1 :] if same_model(a, b)})
-    if repeated:
-        raise UserError(
-            f"{', '.join(repeated)} is listed twice in --models", where="--models", fix="Name each model once"
-        )
+    refuse_repeats(config.models, "--models", "model")
 
 
 def judge_names(config: EvalConfig) -> dict[str, Path]:
@@ -128,12 +123,15 @@ def check_judges(config: EvalConfig) -> None:
     """Every --judge is a complete rm run, named once (one-paragraph errors before anything is written)."""
     for path in config.judge:
         artifacts.require_complete(Path(path), "rm", flag="--judge")
-    names = [str(path).rstrip("/") for path in config.judge]
+    refuse_repeats(config.judge, "--judge", "judge")
+
+
+def refuse_repeats(specs: list, flag: str, noun: str) -> None:
+    """A one-paragraph error when `flag` names the same model twice (however it is spelled)."""
+    names = [str(spec).rstrip("/") for spec in specs]
     repeated = sorted({a for i, a in enumerate(names) for b in names[i + 1 :] if same_model(a, b)})
     if repeated:
-        raise UserError(
-            f"{', '.join(repeated)} is listed twice in --judge", where="--judge", fix="Name each judge once"
-        )
+        raise UserError(f"{', '.join(repeated)} is listed twice in {flag}", where=flag, fix=f"Name each {noun} once")
 
 
 def resolve_entries(config: EvalConfig) -> tuple[list[Entry], Entry]:
@@ -364,3 +362,8 @@ def input_records(
         kind = key.split(":")[0]
         records[key] = {"path": str(Path(file).resolve()), "kind": kind, "sha256": artifacts.sha256_file(file)}
     return records
+
+
+def length_differences(entry: Entry, baseline: Entry) -> list[int]:
+    """Per prompt, the model's response length in tokens minus the baseline's."""
+    return [len(a) - len(b) for a, b in zip(entry.samples.responses, baseline.samples.responses)]

@@ -17,14 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from instruct_cli.core.config import EvalConfig
-from instruct_cli.steps.evaluate.entries import Entry
-from instruct_cli.steps.evaluate.stats import (
-    bootstrap_interval,
-    describe,
-    length_controlled_interval,
-    length_controlled_win_rate,
-    outcomes,
-)
+from instruct_cli.steps.evaluate.entries import Entry, length_differences
+from instruct_cli.steps.evaluate.stats import describe, win_figures
 
 TABLE_COLUMNS = ["model", "judge", "reward ± std", "win-rate (95% CI)", "LC win-rate (95% CI)"]
 """The columns of the judges' table (one row per model and judge)."""
@@ -38,35 +32,6 @@ HOW_TO_READ = (
 )
 
 
-def win_figures(rewards, baseline_rewards, differences: list[int], config: EvalConfig, against: str) -> dict:
-    """A win-rate against the baseline from two lists of rewards (one per prompt): the rate, its bootstrap 95%
-    interval, wins/ties/losses, and the length-controlled rate with its interval (as the main win-rate)."""
-    results = outcomes(rewards, baseline_rewards)
-    low, high = bootstrap_interval(results, config.bootstrap, config.seed)
-    lc_low, lc_high = length_controlled_interval(results, differences, config.bootstrap, config.seed)
-    return {
-        "against": against,
-        "rate": float(results.mean()),
-        "low": low,
-        "high": high,
-        "wins": int((results == 1.0).sum()),
-        "ties": int((results == 0.5).sum()),
-        "losses": int((results == 0.0).sum()),
-        "length_controlled": {
-            "rate": length_controlled_win_rate(results, differences),
-            "low": lc_low,
-            "high": lc_high,
-            "method": "logistic regression of the outcome on tanh(length difference / its std), read at "
-            "equal length (AlpacaEval 2's length control)",
-        },
-    }
-
-
-def length_differences(entry: Entry, baseline: Entry) -> list[int]:
-    """Per prompt, the model's response length in tokens minus the baseline's."""
-    return [len(a) - len(b) for a, b in zip(entry.samples.responses, baseline.samples.responses)]
-
-
 def model_figures(entry: Entry, baseline: Entry, config: EvalConfig) -> dict[str, dict]:
     """One model's figures per judge: its reward summary (`describe`) and, but for the baseline, its win-rate
     against the baseline by that judge (`win_figures`)."""
@@ -75,7 +40,9 @@ def model_figures(entry: Entry, baseline: Entry, config: EvalConfig) -> dict[str
         win = None
         if entry is not baseline:
             differences = length_differences(entry, baseline)
-            win = win_figures(rewards, baseline.judge_rewards[name], differences, config, baseline.name)
+            win = win_figures(
+                rewards, baseline.judge_rewards[name], differences, config.bootstrap, config.seed, baseline.name
+            )
         figures[name] = {"reward": describe(rewards), "win_rate": win}
     return figures
 

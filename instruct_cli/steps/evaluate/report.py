@@ -22,8 +22,8 @@ from instruct_cli.core.config import EvalConfig
 from instruct_cli.core.console import display_path, info, print_table, summary_table
 from instruct_cli.core.errors import UserError
 from instruct_cli.steps.evaluate import judges, reward_fns
-from instruct_cli.steps.evaluate.entries import Entry
-from instruct_cli.steps.evaluate.stats import describe, distinct_n
+from instruct_cli.steps.evaluate.entries import Entry, length_differences
+from instruct_cli.steps.evaluate.stats import describe, distinct_n, win_figures
 
 REPORT_JSON, REPORT_MD, SAMPLES = "report.json", "report.md", "samples.jsonl"
 REPORT_HTML = "report.html"
@@ -38,8 +38,8 @@ def model_report(entry: Entry, baseline: Entry, config: EvalConfig) -> dict:
     samples = entry.samples
     win = None
     if entry is not baseline:
-        differences = judges.length_differences(entry, baseline)
-        win = judges.win_figures(entry.rewards, baseline.rewards, differences, config, baseline.name)
+        differences = length_differences(entry, baseline)
+        win = win_figures(entry.rewards, baseline.rewards, differences, config.bootstrap, config.seed, baseline.name)
     known_ends = [ended for ended in samples.ended if ended is not None]
     return {
         "name": entry.name,

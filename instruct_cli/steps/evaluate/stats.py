@@ -95,9 +95,9 @@ def length_controlled_win_rate(
     do not differ at all there is nothing to regress out and the raw win-rate comes back."""
     y = np.asarray(results, dtype=float)
     d = np.asarray(length_differences, dtype=float)
-    spread = d.std()
     if len(y) == 0:
         return math.nan
+    spread = d.std()
     if spread == 0:
         return float(y.mean())
     x = np.stack([np.ones_like(d), np.tanh(d / spread)], axis=1)
@@ -130,3 +130,34 @@ def length_controlled_interval(
     rates = [length_controlled_win_rate(y[rows], d[rows]) for rows in rng.integers(0, len(y), size=(resamples, len(y)))]
     low, high = np.percentile(rates, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(low), float(high)
+
+
+def win_figures(
+    rewards: Sequence[float],
+    baseline_rewards: Sequence[float],
+    differences: Sequence[float],
+    resamples: int,
+    seed: int,
+    against: str,
+) -> dict:
+    """A win-rate against the baseline from two lists of rewards (one per prompt): the rate, its bootstrap 95%
+    interval, wins/ties/losses, and the length-controlled rate with its interval (as the main win-rate)."""
+    results = outcomes(rewards, baseline_rewards)
+    low, high = bootstrap_interval(results, resamples, seed)
+    lc_low, lc_high = length_controlled_interval(results, differences, resamples, seed)
+    return {
+        "against": against,
+        "rate": float(results.mean()),
+        "low": low,
+        "high": high,
+        "wins": int((results == 1.0).sum()),
+        "ties": int((results == 0.5).sum()),
+        "losses": int((results == 0.0).sum()),
+        "length_controlled": {
+            "rate": length_controlled_win_rate(results, differences),
+            "low": lc_low,
+            "high": lc_high,
+            "method": "logistic regression of the outcome on tanh(length difference / its std), read at "
+            "equal length (AlpacaEval 2's length control)",
+        },
+    }

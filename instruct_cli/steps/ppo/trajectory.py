@@ -345,8 +345,8 @@ def micro_batches(rows: torch.Tensor, config: PPOConfig, group: int = 1) -> list
 
 
 def group_size(config: PPOConfig) -> int:
-    """K, the responses sampled per prompt: --samples-per-prompt, else the estimator's default."""
-    return ADVANTAGE_ESTIMATORS[config.advantage].group_size(config.samples_per_prompt)
+    """K, the responses sampled per prompt (the config filled in the estimator's default)."""
+    return config.samples_per_prompt
 
 
 @torch.no_grad()

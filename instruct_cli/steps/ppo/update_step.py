@@ -168,7 +168,7 @@ def policy_terms(
     as beta x its token mean; GRPO's, the KL inside each token's loss before --loss-type aggregates them (as
     TRL); RLOO's sequence-level one, the KL added as for ppo."""
     mask = batch.response_mask
-    kl = rl.k3_kl(new_logprobs, batch.ref_logprobs, mask) if config.kl_penalty == "loss" else None
+    kl = rl.k3_kl(new_logprobs, batch.ref_logprobs, mask) if config.kl_penalty == "loss" and beta else None
     kl_loss = rl.token_share(kl, mask, token_count) if kl is not None else None
     kind = ADVANTAGE_ESTIMATORS[config.advantage].policy_loss
     if kind == "ppo":
