@@ -17,7 +17,11 @@ attending to the prompt and itself (`--no-shared-prefix` here passes that flag t
 
 Data (`--data-shape`): `words` (default) is short random-word rows; `real` has realistic shapes -- prompts
 of 100-400 tokens, a third of them multi-turn, responses of 30-200 (random words, deterministic, no
-network); it raises --max-length to 1024 so that no row is cut (instruct) or dropped (TRL's filter).
+network); it raises --max-length to 1024 so that no row is cut (instruct) or dropped (TRL's filter). `long`
+has ShareGPT-like lengths (prompts of 150-900 tokens, answers of 100-600) and keeps --max-length, so most
+rows are cut: TRL 1.16's RewardTrainer drops every pair longer than its max_length instead of cutting it, so
+its worker is given the token ids instruct trains on (instruct's cut, see `preferences.cut_group`), and both
+sides compute the same tokens; "positions/pair" shows what each side's layout computes for them.
 
 Printed for each side:
   * pairs/s: preference pairs of steps 2..N-1 divided by the time from the end of step 1 to the end of
@@ -78,7 +82,8 @@ def instruct_batches(model: Path, data: Path, args) -> list[dict]:
 
 def run_instruct(model: Path, data: Path, work: Path, args, index: int) -> dict:
     """`instruct rm` through the real CLI (see common.run_instruct)."""
-    extra = ("--no-shared-prefix",) if args.no_shared_prefix else ()
+    # the reward normalisation after the last step is not timed; a small sample keeps the wall time short
+    extra = ("--normalization-samples", "16") + (("--no-shared-prefix",) if args.no_shared_prefix else ())
     return common.run_instruct(
         "rm", model, data, work, args, index, lambda: instruct_batches(model, data, args), extra=extra
     )
@@ -86,9 +91,29 @@ def run_instruct(model: Path, data: Path, work: Path, args, index: int) -> dict:
 
 def rows_for(args):
     """The synthetic rows of --data-shape: (n, seed, model) -> preference rows."""
-    if args.data_shape == "real":
-        return common.real_preference_rows
-    return common.preference_rows
+    return {
+        "real": common.real_preference_rows,
+        "long": common.long_preference_rows,
+        "words": common.preference_rows,
+    }[args.data_shape]
+
+
+def instruct_cut_pairs(model: str, rows: list[dict], max_length: int) -> list[dict]:
+    """The rows as instruct trains on them, cut to `max_length` by instruct's rule, as TRL's pre-tokenized
+    columns {"chosen_ids", "rejected_ids"} (which TRL's max-length filter then keeps)."""
+    from instruct_cli.core import models
+
+    groups, _ = preferences.encode_rows(models.load_tokenizer(model), rows, max_length, "prefs.train.jsonl")
+    return [{"chosen_ids": g.responses[0], "rejected_ids": g.responses[1]} for g in groups]
+
+
+def dropped_by_trl(model: str, rows: list[dict], max_length: int) -> int:
+    """How many of the rows TRL's RewardTrainer would drop if given their text (chosen or rejected, prompt
+    included, longer than max_length)."""
+    from instruct_cli.core import models
+
+    groups, _ = preferences.encode_rows(models.load_tokenizer(model), rows, 10**9, "prefs.train.jsonl")
+    return sum(max(len(ids) for ids in g.responses) > max_length for g in groups)
 
 
 # --------------------------------------------------------------------------------------------------- TRL
@@ -108,9 +133,12 @@ def trl_worker(spec_file: str) -> None:
     # The pairs instruct trains on (the data folder's train split), in TRL's conversational form with an
     # explicit prompt: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}.
     rows = common.read_jsonl(Path(spec["data"]) / "prefs.train.jsonl")
-    dataset = Dataset.from_list(
-        [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
-    )
+    if spec["data_shape"] == "long":  # TRL would drop the long pairs: give it the tokens instruct trains on
+        dataset = Dataset.from_list(instruct_cut_pairs(spec["model"], rows, spec["max_length"]))
+    else:
+        dataset = Dataset.from_list(
+            [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+        )
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForSequenceClassification.from_pretrained(
         spec["model"], **common.trl_model_kwargs(spec["quantization"], num_labels=1)
@@ -154,6 +182,7 @@ HEADER = [
     "steps",
     "pairs/step",
     "padding %",
+    "positions/pair",
     "pairs/s",
     "median step pairs/s",
     "loop pairs/s",
@@ -171,11 +200,13 @@ def table_row(label: str, result: dict) -> list:
     s = common.summarise(result)
     batches = result.get("batches") or []
     pairs_per_step = sum(b["rows"] for b in batches) / len(batches) if batches else float("nan")
+    positions = sum(b["padded"] for b in batches) / sum(b["rows"] for b in batches) if batches else float("nan")
     return [
         label,
         s["steps"] or "failed",
         pairs_per_step,
         s["padding"],
+        positions,
         s["rows_per_s"],
         s["median_step_rows_per_s"],
         s["loop_rows_per_s"],
@@ -197,7 +228,7 @@ def report(runs: dict[str, list[dict]], args) -> None:
     best = {side: common.best_run(results, "rows_per_s") for side, results in runs.items()}
     rows = [table_row(side, result) for side, result in best.items()]
     if len(best) == 2:
-        rows.append(common.ratio_row(*rows, skip=(1, 2, 3, 12, 13)))  # not for steps, pairs/step, padding, gauge, load
+        rows.append(common.ratio_row(*rows, skip=(1, 2, 3, 13, 14)))  # not for steps, pairs/step, padding, gauge, load
     common.print_table(
         f"RM ({'fastest of ' + str(args.repeats) + ' runs per side' if args.repeats > 1 else 'one run per side'})"
         f": {args.max_steps} steps x {args.batch_size} pairs, max length {args.max_length}, quantization "
@@ -215,6 +246,12 @@ def report(runs: dict[str, list[dict]], args) -> None:
             else "one packed row per pair (prompt once; padding % and positions/s count packed positions)"
         )
     )
+    if args.data_shape == "long":
+        rows = common.read_jsonl(Path(args.data_folder) / "prefs.train.jsonl")
+        print(
+            f"long rows: TRL was given instruct's cut token ids; given the texts, its max-length filter would "
+            f"have dropped {dropped_by_trl(args.model_folder, rows, args.max_length)} of {len(rows)} pairs"
+        )
     if trl_run.get("train_rows") is not None:
         print(
             f"(TRL kept {trl_run['train_rows']} training pairs after its max-length filter; its own num_tokens "
@@ -248,10 +285,11 @@ def main() -> None:
     parser.add_argument("--trl-worker", metavar="SPEC", help=argparse.SUPPRESS)
     parser.add_argument(
         "--data-shape",
-        choices=("words", "real"),
+        choices=("words", "real", "long"),
         default="words",
         help="words: short random-word pairs; real: prompts of 100-400 tokens (a third multi-turn), responses "
-        "of 30-200 (raises --max-length to 1024)",
+        "of 30-200 (raises --max-length to 1024); long: prompts of 150-900, responses of 100-600, cut at "
+        "--max-length (TRL gets instruct's cut token ids)",
     )
     parser.add_argument(
         "--no-shared-prefix",

@@ -10,7 +10,8 @@ with --trl-worker) that imports TRL 1.16 from benchmarks/.trl (installed there o
 Data (`--data-shape`): `words` (default) is single-turn random-word rows; `real` has realistic shapes -- the
 prompts of bench_rm's real shape (100-400 tokens, a third multi-turn, a quarter with a system message), each
 followed by one answer of 30-200 tokens (random words, deterministic, no network); it raises --max-length to
-1024 so that no row is cut. `--packing` / `--no-packing` pass that flag to `instruct sft` (padding-free
+1024 so that no row is cut. `long` has ShareGPT-like lengths (prompts of 150-900 tokens, answers of
+100-600) cut at --max-length, where both sides keep a conversation's first max-length tokens. `--packing` / `--no-packing` pass that flag to `instruct sft` (padding-free
 batches; by default the CLI's default).
 
 Printed for each side:
@@ -79,7 +80,7 @@ def run_instruct(model: Path, data: Path, work: Path, args, index: int) -> dict:
 
 def rows_for(args):
     """The synthetic rows of --data-shape: (n, seed, model) -> sft rows."""
-    return common.real_sft_rows if args.data_shape == "real" else common.sft_rows
+    return {"real": common.real_sft_rows, "long": common.long_sft_rows, "words": common.sft_rows}[args.data_shape]
 
 
 # --------------------------------------------------------------------------------------------------- TRL
@@ -229,10 +230,11 @@ def main() -> None:
     parser.add_argument("--trl-worker", metavar="SPEC", help=argparse.SUPPRESS)
     parser.add_argument(
         "--data-shape",
-        choices=("words", "real"),
+        choices=("words", "real", "long"),
         default="words",
         help="words: single-turn random-word rows; real: prompts of 100-400 tokens (a third multi-turn) and "
-        "answers of 30-200 (raises --max-length to 1024)",
+        "answers of 30-200 (raises --max-length to 1024); long: prompts of 150-900 and answers of 100-600, cut "
+        "at --max-length (both sides keep the start)",
     )
     parser.add_argument(
         "--packing",

@@ -46,9 +46,26 @@ def test_prompt_is_cut_once_for_the_whole_group():
     assert cut == [long[10:], short[10:]]  # the same 10 prompt tokens go from both responses
     assert packing.shared_prefix_length(cut) == 20
     assert preferences.cut_group([long, short], max_length=60) == [long, short]  # nothing to cut
-    # a response longer than max_length on its own keeps its last tokens; the others still share a cut
+    # a response too long to fit beside the prompt: every response keeps the same last quarter of
+    # max_length of the prompt (10 tokens), and the long one its own last 30 tokens (its EOS among them)
     cut = preferences.cut_group([long, short, huge], max_length=40)
-    assert cut == [long[10:], short[10:], huge[-40:]]
+    assert cut == [long[20:], short[20:], prompt[-10:] + huge[-30:]]
+    assert packing.shared_prefix_length(cut) == 10 and max(len(ids) for ids in cut) == 40
+    # no prompt to share: a response longer than max_length keeps its last tokens
+    assert preferences.cut_group([[1] * 50, [2] * 10], max_length=40) == [[1] * 40, [2] * 10]
+
+
+def test_dpo_labels_only_the_answer_tokens_a_cut_kept():
+    from instruct_cli.steps import dpo
+
+    prompt = list(range(100, 130))  # 30 shared tokens; the header (prompt + assistant glue) is 28 of them
+    sequences = [prompt + [1] * 20, prompt + [3] * 60]
+    spans = preferences.cut_spans(sequences, 40)
+    kept = [dpo.kept_answer_tokens(span, len(ids), header=28) for span, ids in zip(spans, sequences)]
+    # both keep prompt[20:30]: 2 of those 10 are answer (past the header); then 20 and 30 of their own
+    assert kept == [22, 32]
+    whole = preferences.cut_spans(sequences, 100)  # nothing cut: every answer token is kept
+    assert [dpo.kept_answer_tokens(span, len(ids), header=28) for span, ids in zip(whole, sequences)] == [22, 62]
 
 
 def test_supports_only_attention_that_takes_a_mask():

@@ -20,7 +20,10 @@ Nothing here is part of the `instruct_cli` package.
 """
 
 from .data import (
+    LONG_SHAPE,
     REAL_SHAPE,
+    long_preference_rows,
+    long_sft_rows,
     preference_rows,
     prepare_data,
     read_jsonl,
@@ -62,6 +65,7 @@ __all__ = [
     "INSTRUCT",
     "OFFLINE",
     "PYTHON",
+    "LONG_SHAPE",
     "REAL_SHAPE",
     "ROOT",
     "SMOKE_SHAPE",
@@ -87,6 +91,8 @@ __all__ = [
     "median_step",
     "memory_status",
     "offline_env",
+    "long_preference_rows",
+    "long_sft_rows",
     "preference_rows",
     "prepare_data",
     "prewarm_memory",

@@ -62,6 +62,10 @@ REAL_SHAPE = {"prompt": (100, 400), "response": (30, 200)}
 """Token lengths (uniform in these ranges) of the real-shaped preference data: real preference prompts are
 often longer than their responses (multi-turn ones especially)."""
 
+LONG_SHAPE = {"prompt": (150, 900), "response": (100, 600)}
+"""Token lengths of the long-row data (`--data-shape long`), like public ShareGPT-style preference sets: most
+rows exceed 256 tokens and many exceed 1024, in the prompt, the answers or both, so --max-length cuts them."""
+
 
 def tokens_per_word(model: Path) -> float:
     """How many tokens one random word of the corpus takes with `model`'s tokenizer (with its space)."""
@@ -73,9 +77,10 @@ def tokens_per_word(model: Path) -> float:
     return len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / 2000
 
 
-def _real_shaped(seed: int, model: Path):
+def _real_shaped(seed: int, model: Path, shape: dict):
     """(rng, text(tokens) -> random-word text of about that many tokens of `model`'s tokenizer, prompt() -> a
-    realistic prompt as messages): the generator both real-shaped data sets share."""
+    realistic prompt as messages, its length drawn from `shape`): the generator the real-shaped and long data
+    sets share."""
     rng, words, ratio = random.Random(seed), _words(), tokens_per_word(model)
 
     def text(tokens: int) -> str:
@@ -84,7 +89,7 @@ def _real_shaped(seed: int, model: Path):
         return body[0].upper() + body[1:] + "."
 
     def prompt() -> list[dict]:
-        budget = rng.randint(*REAL_SHAPE["prompt"])
+        budget = rng.randint(*shape["prompt"])
         messages = []
         if rng.random() < 1 / 4:
             system = rng.randint(10, 30)
@@ -104,29 +109,41 @@ def _real_shaped(seed: int, model: Path):
     return rng, text, prompt
 
 
-def real_preference_rows(n: int, seed: int, model: Path) -> list[dict]:
+def real_preference_rows(n: int, seed: int, model: Path, shape: dict = REAL_SHAPE) -> list[dict]:
     """`n` preference rows with realistic shapes: prompts of 100-400 tokens (of `model`'s tokenizer, before
-    the chat template), responses of 30-200; a third of the prompts are multi-turn (user, assistant, user),
-    a quarter have a system message. Random words, deterministic in `seed`; no network."""
-    rng, text, prompt = _real_shaped(seed, model)
+    the chat template), responses of 30-200 (or the lengths of `shape`); a third of the prompts are
+    multi-turn (user, assistant, user), a quarter have a system message. Random words, deterministic in
+    `seed`; no network."""
+    rng, text, prompt = _real_shaped(seed, model, shape)
     rows = []
     for _ in range(n):
         messages = prompt()
-        chosen, rejected = (text(rng.randint(*REAL_SHAPE["response"])) for _ in range(2))
+        chosen, rejected = (text(rng.randint(*shape["response"])) for _ in range(2))
         rows.append({"prompt": messages, "chosen": chosen, "rejected": rejected})
     return rows
 
 
-def real_sft_rows(n: int, seed: int, model: Path) -> list[dict]:
+def long_preference_rows(n: int, seed: int, model: Path) -> list[dict]:
+    """`real_preference_rows` of LONG_SHAPE: rows longer than the usual --max-length."""
+    return real_preference_rows(n, seed, model, LONG_SHAPE)
+
+
+def real_sft_rows(n: int, seed: int, model: Path, shape: dict = REAL_SHAPE) -> list[dict]:
     """`n` conversations with the shapes of `real_preference_rows` (the same prompts), each ending in one
     assistant answer of 30-200 tokens. The multi-turn third has an earlier assistant turn too: instruct
-    learns it as well, TRL (loss on the completion) only the last; tokens/s counts every non-pad token alike."""
-    rng, text, prompt = _real_shaped(seed, model)
+    learns it as well, TRL (loss on the completion) only the last; tokens/s counts every non-pad token alike.
+    `shape` changes the lengths (LONG_SHAPE: `long_sft_rows`)."""
+    rng, text, prompt = _real_shaped(seed, model, shape)
     rows = []
     for _ in range(n):
-        messages = prompt() + [{"role": "assistant", "content": text(rng.randint(*REAL_SHAPE["response"]))}]
+        messages = prompt() + [{"role": "assistant", "content": text(rng.randint(*shape["response"]))}]
         rows.append({"messages": messages})
     return rows
+
+
+def long_sft_rows(n: int, seed: int, model: Path) -> list[dict]:
+    """`real_sft_rows` of LONG_SHAPE: conversations longer than the usual --max-length."""
+    return real_sft_rows(n, seed, model, LONG_SHAPE)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -205,6 +205,7 @@ def run_benchmark(
         model = default_model(work, args)
         raw = write_jsonl(work / f"raw-{task}.jsonl", rows(args.rows, args.seed, model))
         data = prepare_data(raw, work / f"data-{task}", task, model, base_env(work))
+        args.model_folder, args.data_folder = str(model), str(data)  # for the report
         runs: dict[str, list[dict]] = {}
         for index in range(args.repeats):
             if args.only != "trl":

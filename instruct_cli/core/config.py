@@ -132,7 +132,7 @@ class TrainOptions(TrackingOptions):
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm."""
     max_length: int = setting(1024, allowed=POSITIVE)
-    """Longest sequence in tokens; longer rows are truncated (filter them in prepare-data with --max-tokens)."""
+    """Longest sequence in tokens; longer rows are cut (sft keeps the start, rm and dpo the prompt's end)."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: much less memory, about 30% slower."""
     eval_every: int = setting(50, allowed=POSITIVE)

@@ -160,14 +160,31 @@ def group_batches(config, accelerator, train_set: list[Group], eval_set: list[Gr
 
 
 def cut_group(sequences: list[list[int]], max_length: int) -> list[list[int]]:
-    """A group's prompt + response sequences cut to `max_length` from the left, the prompt cut ONCE for the
-    group: as many prompt tokens as the longest response needs go from every response, so all responses are
-    judged on the same prompt tokens and still share them (`collate_shared`). A response too long even
-    without its prompt keeps its own last `max_length` tokens."""
-    shared = packing.shared_prefix_length(sequences)
-    needed = [len(ids) - max_length for ids in sequences]
-    cut = max([0] + [n for n in needed if n <= shared])
-    return [ids[-max_length:] if n > shared else ids[cut:] for ids, n in zip(sequences, needed)]
+    """A group's prompt + response sequences cut to `max_length` by `cut_spans`: every response keeps the same
+    prompt tokens (so they are judged on the same context and still share them, `collate_shared`)."""
+    return [apply_cut(ids, span) for ids, span in zip(sequences, cut_spans(sequences, max_length))]
+
+
+def apply_cut(ids: list[int], span: tuple[int, int, int]) -> list[int]:
+    """What a sequence keeps of itself under its `cut_spans` span (start, stop, tail)."""
+    start, stop, tail = span
+    return ids[start:stop] + ids[tail:]
+
+
+def cut_spans(sequences: list[list[int]], max_length: int) -> list[tuple[int, int, int]]:
+    """What each of a group's sequences keeps at `max_length`, as (start, stop, tail): `ids[start:stop]` of the
+    prompt (the group's shared prefix) and `ids[tail:]` of its response.
+
+    The prompt is cut from the left once for the whole group: it keeps as many of its last tokens as the
+    longest response leaves room for, but at least a quarter of `max_length` (or all of it, if shorter). A
+    response that does not fit beside that keeps its own last tokens, so its score is still read at its EOS
+    and every response keeps the same context. Sequences within `max_length` are kept whole.
+    """
+    prefix = packing.shared_prefix_length(sequences)
+    longest_response = max(len(ids) - prefix for ids in sequences)
+    kept_prompt = min(prefix, max(max_length - longest_response, max_length // 4))
+    room = max_length - kept_prompt
+    return [(prefix - kept_prompt, prefix, max(prefix, len(ids) - room)) for ids in sequences]
 
 
 def encode_rows(tokenizer, rows: list[dict], max_length: int, where: str) -> tuple[list[Group], int]:

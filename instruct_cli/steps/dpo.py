@@ -85,11 +85,19 @@ def encode_rows(tokenizer, rows: list[dict], max_length: int, where: str) -> tup
                     fix="Use a model whose chat template renders turns one after another (ChatML, Llama)",
                 )
             full.append(ids)
-        encoded = preferences.cut_group(full, max_length)  # the prompt cut once for all responses
+        spans = preferences.cut_spans(full, max_length)  # the prompt cut once for all responses
+        encoded = [preferences.apply_cut(ids, span) for ids, span in zip(full, spans)]
         cut += sum(len(ids) < len(whole) for ids, whole in zip(encoded, full))
-        answers = [min(len(whole) - len(header), len(ids)) for ids, whole in zip(encoded, full)]
+        answers = [kept_answer_tokens(span, len(whole), len(header)) for span, whole in zip(spans, full)]
         groups.append(PolicyGroup(encoded, pairs, answers))
     return groups, cut
+
+
+def kept_answer_tokens(span: tuple[int, int, int], length: int, header: int) -> int:
+    """How many answer tokens (those after the prompt's `header` tokens) a sequence of `length` keeps under its
+    cut `span` (preferences.cut_spans); they are the cut sequence's last tokens."""
+    start, stop, tail = span
+    return max(0, stop - max(start, header)) + (length - max(tail, header))
 
 
 def answer_labels(ids: list[int], answer_tokens: int) -> list[int]:
