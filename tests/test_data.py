@@ -290,3 +290,44 @@ def test_dropping_most_rows_for_length_is_warned_with_the_max_tokens_that_keeps_
     assert suggested > 30
     lengths = json.loads((out / "manifest.json").read_text())["token_lengths"]
     assert {"median", "p90", "p95", "p99", "max"} <= set(lengths)
+
+
+def test_truncate_keeps_long_rows_with_their_prompts_cut_from_the_left_and_answers_whole(tmp_path, tiny_model_dir):
+    """--truncate: rows over --max-tokens keep their answers intact and lose the start of their prompt (older
+    turns first, then the text of the last one); a row whose answer cannot fit is dropped and counted."""
+    from instruct_cli.core import models
+    from instruct_cli.core.chat import template_ids
+
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    prompt = " ".join(f"w{n}" for n in range(80))
+    rows = [{"prompt": f"{n} {prompt}", "completion": f"answer {n}"} for n in range(9)]
+    rows.append({"prompt": "short?", "completion": "far too long " * 40})  # the answer alone is over the limit
+    flags = ("--task", "sft", "--max-tokens", "40", "--eval-fraction", "0", "--truncate")
+    result, out = prepare(tmp_path, tiny_model_dir, "long.jsonl", rows, *flags)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["truncated"], manifest["dropped"]) == (9, {"answer_too_long": 1})
+    kept = [json.loads(line)["messages"] for line in (out / "sft.train.jsonl").read_text().splitlines()]
+    assert len(kept) == 9
+    for messages in kept:
+        assert len(template_ids(tokenizer, messages)) <= 40
+        number = int(messages[-1]["content"].split()[-1])
+        assert messages[-1]["content"] == f"answer {number}"  # the answer intact
+        cut = messages[0]["content"]
+        assert f"{number} {prompt}".endswith(cut) and 0 < len(cut) < len(prompt)  # the prompt's end
+
+    # a conversation: the older turns go whole, the last exchange stays (the system message too, where it fits)
+    turns = [("system", "Be brief."), ("user", prompt), ("assistant", "first answer")]
+    turns += [("user", "And the last question?"), ("assistant", "last answer")]
+    chat = [{"messages": [{"role": role, "content": text} for role, text in turns]}]
+    for limit, kept_turns in ((60, ["Be brief.", "And the last question?", "last answer"]),
+                              (40, ["And the last question?", "last answer"])):  # fmt: skip
+        chat_flags = ("--task", "sft", "--max-tokens", str(limit), "--eval-fraction", "0", "--truncate", "--force")
+        result, out = prepare(tmp_path, tiny_model_dir, "chat.jsonl", chat, *chat_flags, out="chat")
+        assert result.exit_code == 0, result.output
+        [row] = [json.loads(line) for line in (out / "sft.train.jsonl").read_text().splitlines()]
+        assert [m["content"] for m in row["messages"]] == kept_turns
+
+    # without --max-tokens there is nothing to cut to
+    again, _ = prepare(tmp_path, tiny_model_dir, "long.jsonl", rows, "--task", "sft", "--truncate", out="data2")
+    assert again.exit_code == 2 and "--max-tokens" in again.output and "Traceback" not in again.output

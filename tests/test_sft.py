@@ -327,3 +327,17 @@ def test_scale_out_on_two_processes_matches_one(tmp_path, tiny_model_dir):
         assert len(one) == len(two) > 0
         for a, b in zip(one, two):
             assert b == pytest.approx(a, rel=0.02), (key, one, two)
+
+
+def test_rows_whose_answer_is_cut_away_are_left_out_and_counted(tmp_path, tiny_model_dir):
+    """A row whose prompt fills --max-length keeps no answer token: it is left out with a count (never trained
+    on an empty mask); when no row keeps one, the error names the fix."""
+    long_questions = [f"Tell me {n} " + "very " * 60 + "much?" for n in range(3)]
+    rows = [conversation(q, a) for q, a in FACTS] + [conversation(q, "Yes.") for q in long_questions]
+    data = make_data(tmp_path, tiny_model_dir, rows)
+    base = ["sft", "--model", str(tiny_model_dir), "--quantization", "none", "--max-steps", "1", "--data", str(data)]
+    result = runner.invoke(app, base + ["--max-length", "48", "--out", str(tmp_path / "cut")])
+    assert result.exit_code == 0, result.output
+    assert "3 training rows have no answer token within --max-length 48" in " ".join(result.output.split())
+    nothing = runner.invoke(app, base + ["--max-length", "4", "--out", str(tmp_path / "none")])
+    assert nothing.exit_code == 2 and "No assistant tokens" in nothing.output and "Traceback" not in nothing.output

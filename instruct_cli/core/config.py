@@ -424,7 +424,9 @@ class PrepareDataConfig(OutputOptions):
     system: Optional[str] = None
     """System prompt to add to every conversation that has none."""
     max_tokens: Optional[int] = setting(None, allowed=POSITIVE)
-    """Drop rows longer than this many tokens once the chat template is applied."""
+    """Drop rows longer than this many tokens once the chat template is applied (see --truncate)."""
+    truncate: bool = False
+    """Keep rows over --max-tokens by cutting their prompt from the left (never an answer); drop only the rest."""
     model: str = BUILTIN_MODEL
     """Model whose tokenizer and chat template measure token lengths."""
     strict: bool = False

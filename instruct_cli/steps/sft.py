@@ -39,8 +39,19 @@ def run(config: SFTConfig) -> Path:
     eval_set = [encode(row["messages"]) for row in eval_rows]
     truncated = sum(len(ids) >= config.max_length for ids, _ in train_set)
     if truncated:
-        warn(f"{truncated} training rows were cut to --max-length {config.max_length} tokens")
-    if not any(label != chat.IGNORE for _, labels in train_set for label in labels):
+        warn(f"{truncated} training rows were cut to --max-length {config.max_length} tokens (their end)")
+    # a row cut before its answer would train on an empty mask: left out, and counted
+    train_set, eval_set = (
+        [(ids, labels) for ids, labels in rows if any(label != chat.IGNORE for label in labels)]
+        for rows in (train_set, eval_set)
+    )
+    if len(train_set) < len(train_rows):
+        warn(
+            f"{len(train_rows) - len(train_set)} training rows have no answer token within --max-length "
+            f"{config.max_length} and are left out; raise --max-length, or cut their prompts with "
+            "`instruct prepare-data --truncate`"
+        )
+    if not train_set:
         raise UserError(
             "No assistant tokens to learn from in the training split",
             where=str(config.data),

@@ -13,6 +13,7 @@ from instruct_cli.core import artifacts
 from instruct_cli.core.config import PrepareDataConfig, to_recipe_dict
 from instruct_cli.core.console import info, progress, summary_table, warn
 from instruct_cli.core.errors import UserError
+from instruct_cli.steps.prepare_data import truncation
 from instruct_cli.steps.prepare_data.formats import Malformed, convert, detect_format, extra_fields, read_source
 from instruct_cli.steps.prepare_data.rows import (
     add_system,
@@ -41,7 +42,7 @@ def run(config: PrepareDataConfig) -> Path:
     # 3. one task for the folder, its rows checked and deduplicated
     task, rows = task_rows(converted, config, dropped)
     # token lengths under the model's chat template (and --max-tokens)
-    kept, lengths, tokenizer_reference = measure_tokens(rows, task, config, dropped)
+    kept, lengths, tokenizer_reference, truncated = measure_tokens(rows, task, config, dropped)
     kept, columns = fill_columns(kept) if task == "prompts" else (kept, [])
     # 4. split and write; the manifest is written last, so an interrupted run never looks complete
     train, held_out = split_rows(kept, config.eval_fraction, config.seed)
@@ -64,6 +65,7 @@ def run(config: PrepareDataConfig) -> Path:
             files=files,
             counts=counts,
             dropped=dict(dropped),
+            truncated=truncated,
             seed=config.seed,
             token_lengths=length_stats(lengths),
             **({"columns": columns} if task == "prompts" else {}),
@@ -76,6 +78,7 @@ def run(config: PrepareDataConfig) -> Path:
             "format": ", ".join(sorted({s["format"] for s in sources})),
             "train / eval rows": f"{len(train)} / {len(held_out)}",
             "dropped": ", ".join(f"{n} {r}" for r, n in sorted(dropped.items())) or "none",
+            **({"prompt cut (--truncate)": f"{truncated} rows"} if config.truncate else {}),
             "tokens (mean / p95 / max)": " / ".join(str(length_stats(lengths)[k]) for k in ("mean", "p95", "max")),
             **({"columns": ", ".join(columns)} if columns else {}),
         },
@@ -92,6 +95,12 @@ def check_config(config: PrepareDataConfig) -> dict | None:
         raise UserError("No input files", where="--input", fix="Pass one or more files with -i FILE")
     if config.out is None:
         raise UserError("No output folder", where="--out", fix="Pass the data folder to write with --out DIR")
+    if config.truncate and config.max_tokens is None:
+        raise UserError(
+            "--truncate cuts rows to --max-tokens, which is not set",
+            where="--truncate",
+            fix="Pass --max-tokens N with --truncate (the summary's p95 is a good start)",
+        )
     for path in config.inputs:
         if not Path(path).exists():
             raise UserError("The input does not exist", where=str(path), fix="Check the --input path")
@@ -209,15 +218,17 @@ def warn_if_many_too_long(too_long: int, lengths: list[int], max_tokens: int | N
     keeps = percentile(sorted(lengths), 95)
     warn(
         f"[bold]{too_long} of {len(lengths)} rows ({too_long / len(lengths):.0%}) are longer than --max-tokens "
-        f"{max_tokens} and were dropped[/bold]; --max-tokens {keeps} would keep 95% of them"
+        f"{max_tokens} and were dropped[/bold]; --max-tokens {keeps} would keep 95% of them, and --truncate keeps "
+        "them with their prompts cut from the left"
     )
 
 
 def measure_tokens(
     rows: list[dict], task: str, config: PrepareDataConfig, dropped: Counter
-) -> tuple[list[dict], list[int], str]:
-    """The rows within --max-tokens under the model's chat template, their token lengths, and the reference of
-    the tokenizer that measured them (the manifest's); rows too long are counted in `dropped`."""
+) -> tuple[list[dict], list[int], str, int]:
+    """The rows within --max-tokens under the model's chat template, their token lengths, the reference of the
+    tokenizer that measured them (the manifest's), and how many rows --truncate cut to fit; rows too long are
+    counted in `dropped`."""
     from instruct_cli.core import models
     from instruct_cli.core.chat import template_ids
 
@@ -229,22 +240,29 @@ def measure_tokens(
             where="--model",
             fix="Use an instruct/chat model, whose tokenizer has a chat template",
         )
-    kept, lengths, every_length = [], [], []
+    kept, lengths, every_length, truncated = [], [], [], 0
     with progress("prepare-data: measuring tokens", total=len(rows)) as bar:
         for row in rows:
             length = max(len(template_ids(tokenizer, conv)) for conv in conversations_of(row, task))
             bar.advance()
             every_length.append(length)
             if config.max_tokens is not None and length > config.max_tokens:
-                dropped["too_long"] += 1
-                continue
+                cut = truncation.cut_prompt(tokenizer, row, task, config.max_tokens) if config.truncate else None
+                if cut is None:
+                    dropped["answer_too_long" if config.truncate else "too_long"] += 1
+                    continue
+                row, truncated = cut, truncated + 1
+                length = max(len(template_ids(tokenizer, conv)) for conv in conversations_of(row, task))
             kept.append(row)
             lengths.append(length)
-    warn_if_many_too_long(dropped["too_long"], every_length, config.max_tokens)
+    if truncated:
+        info(f"prepare-data: {truncated} rows over --max-tokens {config.max_tokens} kept with their prompt cut")
+    else:
+        warn_if_many_too_long(dropped["too_long"], every_length, config.max_tokens)
     if not kept:
         raise UserError(
             f"Every row was dropped ({', '.join(f'{n} {r}' for r, n in dropped.items())})",
             where=", ".join(map(str, config.inputs)),
             fix="Check the inputs, --task and --max-tokens",
         )
-    return kept, lengths, source.reference
+    return kept, lengths, source.reference, truncated
