@@ -1,6 +1,7 @@
 """dpo: the losses against hand-computed values, the reference log-probs against the SFT model's own, learning
 a planted preference, exact resume, the run as a model for other commands, recipes, and the CLI's errors."""
 
+import dataclasses
 import json
 import math
 import random
@@ -208,7 +209,7 @@ def test_reference_logprobs_equal_the_sft_models_own(runs, monkeypatch):
         captured.append(groups)
 
     monkeypatch.setattr(dpo, "compute_reference", capture)
-    dpo.run(dpo_config(runs, "dpo-reference", max_steps=1, lora_dropout=0.1))
+    dpo.run(dpo_config(runs, "dpo-reference", max_steps=1, lora_dropout=0.1, precompute_reference=True))
     (groups,) = captured
     model, tokenizer, _ = models.load_for_inference(str(runs["sft"]), "none", "cpu")
     rows = [json.loads(line) for split in ("train", "eval") for line in open(runs["prefs"] / f"prefs.{split}.jsonl")]
@@ -278,7 +279,9 @@ def test_from_a_base_model_the_reference_is_the_base(runs, monkeypatch):
     captured = []
     real = dpo.compute_reference
     monkeypatch.setattr(dpo, "compute_reference", lambda p, g, *a, **k: (real(p, g, *a, **k), captured.append(g)))
-    config = dpo_config(runs, "dpo-base", model=str(runs["model"]), max_steps=2, loss="ipo", beta=0.5)
+    config = dpo_config(
+        runs, "dpo-base", model=str(runs["model"]), max_steps=2, loss="ipo", beta=0.5, precompute_reference=True
+    )
     out = dpo.run(config)
     assert artifacts.read_manifest(out)["metrics"]["loss/train"] > 0
     base = models.load_base_model(models.resolve_model(str(runs["model"])), "none", "cpu")
@@ -286,6 +289,27 @@ def test_from_a_base_model_the_reference_is_the_base(runs, monkeypatch):
     row = json.loads(open(runs["prefs"] / "prefs.train.jsonl").readline())
     expected = own_logprob(base, tokenizer, row["prompt"], row["rejected"], 1024)
     assert captured[0][0].reference_logps[1] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("start", ["sft", "model"])
+def test_per_batch_reference_gives_the_precomputed_losses(runs, start):
+    """The default per-batch reference (the frozen starting adapter beside the policy, or the bare base with
+    adapters disabled) gives the losses, margins and adapter of the reference precomputed before step 1."""
+    settings = dict(model=str(runs[start]), max_steps=4, eval_every=2, batch_size=4, lora_dropout=0.1)
+    lazy = dpo.run(dpo_config(runs, f"lazy-{start}", **settings))
+    eager = dpo.run(dpo_config(runs, f"eager-{start}", precompute_reference=True, **settings))
+    one, two = metrics_of(lazy), metrics_of(eager)
+    assert len(one) == len(two) == 4 and math.isclose(one[0]["loss/train"], math.log(2), abs_tol=1e-6)
+    for x, y in zip(one, two):
+        for key in ("loss/train", "train/margin", "train/chosen_reward", "eval/loss", "eval/margin"):
+            if key in y:
+                assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (key, x, y)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (lazy, eager))
+    assert a.keys() == b.keys()  # the reference adapter is not saved with the policy
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -412,20 +436,24 @@ def test_scale_out_on_two_processes_matches_one(runs, tmp_path):
         assert two == pytest.approx(one, rel=0.02, abs=1e-3), (key, one, two)
 
 
-def test_reference_and_policy_agree_at_the_start_under_bf16_autocast(runs, monkeypatch):
+@pytest.mark.parametrize("precompute", [True, False])
+def test_reference_and_policy_agree_at_the_start_under_bf16_autocast(runs, monkeypatch, precompute):
     """The reference is scored under the same autocast as the training forwards: in the first step (no dropout)
     the policy IS the reference, so their log-probs agree to bf16's batch-to-batch noise, and the loss is log 2."""
     gaps = []
     real_loss = dpo.dpo_batch_loss
 
     def measuring_loss(model, batch, config):
+        if "reference_logps" not in batch:  # per batch: the frozen starting adapter, as the loss would
+            batch["reference_logps"] = dpo.batch_reference(model, batch)
         with torch.no_grad():
             logp_sums, _ = lm.batch_logprobs(model, batch)  # padded or packed batch
         gaps.append(float((logp_sums - batch["reference_logps"]).abs().max()))
         return real_loss(model, batch, config)
 
     monkeypatch.setattr(dpo, "dpo_batch_loss", measuring_loss)
-    out = dpo.run(dpo_config(runs, "bf16", max_steps=1, precision="bf16", eval_every=100))
+    config = dpo_config(runs, f"bf16-{precompute}", max_steps=1, precision="bf16", eval_every=100)
+    out = dpo.run(dataclasses.replace(config, precompute_reference=precompute))
     (row,) = metrics_of(out)
     assert row["loss/train"] == pytest.approx(math.log(2), abs=1e-3)
     assert gaps[0] < 0.02, gaps

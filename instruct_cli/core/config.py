@@ -198,6 +198,9 @@ class DPOConfig(TrainOptions, LoraOptions, ModelOptions, OutputOptions):
     """Turn every dropout off (the LoRA adapter's included) while training and scoring the reference, as TRL's
     disable_dropout: the policy's log-ratios against the reference are then exactly 0 at step 1 and the first
     loss is log 2. --no-disable-dropout trains with the adapter's own lora_dropout."""
+    precompute_reference: bool = False
+    """Score every response with the reference once before step 1 (TRL's precompute_ref_log_probs); by default
+    each batch's reference log-probs come from the frozen starting adapter as training reaches it."""
     lr: float = setting(5e-5, allowed=POSITIVE)
     """Peak learning rate (AdamW), reached after warmup, then cosine decay to 0 (lower than sft's: DPO overfits
     preferences quickly)."""

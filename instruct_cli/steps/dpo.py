@@ -3,12 +3,14 @@ DPO and SLiC's hinge as options (core/dpo_loss.py). No reward model and no sampl
 directly, held near a frozen reference.
 
 The policy starts as a trainable copy of `--model`'s adapter (an SFT run, as the DPO paper starts from the
-SFT model) or as a fresh LoRA on a bare base. The reference is that starting model, on the same single base:
-the log-prob of every response of the train and eval splits is computed ONCE, before the first step, with
-the initial adapter (eval mode, no grad, under the training autocast), and kept in memory, so there is never
-a second model. A fresh LoRA is zero at the start, so from a bare base the reference is the base itself. On
---resume the same starting adapter is loaded and the reference computed again BEFORE the checkpoint's
-weights are restored (inside `fit`), so a resumed run continues exactly.
+SFT model) or as a fresh LoRA on a bare base. The reference is that starting model, on the same single base,
+never a second model: by default a frozen copy of the starting adapter is loaded as a second adapter,
+`reference`, and each batch's reference log-probs come from it (eval mode, no grad, the same packed batch) as
+training reaches the batch, as TRL does, so the first step starts at once at any dataset size. A fresh LoRA
+is zero at the start, so from a bare base the reference is the base itself (adapters disabled). With
+--precompute-reference the log-prob of every response of the train and eval splits is computed ONCE, before
+the first step, with the initial adapter, and kept in memory; on --resume it is computed again BEFORE the
+checkpoint's weights are restored (inside `fit`). Either way a resumed run continues exactly.
 
 The data is rm's: a row is a prompt with K >= 2 responses and a ranking (a pair is K = 2), trained as all
 C(K, 2) (better, worse) pairs except those inside a tie, each pair weighted 1 / (pairs of its prompt) so
@@ -177,9 +179,42 @@ def compute_reference(
         groups[g].reference_logps[r] = value
 
 
+REFERENCE = "reference"
+"""The adapter name of the frozen starting adapter (per-batch reference)."""
+
+
+def add_reference_adapter(policy, source: models.ModelSource) -> None:
+    """Load the starting adapter a second time, frozen, as `REFERENCE` (nothing from a bare base, whose
+    reference is the base itself)."""
+    if source.adapter is not None:
+        policy.load_adapter(str(source.adapter), adapter_name=REFERENCE, is_trainable=False)
+
+
+@torch.no_grad()
+def batch_reference(model, batch: training.Batch) -> torch.Tensor:
+    """The reference's summed answer log-probs of every response of `batch` (float64): the same forward with
+    the frozen starting adapter active (or every adapter disabled, from a bare base), in eval mode."""
+    module = getattr(model, "module", model)  # DDP-wrapped or not: the SequenceLogProbs
+    policy, was_training = module.lm, module.training
+    module.eval()
+    try:
+        if REFERENCE in policy.peft_config:
+            policy.set_adapter(REFERENCE, inference_mode=True)
+            sums, _ = lm.batch_logprobs(module, batch)
+        else:
+            with policy.disable_adapter():
+                sums, _ = lm.batch_logprobs(module, batch)
+    finally:
+        if REFERENCE in policy.peft_config:
+            policy.set_adapter("default")
+        module.train(was_training)
+    return sums.double()
+
+
 # ------------------------------------------------------------------------------------------------ losses
 def pair_terms(logp_sums: torch.Tensor, token_counts: torch.Tensor, batch: training.Batch, config: DPOConfig):
-    """The per-pair losses and implicit rewards of a batch, from the policy's summed answer log-probs."""
+    """The per-pair losses and implicit rewards of a batch, from the policy's summed answer log-probs (the
+    reference's from the batch when precomputed, else from `batch_reference`, kept in the batch)."""
     reference, b, w = batch["reference_logps"], batch["better"], batch["worse"]
     return dpo_loss.pair_losses(
         logp_sums[b],
@@ -196,6 +231,8 @@ def pair_terms(logp_sums: torch.Tensor, token_counts: torch.Tensor, batch: train
 
 def dpo_batch_loss(model, batch: training.Batch, config: DPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of a batch (the per-prompt weighted mean of its pair losses) and its reward metrics."""
+    if "reference_logps" not in batch:
+        batch["reference_logps"] = batch_reference(model, batch)
     logp_sums, token_counts = lm.batch_logprobs(model, batch)
     terms = pair_terms(logp_sums, token_counts, batch, config)
     loss = dpo_loss.weighted_mean(terms.losses, batch["pair_weight"])
@@ -211,6 +248,8 @@ def evaluate(model, batches: list[training.Batch], config: DPOConfig, accelerato
     prompts = 0.0
     for batch in batches:
         with accelerator.autocast():
+            if "reference_logps" not in batch:
+                batch["reference_logps"] = batch_reference(model, batch)
             logp_sums, token_counts = lm.batch_logprobs(model, batch)
         terms = pair_terms(logp_sums, token_counts, batch, config)
         weight = batch["pair_weight"]
@@ -258,13 +297,23 @@ def run(config: DPOConfig) -> Path:
         policy, _ = training.load_trainable_policy(config, source, device, tokenizer)
         if config.disable_dropout:  # as TRL: the log-ratios to the reference are 0 at step 1, the loss log 2
             models.disable_dropout(policy)
-        # 3. the reference: every response's log-prob under that starting model, once (also on --resume,
-        # before fit restores the checkpoint's weights)
-        responses = sum(len(group.responses) for group in train_set + eval_set)
-        with progress("dpo: reference log-probs", total=responses) as bar:
-            compute_reference(
-                policy, train_set + eval_set, tokenizer.pad_token_id, device, 2 * config.batch_size, accelerator, bar
-            )
+        # 3. the reference: the starting adapter frozen beside it, scored per batch; or, precomputed, every
+        # response's log-prob under that starting model once (also on --resume, before fit restores the
+        # checkpoint's weights)
+        if config.precompute_reference:
+            responses = sum(len(group.responses) for group in train_set + eval_set)
+            with progress("dpo: reference log-probs", total=responses) as bar:
+                compute_reference(
+                    policy,
+                    train_set + eval_set,
+                    tokenizer.pad_token_id,
+                    device,
+                    2 * config.batch_size,
+                    accelerator,
+                    bar,
+                )
+        else:
+            add_reference_adapter(policy, source)
 
         shared = lm.packs(policy)  # each prompt once per row (the reference above is scored one by one)
         batch_of = partial(collate_shared if shared else collate, pad_id=tokenizer.pad_token_id, device=device)
