@@ -331,3 +331,27 @@ def test_truncate_keeps_long_rows_with_their_prompts_cut_from_the_left_and_answe
     # without --max-tokens there is nothing to cut to
     again, _ = prepare(tmp_path, tiny_model_dir, "long.jsonl", rows, "--task", "sft", "--truncate", out="data2")
     assert again.exit_code == 2 and "--max-tokens" in again.output and "Traceback" not in again.output
+
+
+def test_split_judge_gives_a_disjoint_half_of_the_prompts_to_a_second_folder(tmp_path, tiny_model_dir):
+    """--split-judge: a seeded half of the prompts, all rows of a prompt together, goes to a complete second
+    prefs folder (for a judge reward model); the two folders hold every row once and share no prompt."""
+    rows = [
+        {"prompt": f"Question {n}?", "chosen": f"Answer {n}.", "rejected": f"Wrong {n}{k}."}
+        for n in range(20)
+        for k in range(2)  # two comparisons per prompt, as the example data has
+    ]
+    judge = tmp_path / "judge"
+    result, out = prepare(tmp_path, tiny_model_dir, "prefs.jsonl", rows, "--task", "prefs", "--split-judge", judge)
+    assert result.exit_code == 0, result.output
+    halves = {}
+    for folder in (out, judge):
+        manifest = artifacts.require_complete(folder, "data")
+        assert manifest["task"] == "prefs" and manifest["judge_split"]["judge"] == str(judge)
+        halves[folder] = [r for split in ("train", "eval") for r in data_folders.read_split(folder, f"prefs.{split}")]
+    mine, theirs = ({json.dumps(r["prompt"]) for r in halves[f]} for f in (out, judge))
+    assert len(mine) == len(theirs) == 10 and not mine & theirs  # half the prompts each, none shared
+    assert len(halves[out]) + len(halves[judge]) == 40
+    again, _ = prepare(tmp_path, tiny_model_dir, "sft.jsonl", [{"prompt": "q?", "completion": "a"}], "--task",
+                       "sft", "--split-judge", tmp_path / "j2", out="data2")  # fmt: skip
+    assert again.exit_code == 2 and "--split-judge" in again.output and "Traceback" not in again.output

@@ -252,7 +252,9 @@ def test_hyperparameters_are_flat_scalars():
 def test_every_tracker_name_is_one_accelerate_knows():
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-    assert set(cfg.TRACKERS) <= set(LOGGER_TYPE_TO_CLASS)
+    from instruct_cli.core.tracker_names import TRACKERS
+
+    assert set(TRACKERS) <= set(LOGGER_TYPE_TO_CLASS)
 
 
 # ---------------------------------------------------------------------------------------------- errors

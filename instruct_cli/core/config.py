@@ -3,13 +3,12 @@
 Each field declares its type, default, documentation (the attribute docstring right below it, which is also
 the `--help` line of its flag) and, through `setting(...)`, its allowed range and command-line spelling
 (settings.py says how). Reading recipes and flags into these dataclasses is recipes.py's job; the CLI builds
-each command's flags from them (cli/options.py). May use: errors, settings.
+each command's flags from them (cli/options.py). May use: errors, methods, settings, tracker_names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -17,6 +16,7 @@ from typing import Any, Literal, Optional
 from instruct_cli.core.errors import UserError
 from instruct_cli.core.methods import ADVANTAGE_ESTIMATORS, DPO_LOSSES, GRPO_LOSS_TYPES, REWARD_SCALES
 from instruct_cli.core.settings import FRACTION, POSITIVE, Range, setting
+from instruct_cli.core.tracker_names import check_trackers
 
 AdvantageName = Literal[tuple(ADVANTAGE_ESTIMATORS)]
 DPOLossName = Literal[tuple(DPO_LOSSES)]
@@ -25,27 +25,6 @@ BUILTIN_MODEL = "smollm2-135m"
 QUANTIZATIONS = ("nf4", "int8", "none")
 # keys of a recipe's `model` section that are spelled differently in the step sections
 MODEL_SECTION_ALIASES = {"base": "model"}
-TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
-"""The experiment trackers accelerate integrates, for --report-to (trackers.py starts them)."""
-
-
-def check_trackers(names: list[str], source: str) -> None:
-    """--report-to names trackers accelerate knows, or is `none` alone."""
-    for name in names:
-        if name not in TRACKERS and name != "none":
-            close = difflib.get_close_matches(name, TRACKERS, n=1)
-            raise UserError(
-                f"Unknown experiment tracker `{name}` in report_to",
-                where=source,
-                fix=(f"Did you mean `{close[0]}`? " if close else "")
-                + f"Use one or more of {', '.join(TRACKERS)} (comma-separated), or none",
-            )
-    if "none" in names and len(names) > 1:
-        raise UserError(
-            f"report_to lists `none` together with trackers ({', '.join(names)})",
-            where=source,
-            fix="Use none alone to report to no tracker, or list only the trackers",
-        )
 
 
 # ------------------------------------------------------------------------------------- shared field sets
@@ -432,6 +411,9 @@ class PrepareDataConfig(OutputOptions):
     """Keep rows over --max-tokens by cutting their prompt from the left (never an answer); drop only the rest."""
     model: str = BUILTIN_MODEL
     """Model whose tokenizer and chat template measure token lengths."""
+    split_judge: Optional[Path] = None
+    """prefs only: move a seeded half of the prompts (all rows of a prompt together) to a second data folder here,
+    to train a judge reward model on preferences the training one never saw (then `instruct eval --judge`)."""
     strict: bool = False
     """Fail on the first malformed row instead of skipping and counting it."""
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from instruct_cli.core.artifacts import TENSORBOARD
-from instruct_cli.core.config import TRACKERS
 from instruct_cli.core.console import warn
 from instruct_cli.core.errors import UserError
+from instruct_cli.core.tracker_names import TRACKERS
 
 PROJECT = "instruct"
 """The wandb project, mlflow experiment (MLFLOW_EXPERIMENT_NAME overrides it) and project of the other trackers."""

@@ -4,6 +4,7 @@ split and the length statistics of the manifest."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
@@ -92,6 +93,16 @@ def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]
         n_eval = min(max(n_eval, 1), len(rows) - 1)
     held = set(order[:n_eval])
     return ([rows[i] for i in range(len(rows)) if i not in held], [rows[i] for i in range(len(rows)) if i in held])
+
+
+def split_by_prompt(rows: list[dict], seed: int) -> tuple[list[int], list[int]]:
+    """Row indices in two halves by prompt (a seeded half of the distinct prompts, every row of a prompt on
+    the same side): what --split-judge keeps and what it gives the judge, which then never saw those prompts."""
+    prompts = sorted({json.dumps(row["prompt"], sort_keys=True) for row in rows})
+    random.Random(seed).shuffle(prompts)
+    judged = set(prompts[: len(prompts) // 2])
+    keys = [json.dumps(row["prompt"], sort_keys=True) for row in rows]
+    return [i for i, key in enumerate(keys) if key not in judged], [i for i, key in enumerate(keys) if key in judged]
 
 
 def length_stats(lengths: list[int]) -> dict:

@@ -23,6 +23,7 @@ from instruct_cli.steps.prepare_data.rows import (
     fill_columns,
     length_stats,
     percentile,
+    split_by_prompt,
     split_rows,
     with_columns,
 )
@@ -44,32 +45,54 @@ def run(config: PrepareDataConfig) -> Path:
     # token lengths under the model's chat template (and --max-tokens)
     kept, lengths, tokenizer_reference, truncated = measure_tokens(rows, task, config, dropped)
     kept, columns = fill_columns(kept) if task == "prompts" else (kept, [])
-    # 4. split and write; the manifest is written last, so an interrupted run never looks complete
-    train, held_out = split_rows(kept, config.eval_fraction, config.seed)
-    folder = artifacts.RunFolder.open(
-        config.out,
-        "data",
-        to_recipe_dict(config),
-        force=config.force or existing is not None,
-        extra={"task": task, "tokenizer": tokenizer_reference},
-    )
-    with folder.recording():
-        files = {}
-        for split, split_rows_ in (("train", train), ("eval", held_out)):
-            name = f"{task}.{split}.jsonl"
-            artifacts.write_jsonl(Path(config.out) / name, split_rows_)
-            files[f"{task}.{split}"] = name
-        counts = {"train": len(train), "eval": len(held_out)}
-        folder.complete(
-            sources=sources,
-            files=files,
-            counts=counts,
-            dropped=dict(dropped),
-            truncated=truncated,
-            seed=config.seed,
-            token_lengths=length_stats(lengths),
-            **({"columns": columns} if task == "prompts" else {}),
+    if config.split_judge is not None and task != "prefs":
+        raise UserError(
+            f"--split-judge splits preference data; these rows are {task} rows",
+            where=", ".join(map(str, config.inputs)),
+            fix="Use it on preference pairs or rankings (--task prefs)",
         )
+    # 4. split and write (with --split-judge, half the prompts to the judge's folder); each manifest is written
+    # last, so an interrupted run never looks complete
+    outputs = [(Path(config.out), kept, lengths, existing)]
+    if config.split_judge is not None:
+        mine, judges = split_by_prompt(kept, config.seed)
+        outputs = [
+            (Path(config.out), [kept[i] for i in mine], [lengths[i] for i in mine], existing),
+            (Path(config.split_judge), [kept[i] for i in judges], [lengths[i] for i in judges], None),
+        ]
+    splits = []
+    for out, rows_of_folder, lengths_of_folder, there in outputs:
+        train, held_out = split_rows(rows_of_folder, config.eval_fraction, config.seed)
+        folder = artifacts.RunFolder.open(
+            out,
+            "data",
+            to_recipe_dict(config),
+            force=config.force or there is not None or out != Path(config.out),
+            extra={"task": task, "tokenizer": tokenizer_reference},
+        )
+        with folder.recording():
+            files = {}
+            for split, split_rows_ in (("train", train), ("eval", held_out)):
+                name = f"{task}.{split}.jsonl"
+                artifacts.write_jsonl(out / name, split_rows_)
+                files[f"{task}.{split}"] = name
+            folder.complete(
+                sources=sources,
+                files=files,
+                counts={"train": len(train), "eval": len(held_out)},
+                dropped=dict(dropped),
+                truncated=truncated,
+                seed=config.seed,
+                token_lengths=length_stats(lengths_of_folder),
+                **({"columns": columns} if task == "prompts" else {}),
+                **(
+                    {"judge_split": {"main": str(config.out), "judge": str(config.split_judge)}}
+                    if len(outputs) > 1
+                    else {}
+                ),
+            )
+        splits.append((train, held_out))
+    (train, held_out), judge_rows = splits[0], [len(t) + len(h) for t, h in splits[1:]]
     summary_table(
         "prepare-data",
         {
@@ -77,6 +100,7 @@ def run(config: PrepareDataConfig) -> Path:
             "task": task,
             "format": ", ".join(sorted({s["format"] for s in sources})),
             "train / eval rows": f"{len(train)} / {len(held_out)}",
+            **({"judge's half": f"{judge_rows[0]} rows in {config.split_judge}"} if judge_rows else {}),
             "dropped": ", ".join(f"{n} {r}" for r, n in sorted(dropped.items())) or "none",
             **({"prompt cut (--truncate)": f"{truncated} rows"} if config.truncate else {}),
             "tokens (mean / p95 / max)": " / ".join(str(length_stats(lengths)[k]) for k in ("mean", "p95", "max")),
@@ -104,6 +128,16 @@ def check_config(config: PrepareDataConfig) -> dict | None:
     for path in config.inputs:
         if not Path(path).exists():
             raise UserError("The input does not exist", where=str(path), fix="Check the --input path")
+    if config.split_judge is not None and config.task not in ("prefs", "auto"):
+        raise UserError(
+            f"--split-judge splits preference data, not {config.task} rows",
+            where="--split-judge",
+            fix="Use it with --task prefs (the judge is a second reward model)",
+        )
+    if config.split_judge is not None and Path(config.split_judge).resolve() == Path(config.out).resolve():
+        raise UserError(
+            "--split-judge names the --out folder", where="--split-judge", fix="Give the judge's half its own folder"
+        )
     existing = artifacts.read_manifest(config.out) if Path(config.out).is_dir() else None
     if existing is not None and existing.get("status") == "complete" and not config.force:
         raise UserError(
