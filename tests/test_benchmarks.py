@@ -14,7 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_sft.py", "bench_rm.py", "bench_plan.py", "bench_ppo.py", "bench_generate.py"]
+    "script", ["bench_sft.py", "bench_rm.py", "bench_plan.py", "bench_ppo.py", "bench_generate.py", "bench_data.py"]
 )
 def test_benchmark_smoke_run(script):
     result = subprocess.run(
