@@ -187,13 +187,31 @@ def test_cli_writes_every_output(pipeline, report):
     assert lines[0] == "# Evaluation report"
     assert lines[2].startswith(f"**{sft} ") and "of prompts (95% CI" in lines[2] and "base" in lines[2]
     assert f"| {ppo} |" in markdown and "| base (baseline) |" in markdown and "## Samples" in markdown
-    for plot in ("reward_distribution.png", "win_rate.png", "training_curves.png"):
+    for plot in ("reward_distribution.png", "win_rate.png", "reward_kl.png", "training_curves.png"):
         assert (out / plot).read_bytes()[:8] == PNG_SIGNATURE
         assert f"]({plot})" in markdown and plot in data["plots"]
     # the terminal shows the table and the verdict
     terminal = " ".join(report["output"].split())
     assert "reward model accuracy" in terminal and "of prompts (95% CI" in terminal
     assert any(verdict in terminal for verdict in ("beats base", "loses to base", "are level by"))
+
+
+def test_reward_kl_frontier_draws_each_model_and_each_ppo_runs_in_run_evals(tmp_path):
+    """The frontier plot: one point per model (this eval's mean KL and reward) and, per ppo run, the held-out
+    reward of its in-run evaluations in order; nothing drawn when there is nothing to show."""
+    run = tmp_path / "ppo"
+    run.mkdir()
+    rows = [{"step": 1, "objective/score": 0.1}, {"step": 10, "eval/reward": 0.2, "eval/kl": 0.5},
+            {"step": 20, "eval/reward": 0.6, "eval/kl": 1.5}]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    models_ = [
+        {"name": "sft", "kl": {"mean": 0.0, "std": 0.0}, "reward": {"mean": -0.1}},
+        {"name": "ppo", "kl": {"mean": 1.4, "std": 0.3}, "reward": {"mean": 0.5}},
+    ]
+    (panel,) = evaluate.plot_reward_kl(models_, [("ppo", run)], tmp_path / "frontier.png", "the rm").values()
+    assert panel == {"ppo: in-run evals": [0.2, 0.6], "sft: this eval": [-0.1], "ppo: this eval": [0.5]}
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert evaluate.plot_reward_kl([], [], tmp_path / "none.png", "the rm") is None
 
 
 def _rewards_from(samples, name):

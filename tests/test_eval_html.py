@@ -169,7 +169,7 @@ def test_every_plot_is_an_inline_png(folder, page):
     import matplotlib.image
 
     report = json.loads((folder / "report.json").read_text())
-    assert report["plots"] == ["reward_distribution.png", "win_rate.png", "training_curves.png"]
+    assert report["plots"] == ["reward_distribution.png", "win_rate.png", "reward_kl.png", "training_curves.png"]
     assert [image["alt"] for image in page.images] == [PLOT_TITLES[plot] for plot in report["plots"]]
     for image, plot in zip(page.images, report["plots"]):
         kind, encoded = image["src"].split(",", 1)

@@ -58,6 +58,7 @@ from instruct_cli.steps.evaluate.html_report import render_html
 from instruct_cli.steps.evaluate.measure import release_memory, response_logprobs, sample_responses
 from instruct_cli.steps.evaluate.plots import (
     plot_reward_distribution,
+    plot_reward_kl,
     plot_training_curves,
     plot_win_rates,
     read_metrics,
@@ -84,6 +85,7 @@ __all__ = [
     "load_report",
     "outcomes",
     "plot_reward_distribution",
+    "plot_reward_kl",
     "plot_training_curves",
     "plot_win_rates",
     "read_generations",

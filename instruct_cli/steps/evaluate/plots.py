@@ -1,4 +1,5 @@
-"""The PNG plots of `instruct eval`: reward distributions, win-rates, and the training curves of the runs.
+"""The PNG plots of `instruct eval`: reward distributions, win-rates, the reward-KL frontier, and the training
+curves of the runs.
 
 Owns drawing the figures (matplotlib's Agg backend, no pyplot state), writing them atomically, and reading back
 the series drawn on them (what tests check). Uses the core (artifacts, console), `entries` for which runs have
@@ -131,6 +132,38 @@ def plot_win_rates(results: list[dict], baseline: str, path: Path, judge: str = 
     # two lines: one line of this title is wider than the axes, and the figure would clip it
     axes.set_title(f"Win-rate against {baseline}, judged by {judge}\n95% CI; dashed line: 50% = no difference")
     axes.set_xlabel("% of prompts won (ties count half)")
+    return save_figure(figure, path)
+
+
+def plot_reward_kl(models: list[dict], runs: list[tuple[str, Path]], path: Path, judge: str) -> dict | None:
+    """The reward-KL frontier (Gao et al. 2022): each model's mean reward in this eval against its mean KL to
+    its reference (a point), and for each ppo run the held-out reward and KL of its in-run evaluations,
+    iteration by iteration (a line; those rewards are the training reward model's, on ppo's own held-out
+    prompts). Reward that keeps rising while the KL grows is what the policy bought with it; a judge's reward
+    that stops rising is over-optimisation. None (nothing written) when no model has a KL to show."""
+    points = [m for m in models if m.get("kl") and m.get("reward")]
+    paths = []
+    for name, folder in runs:
+        rows = [row for row in read_metrics(folder) if "eval/kl" in row and "eval/reward" in row]
+        if rows:
+            paths.append((name, [row["eval/kl"] for row in rows], [row["eval/reward"] for row in rows]))
+    if not points and not paths:
+        return None
+    figure = new_figure(7, 4.5)
+    axes = figure.add_subplot()
+    for index, (name, kls, rewards) in enumerate(paths):
+        axes.plot(kls, rewards, marker=".", linestyle="-", color=f"C{index}", alpha=0.6, label=f"{name}: in-run evals")
+    for index, model in enumerate(points):
+        kl, reward = model["kl"]["mean"], model["reward"]["mean"]
+        axes.plot(
+            [kl], [reward], marker="D", linestyle="none", color=f"C{index % 10}", label=f"{model['name']}: this eval"
+        )
+        axes.annotate(model["name"], (kl, reward), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axes.set_xlabel("KL to the reference (nats per response)")
+    axes.set_ylabel("mean reward")
+    axes.set_title(f"Reward against KL; points: this eval, judged by {judge}\nlines: each ppo run's in-run evals")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
     return save_figure(figure, path)
 
 

@@ -31,6 +31,7 @@ REPORT_HTML = "report.html"
 SAMPLES_SHOWN = 3
 """How many prompts `show` prints with every model's answer side by side."""
 REWARD_PLOT, WIN_PLOT, CURVES_PLOT = "reward_distribution.png", "win_rate.png", "training_curves.png"
+FRONTIER_PLOT = "reward_kl.png"
 
 
 def model_report(entry: Entry, baseline: Entry, config: EvalConfig) -> dict:
@@ -193,6 +194,7 @@ PLOT_TITLES = {
     REWARD_PLOT: "Reward distributions",
     WIN_PLOT: "Win-rate against the baseline",
     CURVES_PLOT: "Training curves",
+    FRONTIER_PLOT: "Reward against KL (the reward-KL frontier)",
 }
 """The heading each plot gets in report.md and report.html."""
 

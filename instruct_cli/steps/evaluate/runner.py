@@ -25,12 +25,14 @@ from instruct_cli.steps.evaluate.entries import (
 from instruct_cli.steps.evaluate.html_report import render_html
 from instruct_cli.steps.evaluate.plots import (
     plot_reward_distribution,
+    plot_reward_kl,
     plot_training_curves,
     plot_win_rates,
     runs_with_curves,
 )
 from instruct_cli.steps.evaluate.report import (
     CURVES_PLOT,
+    FRONTIER_PLOT,
     REPORT_HTML,
     REPORT_JSON,
     REPORT_MD,
@@ -166,6 +168,9 @@ def write_report(
     if any(model["win_rate"] for model in report["models"]):
         plot_win_rates(report["models"], baseline.name, out / WIN_PLOT, judge)
         report["plots"].append(WIN_PLOT)
+    ppo_runs = [(entry.name, entry.path) for entry in entries if entry.kind == "ppo"]
+    if plot_reward_kl(report["models"], ppo_runs, out / FRONTIER_PLOT, judge) is not None:
+        report["plots"].append(FRONTIER_PLOT)
     if plot_training_curves(runs_with_curves(entries, config.reward), out / CURVES_PLOT) is not None:
         report["plots"].append(CURVES_PLOT)
     report["verdict"] = verdict(report)
