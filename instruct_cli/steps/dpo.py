@@ -195,7 +195,7 @@ def batch_reference(model, batch: training.Batch) -> torch.Tensor:
     """The reference's summed answer log-probs of every response of `batch` (float64): the same forward with
     the frozen starting adapter active (or every adapter disabled, from a bare base), in eval mode."""
     module = getattr(model, "module", model)  # DDP-wrapped or not: the SequenceLogProbs
-    policy, was_training = module.lm, module.training
+    policy, was_training, trained = module.lm, module.training, module.lm.active_adapter
     module.eval()
     try:
         if REFERENCE in policy.peft_config:
@@ -206,7 +206,7 @@ def batch_reference(model, batch: training.Batch) -> torch.Tensor:
                 sums, _ = lm.batch_logprobs(module, batch)
     finally:
         if REFERENCE in policy.peft_config:
-            policy.set_adapter("default")
+            policy.set_adapter(trained)
         module.train(was_training)
     return sums.double()
 
