@@ -352,6 +352,10 @@ def test_split_judge_gives_a_disjoint_half_of_the_prompts_to_a_second_folder(tmp
     mine, theirs = ({json.dumps(r["prompt"]) for r in halves[f]} for f in (out, judge))
     assert len(mine) == len(theirs) == 10 and not mine & theirs  # half the prompts each, none shared
     assert len(halves[out]) + len(halves[judge]) == 40
+    # a complete judge folder is not replaced without --force
+    again, _ = prepare(tmp_path, tiny_model_dir, "prefs.jsonl", rows, "--task", "prefs", "--split-judge", judge,
+                       out="data3")  # fmt: skip
+    assert again.exit_code == 2 and "--split-judge" in again.output and "--force" in again.output
     again, _ = prepare(tmp_path, tiny_model_dir, "sft.jsonl", [{"prompt": "q?", "completion": "a"}], "--task",
                        "sft", "--split-judge", tmp_path / "j2", out="data2")  # fmt: skip
     assert again.exit_code == 2 and "--split-judge" in again.output and "Traceback" not in again.output

@@ -67,7 +67,7 @@ def run(config: PrepareDataConfig) -> Path:
             out,
             "data",
             to_recipe_dict(config),
-            force=config.force or there is not None or out != Path(config.out),
+            force=config.force or there is not None or out != Path(config.out),  # the judge's: checked above
             extra={"task": task, "tokenizer": tokenizer_reference},
         )
         with folder.recording():
@@ -139,12 +139,14 @@ def check_config(config: PrepareDataConfig) -> dict | None:
             "--split-judge names the --out folder", where="--split-judge", fix="Give the judge's half its own folder"
         )
     existing = artifacts.read_manifest(config.out) if Path(config.out).is_dir() else None
-    if existing is not None and existing.get("status") == "complete" and not config.force:
-        raise UserError(
-            f"{config.out} already holds a complete {existing.get('kind')} output",
-            where="--out",
-            fix="Pass --force to replace it, or choose another --out",
-        )
+    for folder, flag in ((config.out, "--out"), (config.split_judge, "--split-judge")):
+        there = artifacts.read_manifest(folder) if folder is not None and Path(folder).is_dir() else None
+        if there is not None and there.get("status") == "complete" and not config.force:
+            raise UserError(
+                f"{folder} already holds a complete {there.get('kind')} output",
+                where=flag,
+                fix=f"Pass --force to replace it, or choose another {flag}",
+            )
     return existing
 
 
