@@ -146,18 +146,23 @@ def plot_reward_kl(models: list[dict], runs: list[tuple[str, Path]], path: Path,
     for name, folder in runs:
         rows = [row for row in read_metrics(folder) if "eval/kl" in row and "eval/reward" in row]
         if rows:
-            paths.append((name, [row["eval/kl"] for row in rows], [row["eval/reward"] for row in rows]))
+            paths.append((name, rows))
     if not points and not paths:
         return None
+    names = list(dict.fromkeys([m["name"] for m in points] + [name for name, _ in paths]))
+    color = {name: f"C{index % 10}" for index, name in enumerate(names)}  # a run's line and point alike
     figure = new_figure(7, 4.5)
     axes = figure.add_subplot()
-    for index, (name, kls, rewards) in enumerate(paths):
-        axes.plot(kls, rewards, marker=".", linestyle="-", color=f"C{index}", alpha=0.6, label=f"{name}: in-run evals")
-    for index, model in enumerate(points):
+    for name, rows in paths:
+        kls, rewards = [row["eval/kl"] for row in rows], [row["eval/reward"] for row in rows]
+        axes.plot(kls, rewards, marker=".", linestyle="-", color=color[name], alpha=0.5, label=f"{name}: in-run evals")
+        for row in rows:  # the iteration of each in-run evaluation, so the path can be followed
+            axes.annotate(f"it {row['step']}", (row["eval/kl"], row["eval/reward"]), textcoords="offset points",
+                          xytext=(4, -10), fontsize=7, color=color[name])  # fmt: skip
+    for model in points:
         kl, reward = model["kl"]["mean"], model["reward"]["mean"]
-        axes.plot(
-            [kl], [reward], marker="D", linestyle="none", color=f"C{index % 10}", label=f"{model['name']}: this eval"
-        )
+        axes.plot([kl], [reward], marker="D", linestyle="none", color=color[model["name"]],
+                  label=f"{model['name']}: this eval")  # fmt: skip
         axes.annotate(model["name"], (kl, reward), textcoords="offset points", xytext=(5, 5), fontsize=8)
     axes.set_xlabel("KL to the reference (nats per response)")
     axes.set_ylabel("mean reward")
