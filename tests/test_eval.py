@@ -8,30 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from instruct_cli.cli import app
 from instruct_cli.core import artifacts, models
 from instruct_cli.core.chat import encode_prompt
 from instruct_cli.core.config import EvalConfig
 from instruct_cli.steps import evaluate
+from tests.cli_helpers import fails, invoke
 
-runner = CliRunner()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def fails(*args) -> str:
-    """Run a command that must fail on bad input: exit 2, one-paragraph message, no traceback."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and "error:" in result.output, result.output
-    return " ".join(result.output.split())
 
 
 # ------------------------------------------------------------------------------------------ statistics

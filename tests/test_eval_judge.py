@@ -7,9 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from instruct_cli.cli import app
 from instruct_cli.core import artifacts
 from instruct_cli.steps.evaluate import judges
 from instruct_cli.steps.evaluate.stats import (
@@ -17,23 +15,9 @@ from instruct_cli.steps.evaluate.stats import (
     length_controlled_interval,
     length_controlled_win_rate,
 )
+from tests.cli_helpers import fails, invoke
 
-runner = CliRunner()
 COMMON = ["--quantization", "none", "--max-new-tokens", 8, "--bootstrap", 200, "--max-prompts", 16]
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def fails(*args) -> str:
-    """Run a command that must fail on bad input: exit 2, one-paragraph message, no traceback of ours."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 2, result.output
-    assert "error:" in result.output and "instruct_cli" not in result.output, result.output
-    return " ".join(result.output.split())
 
 
 @pytest.fixture(scope="module")

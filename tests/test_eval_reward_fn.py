@@ -5,15 +5,17 @@ errors."""
 
 import json
 import math
+from functools import partial
 
 import pytest
-from typer.testing import CliRunner
 
-from instruct_cli.cli import app
 from instruct_cli.core import artifacts
 from instruct_cli.steps import evaluate
+from tests import cli_helpers
+from tests.cli_helpers import invoke
 
-runner = CliRunner()
+fails = partial(cli_helpers.fails, user_traceback=True)  # a raising reward function's traceback is shown
+
 WORDS = "red blue green cat dog sun tree water stone bird fish rain hill road book lamp".split()
 TRL_FUNCTION = '''
 def says_word(prompts, completions, word, **kwargs):
@@ -21,20 +23,6 @@ def says_word(prompts, completions, word, **kwargs):
     without one."""
     return [None if w is None else float(w[0] in c[0]["content"]) for c, w in zip(completions, word)]
 '''
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def fails(*args) -> str:
-    """Run a command that must fail on bad input: exit 2, one-paragraph message, no traceback of ours."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 2, result.output
-    assert "error:" in result.output and "instruct_cli" not in result.output, result.output
-    return " ".join(result.output.split())
 
 
 def read_samples(folder):

@@ -167,26 +167,23 @@ def results_section(report: dict) -> str:
 
 def functions_table(report: dict) -> str:
     """The reward functions' table (report.md's rows): empty without reward functions."""
-    rows = reward_fns.table_rows(report)
-    if not rows:
-        return ""
-    header = "".join(f'<th scope="col">{escape(column)}</th>' for column in reward_fns.TABLE_COLUMNS)
-    body = "\n".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
-    return (
-        f'<h3>Reward functions</h3>\n<table id="reward-functions">\n<thead><tr>{header}</tr></thead>\n<tbody>\n'
-        f"{body}\n</tbody>\n</table>"
-    )
+    return simple_table("Reward functions", "reward-functions", reward_fns.TABLE_COLUMNS, reward_fns.table_rows(report))
 
 
 def judges_table(report: dict) -> str:
     """The --judge reward models' table (report.md's rows): empty without judges."""
-    rows = judges.table_rows(report)
+    return simple_table("Judges", "judges", judges.TABLE_COLUMNS, judges.table_rows(report))
+
+
+def simple_table(title: str, table_id: str, columns: list[str], rows: list[list[str]]) -> str:
+    """A titled table of escaped text cells; empty when there are no rows."""
     if not rows:
         return ""
-    header = "".join(f'<th scope="col">{escape(column)}</th>' for column in judges.TABLE_COLUMNS)
+    header = "".join(f'<th scope="col">{escape(column)}</th>' for column in columns)
     body = "\n".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
     return (
-        f'<h3>Judges</h3>\n<table id="judges">\n<thead><tr>{header}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>'
+        f'<h3>{escape(title)}</h3>\n<table id="{table_id}">\n<thead><tr>{header}</tr></thead>\n<tbody>\n'
+        f"{body}\n</tbody>\n</table>"
     )
 
 

@@ -128,12 +128,6 @@ def check_config(config: PrepareDataConfig) -> dict | None:
     for path in config.inputs:
         if not Path(path).exists():
             raise UserError("The input does not exist", where=str(path), fix="Check the --input path")
-    if config.split_judge is not None and config.task not in ("prefs", "auto"):
-        raise UserError(
-            f"--split-judge splits preference data, not {config.task} rows",
-            where="--split-judge",
-            fix="Use it with --task prefs (the judge is a second reward model)",
-        )
     if config.split_judge is not None and Path(config.split_judge).resolve() == Path(config.out).resolve():
         raise UserError(
             "--split-judge names the --out folder", where="--split-judge", fix="Give the judge's half its own folder"
